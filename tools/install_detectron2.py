@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Install Detectron2's pure-Python package into the current environment, pinned by hash.
+
+Detectron2's authors publish no wheels. On machines without a CUDA toolchain we install the
+PyPI sdist `pb1-detectron2==0.6` (the Python sources of upstream v0.6) *without* building its
+C++/CUDA extension, which its setup.py always attempts and which fails there. loco_det supplies
+what importing Detectron2 then lacks (see loco_det/detection/compat.py).
+
+`pip download` cannot fetch this sdist (its metadata declares a direct-URL extra that pip
+refuses), so the archive is fetched from the package index by name and checked against the
+pinned sha256 before anything in it is used. Nothing is ever executed from the archive: its
+`detectron2/` package is repackaged with a generated, extension-free build description and
+installed with pip (so `pip uninstall detectron2` works).
+
+Examples:
+    python tools/install_detectron2.py            # install unless a detectron2 is importable
+    python tools/install_detectron2.py --force    # reinstall the pinned version
+    python tools/install_detectron2.py --check    # exit 0 if detectron2 imports, else 1
+"""
+import argparse
+import hashlib
+import html.parser
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+
+PACKAGE = "pb1-detectron2"
+VERSION = "0.6"
+SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
+INDEX = os.environ.get("LOCO_DET_PYPI_SIMPLE", "https://pypi.org/simple/")
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "loco_det")
+SETUP_PY = """\
+from setuptools import find_packages, setup
+setup(name="detectron2", version="0.6", packages=find_packages(include=["detectron2", "detectron2.*"]),
+      package_data={"detectron2.model_zoo": ["configs/**/*.yaml", "configs/**/*.py"]},
+      include_package_data=False, python_requires=">=3.8")
+"""
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.hrefs = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self.hrefs += [v for k, v in attrs if k == "href"]
+
+
+def sdist_name():
+    return f"{PACKAGE}-{VERSION}.tar.gz"
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_sdist(cache_dir=CACHE):
+    """Return the path of the verified sdist, downloading it into cache_dir if needed."""
+    os.makedirs(cache_dir, exist_ok=True)
+    target = os.path.join(cache_dir, sdist_name())
+    if os.path.exists(target) and sha256_of(target) == SHA256:
+        return target
+    page_url = urllib.parse.urljoin(INDEX, PACKAGE + "/")
+    with urllib.request.urlopen(page_url, timeout=60) as r:
+        parser = _Links()
+        parser.feed(r.read().decode("utf-8"))
+    urls = [urllib.parse.urljoin(page_url, h) for h in parser.hrefs if sdist_name() in h]
+    if not urls:
+        raise SystemExit(f"error: {sdist_name()} not listed at {page_url}")
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
+    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(urls[0].split("#")[0], timeout=300) as r:
+        shutil.copyfileobj(r, out)
+    digest = sha256_of(tmp)
+    if digest != SHA256:
+        os.unlink(tmp)
+        raise SystemExit(f"error: {sdist_name()} has sha256 {digest}, expected {SHA256}; refusing it")
+    os.replace(tmp, target)
+    return target
+
+
+def _safe_members(tar, prefix):
+    for m in tar.getmembers():
+        name = os.path.normpath(m.name)
+        if name.startswith("..") or os.path.isabs(name) or not (m.isfile() or m.isdir()):
+            continue
+        if name.startswith(prefix):
+            yield m
+
+
+def install(sdist, pip_args=()):
+    top = f"{PACKAGE}-{VERSION}"
+    with tempfile.TemporaryDirectory() as work, tarfile.open(sdist) as tar:
+        tar.extractall(work, members=list(_safe_members(tar, os.path.join(top, "detectron2"))))
+        tar.extractall(work, members=list(_safe_members(tar, os.path.join(top, "tools"))))
+        src = os.path.join(work, top)
+        with open(os.path.join(src, "setup.py"), "w") as f:
+            f.write(SETUP_PY)
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+               "--force-reinstall", *pip_args, src]
+        subprocess.run(cmd, check=True)
+        # Keep Detectron2's own converter script: the tests compare our conversion with it.
+        share = os.path.join(sys.prefix, "share", "detectron2", "tools")
+        os.makedirs(share, exist_ok=True)
+        shutil.copy(os.path.join(src, "tools", "convert-torchvision-to-d2.py"), share)
+
+
+def detectron2_present():
+    return importlib.util.find_spec("detectron2") is not None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--force", action="store_true", help="reinstall even if detectron2 is importable")
+    p.add_argument("--check", action="store_true", help="only report whether detectron2 is importable")
+    p.add_argument("--sdist", help="use this local copy of the sdist (its sha256 is still checked)")
+    args = p.parse_args(argv)
+    if args.check:
+        print("detectron2:", "present" if detectron2_present() else "missing")
+        return 0 if detectron2_present() else 1
+    if detectron2_present() and not args.force:
+        print("detectron2 already installed; use --force to reinstall the pinned version")
+        return 0
+    if args.sdist:
+        if sha256_of(args.sdist) != SHA256:
+            raise SystemExit(f"error: {args.sdist} does not have the pinned sha256 {SHA256}")
+        sdist = args.sdist
+    else:
+        sdist = fetch_sdist()
+    install(sdist)
+    print(f"installed detectron2 {VERSION} (pure Python, from {sdist_name()}, sha256 {SHA256[:12]}...)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
