@@ -1,0 +1,142 @@
+"""Pretraining configuration: every key, its default and its meaning, in one place.
+
+Recipes in `pretrain/` are YAML files that override these defaults, optionally inheriting from
+another recipe with `_BASE_: other.yaml` (path relative to the file). Command-line overrides are
+`KEY=VALUE` pairs with dotted keys, e.g. `OPTIM.BASE_LR=0.5 DATA.ROOT=/data/imagenet`.
+An unknown key is an error that names it.
+"""
+import os
+
+from fvcore.common.config import CfgNode as _FvCfgNode
+
+from ..utils import ConfigError
+
+
+class CfgNode(_FvCfgNode):
+    pass
+
+
+_C = CfgNode()
+
+# Seed of the run; -1 draws one at random (it is then recorded in the run's config.yaml).
+_C.SEED = -1
+
+_C.MODEL = CfgNode()
+# Learning rule: "e2e" (SimCLR, one loss at the top), "gim" (one unit per stage, inputs
+# detached) or "loco" (overlapping units {S1,S2},{S2,S3},{S3,S4}, inputs detached).
+_C.MODEL.METHOD = "loco"
+# torchvision ResNet: resnet18, resnet34, resnet50 or resnet101 (parameter names unchanged).
+_C.MODEL.ARCH = "resnet50"
+# Synchronised BN across processes (SimCLR's global BN). Ignored with a notice on 1 process.
+_C.MODEL.SYNC_BN = False
+
+_C.MODEL.DECODER = CfgNode()
+# Residual conv blocks with stride-2 downsampling before pooling (0, 1 or 2). The paper's final
+# local decoders use 1.
+_C.MODEL.DECODER.CONV_BLOCKS = 0
+# Layers of the projection MLP after global average pooling (2 or 4).
+_C.MODEL.DECODER.MLP_LAYERS = 2
+# Output dimension of the projection.
+_C.MODEL.DECODER.PROJ_DIM = 128
+# Hidden width of the MLP; 0 means the width of the unit's output feature map.
+_C.MODEL.DECODER.HIDDEN_DIM = 0
+
+# LoCo backward schedule for the shared stages: "fused" computes each shared stage's forward
+# once and its weight gradient once from the sum of both units' output gradients; "recompute"
+# recomputes the shared stage's forward inside the upper unit (less memory, more time).
+_C.MODEL.LOCO_SCHEDULE = "fused"
+
+_C.LOSS = CfgNode()
+# NT-Xent temperature tau (SimCLR ImageNet recipe: 0.1).
+_C.LOSS.TEMPERATURE = 0.1
+
+_C.DATA = CfgNode()
+# ImageFolder-style directory (ImageNet layout: ROOT/<class>/<image>), e.g. ImageNet's train/.
+_C.DATA.ROOT = "datasets/loco_synth/imagefolder/train"
+# Side of the square random resized crop, in pixels.
+_C.DATA.IMAGE_SIZE = 224
+# Random resized crop scale range (SimCLR: 0.08-1.0).
+_C.DATA.CROP_SCALE = (0.08, 1.0)
+# Colour jitter strength s (SimCLR: brightness/contrast/saturation 0.8 s, hue 0.2 s) and prob.
+_C.DATA.COLOR_JITTER = 1.0
+_C.DATA.COLOR_JITTER_PROB = 0.8
+_C.DATA.GRAYSCALE_PROB = 0.2
+# Gaussian blur probability; kernel is ~10% of IMAGE_SIZE (odd), sigma in [0.1, 2.0].
+_C.DATA.BLUR_PROB = 0.5
+# Data-loading worker processes per training process.
+_C.DATA.NUM_WORKERS = 4
+# Largest share of unreadable images tolerated before the run fails (they are skipped).
+_C.DATA.MAX_BAD_FRACTION = 0.01
+# Use at most this many images (0: all); for quick runs.
+_C.DATA.MAX_IMAGES = 0
+
+_C.OPTIM = CfgNode()
+# "lars", "sgd" or "adamw".
+_C.OPTIM.NAME = "lars"
+# Global batch over all processes (views are twice this). Must divide by the world size.
+_C.OPTIM.BATCH_SIZE = 4096
+# Learning rate per 256 images of global batch: lr = BASE_LR * BATCH_SIZE / 256 (SimCLR).
+_C.OPTIM.BASE_LR = 0.3
+_C.OPTIM.WEIGHT_DECAY = 1e-6
+_C.OPTIM.MOMENTUM = 0.9
+# LARS trust coefficient.
+_C.OPTIM.LARS_ETA = 0.001
+_C.OPTIM.EPOCHS = 100
+_C.OPTIM.WARMUP_EPOCHS = 10
+# Final learning rate of the cosine schedule, as a fraction of the peak.
+_C.OPTIM.MIN_LR_RATIO = 0.0
+
+_C.RUN = CfgNode()
+# bf16 autocast and channels_last (CUDA only; ignored with a notice on CPU).
+_C.RUN.AMP = True
+_C.RUN.CHANNELS_LAST = True
+# Log to metrics.jsonl / TensorBoard every this many steps.
+_C.RUN.LOG_PERIOD = 10
+# Besides every epoch, write checkpoint_last.pth every this many steps (0: epochs only).
+_C.RUN.CHECKPOINT_PERIOD = 0
+
+
+def get_cfg():
+    return _C.clone()
+
+
+def load_config(path=None, overrides=()):
+    """Defaults <- YAML file (with _BASE_) <- KEY=VALUE overrides, validated; returns frozen cfg."""
+    cfg = get_cfg()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            cfg.merge_from_file(path)
+        except KeyError as e:
+            raise ConfigError(f"{path}: {e.args[0] if e.args else e}") from None
+    opts = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not KEY=VALUE")
+        k, v = item.split("=", 1)
+        opts += [k, v]
+    try:
+        cfg.merge_from_list(opts)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"command-line override: {e.args[0] if e.args else e}") from None
+    validate(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def validate(cfg):
+    choices = {
+        "MODEL.METHOD": ("e2e", "gim", "loco"),
+        "MODEL.ARCH": ("resnet18", "resnet34", "resnet50", "resnet101"),
+        "MODEL.DECODER.CONV_BLOCKS": (0, 1, 2),
+        "MODEL.DECODER.MLP_LAYERS": (2, 4),
+        "MODEL.LOCO_SCHEDULE": ("fused", "recompute"),
+        "OPTIM.NAME": ("lars", "sgd", "adamw"),
+    }
+    for key, allowed in choices.items():
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
