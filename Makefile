@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv if it is
+# missing and install everything (pinned CPU requirements, Detectron2 by hash, loco_det itself).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.loco_det-installed
+DEMO_GRID ?= det_configs/grids/demo.yaml
+DEMO_OUT ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): requirements/cpu.txt pyproject.toml tools/install_detectron2.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements/cpu.txt
+	$(PY) tools/install_detectron2.py
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+demo: $(STAMP)
+ifeq ($(FRESH),1)
+	rm -rf $(DEMO_OUT)
+endif
+	$(PY) tools/run_benchmark.py $(DEMO_GRID) --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf $(DEMO_OUT)
