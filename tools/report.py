@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Write the benchmark report (report.md, report.csv, paper_reference.csv, plots/*.png) from run
+directories.
+
+Walks every RUN_DIR recursively for pretraining runs (run_info.json, metrics.jsonl,
+summary.json), linear-readout runs (readout.json) and Detectron2 runs (results.json,
+run_info.json, config.yaml), and for the manifest that tools/run_benchmark.py writes
+(benchmark.json), whose expected runs without results are listed as missing. Repeated runs of one
+method under one protocol become mean +- sample std with their count; different protocols are
+never averaged together. The paper's numbers are printed in their own section.
+
+Examples:
+  python tools/report.py runs/demo --out runs/demo
+  python tools/report.py runs/paper/det runs/paper/readout --out reports/paper
+  python tools/report.py runs/exp1 runs/exp2/pretrain/loco --out /tmp/report
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="directories to search (recursively) for runs")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output directory for report.md, report.csv and plots/")
+    args = parser.parse_args(argv)
+
+    from loco_det.report import write_report
+    from loco_det.utils import LocoError
+    try:
+        md_path, rows = write_report(args.run_dirs, args.out)
+    except LocoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    counts = ", ".join(f"{len(v)} {k} rows" for k, v in rows.items())
+    print(f"report: {md_path} ({counts})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
