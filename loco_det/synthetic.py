@@ -32,7 +32,7 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .utils import LocoError, write_json
+from .utils import LocoError, atomic_write
 
 GENERATOR = "loco_det.synthetic"
 FORMAT_VERSION = 1
@@ -90,9 +90,16 @@ def _regular(cx, cy, radii, angles):
     return [(cx + r * np.cos(a), cy + r * np.sin(a)) for r, a in zip(radii, angles)]
 
 
+# Radius multipliers that give every shape about the same area at the same nominal size, so
+# that no category wins "largest object" (the ImageFolder label) just by being fat.
+_AREA_SCALE = {"ellipse": 1.0, "triangle": 1.24, "rectangle": 0.97, "cross": 1.0, "star": 1.25,
+               "crescent": 1.35}
+
+
 def _shape_polygon(rng, kind, cx, cy, s):
     """Vertices (x, y) of one shape of category `kind`, radius about `s`, random pose."""
     theta = rng.uniform(0, 2 * np.pi)
+    s = s * _AREA_SCALE[kind]
     if kind == "ellipse":
         aspect = rng.uniform(0.55, 1.0)
         t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
@@ -475,9 +482,23 @@ def _write_split(tmp, split, n, seed, height, width, params, progress):
         "annotations": annotations,
         "categories": [{"id": c["id"], "name": c["name"], "supercategory": "shape"} for c in cats],
     }
-    write_json(os.path.join(tmp, "coco", "annotations", f"instances_{split}.json"), coco)
+    # compact, like COCO's own files (indenting would triple the size of the polygon lists)
+    _write_json(os.path.join(tmp, "coco", "annotations", f"instances_{split}.json"), coco,
+                indent=None)
     return {"images": n, "instances": len(annotations), "instances_per_category": per_cat,
             "imagefolder_labels": per_label}
+
+
+def _write_json(path, obj, indent):
+    """Atomic JSON write whose file is readable like any other dataset file (the temporary file
+    behind an atomic write is created private, 0600)."""
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=indent, sort_keys=True,
+                  separators=(",", ": ") if indent else (",", ":"))
+        f.write("\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def request(seed, n_train, n_val, height, width, params=None):
@@ -562,7 +583,7 @@ def generate(out, seed, n_train, n_val, height, width, params=None, overwrite=Fa
         for split, n in (("train", n_train), ("val", n_val)):
             counts[split] = _write_split(tmp, split, n, seed, height, width, req["params"], progress)
         meta = dict(req, counts=counts)
-        write_json(os.path.join(tmp, "meta.json"), meta)
+        _write_json(os.path.join(tmp, "meta.json"), meta, indent=2)
         if os.path.exists(out):
             old = tempfile.mkdtemp(dir=parent, prefix=".tmp_old_" + os.path.basename(out) + ".")
             os.rename(out, os.path.join(old, "data"))
