@@ -257,7 +257,9 @@ def sample_scene(rng, height, width, params=None):
     for _ in range(n_obj):
         cat = int(rng.integers(len(CATEGORIES)))
         texture = _texture(rng, h, w)
-        for _try in range(p["max_tries"]):
+        # the first shape lands on an empty canvas and virtually always fits; insisting on it
+        # guarantees every scene has an object (the ImageFolder label needs one)
+        for _try in range(p["max_tries"] * (1 if placed else 50)):
             s = float(np.exp(rng.uniform(np.log(p["min_radius_frac"] * short),
                                          np.log(p["max_radius_frac"] * short))))
             cx = float(rng.uniform(0.05 * w, 0.95 * w))
@@ -332,7 +334,7 @@ def trace_centre_contour(mask):
                 break
         else:  # isolated pixel
             break
-    points = points[seen.get(state, 0):] if state in seen else points
+    points = points[seen[state]:]  # the cycle (the start state is on it; kept general)
     off_r, off_c = rs.start - 1, cs.start - 1
     pts = [(c + off_c, r + off_r) for r, c in points]
     return _drop_collinear(pts)
@@ -392,7 +394,7 @@ def _link_or_copy(src, dst):
         shutil.copyfile(src, dst)
 
 
-def _annotate(ids, cats, height, width):
+def _annotate(ids, cats):
     """Per-instance records shared by the COCO and Cityscapes writers."""
     out = []
     for k, cat in enumerate(cats, 1):
@@ -421,7 +423,7 @@ def _write_split(tmp, split, n, seed, height, width, params, progress):
     for index in range(n):
         rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_INDEX[split], index]))
         image, ids, inst_cats = sample_scene(rng, height, width, params)
-        insts = _annotate(ids, inst_cats, height, width)
+        insts = _annotate(ids, inst_cats)
         stem = image_stem(index)
         img_path = os.path.join(coco_dir, stem + ".png")
         Image.fromarray(image).save(img_path, format="PNG")
@@ -439,11 +441,10 @@ def _write_split(tmp, split, n, seed, height, width, params, progress):
             per_cat[cats[inst["category"]]["name"]] += 1
 
         # ImageFolder view: label = category of the largest visible object
-        if insts:
-            largest = max(insts, key=lambda r: (r["area"], -r["category"]))
-            label = cats[largest["category"]]["name"]
-        else:  # cannot happen with min_objects >= 1 and a free canvas, kept for safety
-            label = cats[0]["name"]
+        if not insts:
+            raise RuntimeError(f"scene {split}/{index} has no object (generator bug)")
+        largest = max(insts, key=lambda r: (r["area"], -r["category"]))  # ties: lower id wins
+        label = cats[largest["category"]]["name"]
         per_label[label] += 1
         _link_or_copy(img_path, os.path.join(tmp, "imagefolder", split, label, stem + ".png"))
 
