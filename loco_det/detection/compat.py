@@ -8,6 +8,7 @@ install (real `_C`), nothing is replaced.
 import importlib
 import sys
 import types
+import warnings
 
 from PIL import Image
 
@@ -50,6 +51,9 @@ def _install_c_stub():
 
 
 _patch_pillow()
+# Detectron2 v0.6 decorates a few helpers with torch.jit.script at import time; torch >= 2.10
+# warns about the deprecation on every import. It concerns Detectron2's code, not the user's.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 HAS_COMPILED_OPS = _install_c_stub()
 
 
