@@ -1,0 +1,404 @@
+"""Loading detection weights without running code from them, and refusing weights that cannot work.
+
+Detectron2 opens a `.pkl` given as `MODEL.WEIGHTS` with plain `pickle.load`, so a downloaded file
+can run arbitrary code; and it only *warns* when backbone weights are missing or when the config's
+preprocessing disagrees with the weights, which silently produces "lower than the paper" numbers.
+This module closes those gaps while keeping Detectron2's loading behaviour otherwise unchanged:
+
+- `safe_load_pkl`: a restricted unpickler (containers, strings, numbers, numpy arrays only).
+- `LocoCheckpointer`: Detectron2's `DetectionCheckpointer` that loads `.pkl` through
+  `safe_load_pkl`, `.pth` with `torch.load(weights_only=True)`, errors when a backbone
+  parameter is missing, and logs a table of loaded / missing / unused keys.
+- `read_weights_metadata` + `check_weights_metadata`: compare the converter's metadata record
+  (see docs/formats.md, "Converted weights") with the config before anything is built.
+
+Import order: `loco_det.detection.compat` must be imported before detectron2; importing this
+module (part of `loco_det.detection`) does so.
+"""
+import collections
+import io
+import os
+import pickle
+
+import numpy as np
+import torch
+
+from . import compat  # noqa: F401  (must precede detectron2 imports)
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from fvcore.common.checkpoint import _filter_reused_missing_keys  # noqa: E402
+
+from ..utils import LocoError  # noqa: E402
+
+__all__ = ["safe_load_pkl", "safe_loads_pkl", "torch_load_weights", "LocoCheckpointer", "read_weights_metadata",
+           "check_weights_metadata", "backbone_state_keys", "METADATA_KEY"]
+
+METADATA_KEY = "loco_det"
+
+# Globals a weights pickle legitimately needs. Plain dict/list/tuple/str/bytes/int/float/bool/None
+# have their own pickle opcodes and need no global at all. numpy arrays, dtypes and scalars are
+# rebuilt through these functions (numpy 1.x spells them numpy.core.*, numpy 2 numpy._core.*);
+# they only build arrays from bytes, a dtype and a shape.
+# `_codecs.encode` / `bytes` are how protocol-2 pickles written by Python 3 store `bytes` (numpy
+# array data included); they only build a bytes object. `collections.OrderedDict` is a dict (state dicts are
+# OrderedDicts). `builtins.complex` is a number. Nothing here can run user-chosen code.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol-5 pickles (Python 3.14's default)
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+    ("builtins", "bytes"),  # protocol <= 2 writes b"" (e.g. an empty array's data) as bytes()
+    ("__builtin__", "bytes"),
+    ("collections", "OrderedDict"),
+    ("builtins", "complex"),
+    ("__builtin__", "complex"),  # Python 2 pickles (Caffe2 / Detectron1 model zoo)
+}
+
+# Errors that a malformed pickle stream can raise from the unpickler itself.
+_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+                  AttributeError, OverflowError, MemoryError, ImportError)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only `_ALLOWED_GLOBALS`. Every object a pickle builds other than the opcode-native
+    containers and scalars has to be looked up here first, so refusing here means nothing from a
+    hostile file has run yet."""
+
+    def __init__(self, file, path):
+        super().__init__(file, encoding="latin1")  # latin1: Python 2 (Caffe2) pickles of numpy data
+        self._path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise LocoError(
+                f"refusing to load {self._path}: it asks to import {module}.{name} while unpickling "
+                "(only dicts, lists, tuples, strings, numbers and numpy arrays are allowed in "
+                "weights files); nothing from the file was run")
+        if module == "__builtin__":
+            module = "builtins"
+        if module.startswith("numpy._core") and not _has_module("numpy._core.multiarray"):
+            module = module.replace("numpy._core", "numpy.core", 1)
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not allowed in weights pickles")
+
+
+def _has_module(name):
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+def safe_load_pkl(path):
+    """Unpickle a weights `.pkl` allowing only dicts, lists, tuples, strings, bytes, numbers, bool,
+    None and numpy arrays/dtypes/scalars.
+
+    Why: a pickle can name any importable callable and have the unpickler call it (the classic
+    `__reduce__` -> `os.system` payload); Detectron2 uses plain `pickle.load`. Here any other
+    global is refused with a `LocoError` naming the file and the global when the unpickler meets
+    it, before it is even imported, so no code from the file runs. A missing, empty, truncated or
+    corrupt file is also a one-line `LocoError` naming the path.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            return _load_stream(f, path)
+    except FileNotFoundError:
+        raise LocoError(f"weights file not found: {path}") from None
+    except IsADirectoryError:
+        raise LocoError(f"weights path is a directory, not a file: {path}") from None
+    except OSError as e:
+        raise LocoError(f"cannot read weights file {path}: {e.strerror or e}") from None
+
+
+def safe_loads_pkl(data, name="<bytes>"):
+    """`safe_load_pkl` for pickled bytes already in memory (`name` is used in errors)."""
+    return _load_stream(io.BytesIO(data), name)
+
+
+def _load_stream(f, path):
+    try:
+        return _RestrictedUnpickler(f, path).load()
+    except _PICKLE_ERRORS as e:
+        truncated = isinstance(e, EOFError) or "truncated" in str(e)
+        kind = "empty or truncated" if truncated else "corrupt or not a pickle"
+        detail = f" ({type(e).__name__}: {e})" if str(e) else ""
+        raise LocoError(f"cannot load {path}: file is {kind}{detail}") from None
+
+
+def _weights_only_reason(message):
+    """The informative part of torch's multi-line weights_only failure message."""
+    keep = []
+    for line in str(message).splitlines():
+        line = line.strip()
+        if not line or line.startswith(("Weights only load failed", "Check the documentation")):
+            continue
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+            if not line:
+                continue
+        keep.append(line)
+    return " ".join(keep) or str(message).splitlines()[0]
+
+
+def torch_load_weights(path, what="checkpoint"):
+    """`torch.load(path, map_location="cpu", weights_only=True)` with one-line `LocoError`s.
+
+    Why weights_only: a `.pth` is a pickle too; torch's weights-only unpickler accepts tensors,
+    containers and primitives, which is all a state dict or a Detectron2 `model_final.pth`
+    (model, optimizer, scheduler, iteration) holds. A file needing more is refused rather than
+    trusted. Missing / truncated / corrupt files name the path.
+    """
+    path = os.fspath(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LocoError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise LocoError(f"{what} path is a directory, not a file: {path}") from None
+    except OSError as e:
+        raise LocoError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except EOFError:
+        raise LocoError(f"cannot load {what} {path}: file is empty or truncated") from None
+    except pickle.UnpicklingError as e:
+        raise LocoError(
+            f"cannot load {what} {path} with torch.load(weights_only=True): "
+            f"{_weights_only_reason(e)} (the file is corrupt, or holds Python objects other than "
+            "tensors and containers, which loco_det does not unpickle)") from None
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        first = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
+        raise LocoError(f"cannot load {what} {path}: file is corrupt or truncated ({first})") from None
+
+
+def read_weights_metadata(path):
+    """Return the converter's metadata record stored in a weights `.pkl`, or None.
+
+    Why: the trainer calls this with `cfg.MODEL.WEIGHTS` *before building the model*, so that a
+    config whose preprocessing disagrees with the weights fails in a second, not after the
+    dataset and model are built. The file is read with `safe_load_pkl`. Empty path, non-pkl
+    weights (e.g. a Detectron2 `model_final.pth`) and pkl files without a loco_det record give
+    None. Remote paths (`detectron2://`, `https://`) are resolved as Detectron2 would.
+    """
+    if not path:
+        return None
+    path = os.fspath(path)
+    if not path.endswith(".pkl"):
+        return None
+    if not os.path.exists(path) and "://" in path:
+        from detectron2.utils.file_io import PathManager
+
+        try:
+            path = PathManager.get_local_path(path)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise LocoError(f"cannot fetch weights {path}: {e}") from None
+    data = safe_load_pkl(path)
+    if isinstance(data, dict) and isinstance(data.get(METADATA_KEY), dict):
+        return data[METADATA_KEY]
+    return None
+
+
+def _cfg_get(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
+def check_weights_metadata(cfg, metadata, weights_path=None):
+    """Refuse a config whose preprocessing or ResNet layout disagrees with converted weights.
+
+    Why: torchvision-trained weights need RGB input, torchvision's mean/std (0-255 units) and the
+    stride in the 3x3 conv; Detectron2's defaults (BGR, std 1, stride in 1x1) are for the MSRA
+    Caffe weights and give wrong features *without any error*. Compared keys: INPUT.FORMAT,
+    MODEL.PIXEL_MEAN / PIXEL_STD (allclose), MODEL.RESNETS.STRIDE_IN_1X1 (bottleneck ResNets
+    only: basic blocks have no 1x1 conv, Detectron2 ignores it there), MODEL.RESNETS.DEPTH and
+    MODEL.RESNETS.RES2_OUT_CHANNELS. All disagreements are reported on one line naming the key,
+    the config's value and the weights' value. `metadata` None (weights without a record) passes.
+    """
+    if not metadata:
+        return
+    where = weights_path or _cfg_get(cfg, "MODEL.WEIGHTS") or metadata.get("source") or "the weights"
+    problems = []
+
+    def mismatch(key, cfg_value, want):
+        problems.append(f"{key} is {cfg_value!r} in the config but {want!r} for the weights")
+
+    if "input_format" in metadata:
+        value = _cfg_get(cfg, "INPUT.FORMAT")
+        if value != metadata["input_format"]:
+            mismatch("INPUT.FORMAT", value, metadata["input_format"])
+    for key, meta_key in (("MODEL.PIXEL_MEAN", "pixel_mean"), ("MODEL.PIXEL_STD", "pixel_std")):
+        if meta_key not in metadata:
+            continue
+        value = [float(v) for v in _cfg_get(cfg, key)]
+        want = [float(v) for v in metadata[meta_key]]
+        if len(value) != len(want) or not np.allclose(value, want, rtol=1e-4, atol=1e-3):
+            mismatch(key, value, want)
+    depth = metadata.get("depth")
+    if depth is not None and int(_cfg_get(cfg, "MODEL.RESNETS.DEPTH")) != int(depth):
+        mismatch("MODEL.RESNETS.DEPTH", int(_cfg_get(cfg, "MODEL.RESNETS.DEPTH")), int(depth))
+    if "res2_out_channels" in metadata:
+        value = int(_cfg_get(cfg, "MODEL.RESNETS.RES2_OUT_CHANNELS"))
+        if value != int(metadata["res2_out_channels"]):
+            mismatch("MODEL.RESNETS.RES2_OUT_CHANNELS", value, int(metadata["res2_out_channels"]))
+    if "stride_in_1x1" in metadata and (depth is None or int(depth) >= 50):
+        value = bool(_cfg_get(cfg, "MODEL.RESNETS.STRIDE_IN_1X1"))
+        if value != bool(metadata["stride_in_1x1"]):
+            mismatch("MODEL.RESNETS.STRIDE_IN_1X1", value, bool(metadata["stride_in_1x1"]))
+    if problems:
+        raise LocoError(f"config does not match the converted weights {where}: "
+                        + "; ".join(problems)
+                        + " (see REFERENCE conventions: torchvision weights need RGB, torchvision "
+                        "mean/std and STRIDE_IN_1X1 False)")
+
+
+def backbone_state_keys(model):
+    """State-dict keys of the pretrained ResNet inside a Detectron2 model.
+
+    Why this definition: the converted checkpoint holds exactly a ResNet (stem + residual
+    blocks). In FPN models it is `backbone.bottom_up`; in C4 models res5 lives in the ROI head
+    (`roi_heads.res5.<i>`). FPN lateral/output convs, an extra norm appended after res5 (MoCo's
+    protocol) and the heads are new layers that are *expected* to be missing. BatchNorm's
+    `num_batches_tracked` is bookkeeping, not a weight, and old checkpoints lack it.
+    """
+    from detectron2.modeling.backbone.resnet import BasicStem, CNNBlockBase, ResNet
+
+    keys = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, (ResNet, BasicStem, CNNBlockBase)):
+            for name in module.state_dict().keys():
+                if name.endswith("num_batches_tracked"):
+                    continue
+                keys.add(f"{prefix}.{name}" if prefix else name)
+    return keys
+
+
+def _group(key, depth=2):
+    return ".".join(key.split(".")[:depth])
+
+
+class LocoCheckpointer(DetectionCheckpointer):
+    """Detectron2's `DetectionCheckpointer` with safe loading and strict backbone checks.
+
+    Use it wherever Detectron2 code makes a `DetectionCheckpointer`:
+    `LocoCheckpointer(model, save_dir, allow_missing_backbone=cfg.LOCO_DET.FROM_SCRATCH,
+    **checkpointables)`. Saving is unchanged (Detectron2's `.pth`), so `--resume` and
+    `--eval-only` with `model_final.pth` work as before.
+
+    Why each change:
+    - `.pkl` files go through `safe_load_pkl` (Detectron2 would run any code in them);
+      Detectron2's handling of its model-zoo and Caffe2 pickles is otherwise kept.
+    - `.pth`/`.pyth` files are read with `torch.load(weights_only=True)`.
+    - A backbone weight missing after loading (wrong depth, wrong file, a prefix that did not
+      match) is a `LocoError` naming it, not a warning scrolled past in the log; unless
+      `allow_missing_backbone` (training from scratch).
+    - A table of loaded / missing / unused keys per module is logged.
+    - If `cfg` is given, converter metadata in a loaded `.pkl` is checked against it too.
+    """
+
+    def __init__(self, model, save_dir="", *, allow_missing_backbone=False, cfg=None,
+                 save_to_disk=None, **checkpointables):
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.allow_missing_backbone = bool(allow_missing_backbone)
+        self.cfg = cfg
+        self._loading = None
+        self.last_load_report = None
+
+    def load(self, path, *args, **kwargs):
+        """Same as Detectron2's, with a one-line error for a local path that does not exist."""
+        if path and "://" not in str(path) and not os.path.isfile(path):
+            raise LocoError(f"checkpoint not found: {path}")
+        self._loading = path
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._loading = None
+
+    def _load_file(self, filename):
+        if filename.endswith(".pkl"):
+            data = safe_load_pkl(filename)
+            if not isinstance(data, dict):
+                raise LocoError(f"cannot use {filename}: expected a dict of weights, found "
+                                f"{type(data).__name__}")
+            if self.cfg is not None:
+                check_weights_metadata(self.cfg, data.get(METADATA_KEY), filename)
+            if "model" in data and "__author__" in data:
+                # Detectron2 model-zoo format (and loco_det's converter output)
+                self.logger.info("Reading a file from '{}'".format(data["__author__"]))
+                return data
+            # Caffe2 / Detectron1 model zoo, as Detectron2 does it
+            if "blobs" in data:
+                data = data["blobs"]
+            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+        loaded = torch_load_weights(filename)
+        if not isinstance(loaded, dict):
+            raise LocoError(f"cannot use {filename}: expected a dict, found {type(loaded).__name__}")
+        if filename.endswith(".pyth"):
+            # pycls checkpoints, as Detectron2 does it
+            if "model_state" not in loaded:
+                raise LocoError(f"cannot load {filename}: pycls .pyth files must contain 'model_state'")
+            model_state = {k: v for k, v in loaded["model_state"].items()
+                           if not k.endswith("num_batches_tracked")}
+            return {"model": model_state, "__author__": "pycls", "matching_heuristics": True}
+        if "model" not in loaded:
+            loaded = {"model": loaded}
+        return loaded
+
+    def _load_model(self, checkpoint):
+        incompatible = super()._load_model(checkpoint)
+        source = self._loading or "the checkpoint"
+        model_keys = list(self.model.state_dict().keys())
+        missing = set(_filter_reused_missing_keys(self.model, list(incompatible.missing_keys)))
+        missing |= {k for k, _, _ in incompatible.incorrect_shapes}
+        unused = set(incompatible.unexpected_keys)
+        self._log_table(model_keys, missing, unused, source)
+
+        backbone_missing = sorted(missing & backbone_state_keys(self.model))
+        self.last_load_report = {"loaded": sorted(set(model_keys) - missing),
+                                 "missing": sorted(missing), "unused": sorted(unused),
+                                 "backbone_missing": backbone_missing}
+        if backbone_missing:
+            if self.allow_missing_backbone:
+                self.logger.warning(
+                    f"{len(backbone_missing)} backbone weights not in {source}; they keep their "
+                    "random initialisation (training from scratch is allowed)")
+            else:
+                more = f" (and {len(backbone_missing) - 1} more)" if len(backbone_missing) > 1 else ""
+                raise LocoError(
+                    f"backbone parameter {backbone_missing[0]}{more} is missing from {source}: "
+                    "the weights do not fit this model (wrong depth or file?); set "
+                    "LOCO_DET.FROM_SCRATCH True to train the backbone from scratch instead")
+        return incompatible
+
+    def _log_table(self, model_keys, missing, unused, source):
+        """Per-module counts of loaded, missing and unused keys: one glance shows whether the
+        backbone was fully loaded and which heads start from scratch."""
+        from tabulate import tabulate
+
+        rows = collections.OrderedDict()
+        for key in model_keys:
+            row = rows.setdefault(_group(key), [0, 0, 0])
+            row[1 if key in missing else 0] += 1
+        for key in sorted(unused):
+            rows.setdefault("(checkpoint) " + _group(key, 1), [0, 0, 0])[2] += 1
+        table = tabulate([[name, *counts] for name, counts in rows.items()],
+                         headers=["module", "loaded", "missing", "unused"], tablefmt="pipe")
+        self.logger.info(f"Weights loaded from {source}:\n{table}")
+        if missing:
+            shown = sorted(missing)
+            self.logger.info("Missing keys (initialised from scratch): "
+                             + ", ".join(shown[:50]) + (" ..." if len(shown) > 50 else ""))
+        if unused:
+            shown = sorted(unused)
+            self.logger.info("Unused checkpoint keys: "
+                             + ", ".join(shown[:50]) + (" ..." if len(shown) > 50 else ""))
+

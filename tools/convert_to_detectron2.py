@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Convert a pretrained ResNet checkpoint into Detectron2's weights format (.pkl).
+
+Thin command line over `loco_det.detection.convert`; see docs/formats.md, "Converted weights".
+"""
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+EXAMPLES = """\
+examples:
+  # a loco_det pretraining checkpoint (the encoder is taken, decoders are dropped)
+  python tools/convert_to_detectron2.py runs/loco_r50/checkpoint_last.pth r50_loco.pkl --verify
+
+  # torchvision's ImageNet weights, or a MoCo checkpoint (module.encoder_q. is found)
+  python tools/convert_to_detectron2.py resnet50-19c8e357.pth r50_tv.pkl
+  python tools/convert_to_detectron2.py moco_v2_800ep_pretrain.pth.tar r50_moco.pkl
+
+  # the encoder sits under an unusual prefix
+  python tools/convert_to_detectron2.py ckpt.pth out.pkl --prefix student.backbone.
+
+then train with (det_configs/ already set the matching preprocessing):
+  python tools/train_net.py --config-file det_configs/coco_R50_FPN_1x_frozen.yaml \\
+      MODEL.WEIGHTS r50_loco.pkl
+
+The weights need INPUT.FORMAT RGB, torchvision's PIXEL_MEAN/PIXEL_STD and STRIDE_IN_1X1 False;
+the .pkl records this and train_net refuses a config that disagrees.
+"""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Convert a torchvision-style ResNet-18/34/50/101 checkpoint (loco_det "
+                    "pretraining checkpoint, plain state dict, or wrapped in module./encoder_q./"
+                    "encoder.) into Detectron2's .pkl weights format, with a metadata record of "
+                    "the preprocessing the weights need.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="checkpoint to convert (read with torch.load(weights_only=True))")
+    parser.add_argument("output", help="Detectron2 weights file to write (must end in .pkl)")
+    parser.add_argument("--verify", action="store_true",
+                        help="before writing, load the weights into Detectron2's own ResNet and "
+                             "check that res2..res5 equal torchvision's layer1..layer4 on random "
+                             "input (fails above a relative error of 1e-4)")
+    parser.add_argument("--prefix", default=None,
+                        help="take the encoder from the keys under this prefix (default: found "
+                             "automatically: '', module., module.encoder_q., encoder., ...)")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    # Detectron2 v0.6 calls torch.jit.script at import; newer torch warns about it on stderr,
+    # which would bury the one-line result/error of this tool.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
+                            category=FutureWarning)
+    from loco_det.utils import LocoError
+
+    try:
+        from loco_det.detection.convert import convert
+
+        result = convert(args.input, args.output, prefix=args.prefix, verify=args.verify)
+    except LocoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    method = f", method {result.method}" if result.method else ""
+    print(f"converted ResNet-{result.depth} from {args.input} (prefix {result.prefix!r}{method}): "
+          f"{result.num_tensors} tensors -> {result.output}")
+    if result.dropped:
+        print(f"dropped {len(result.dropped)} keys that are not part of the ResNet encoder:")
+        for key in result.dropped:
+            print(f"  {key}")
+    else:
+        print("dropped no keys")
+    if result.verify_error is not None:
+        stages = ", ".join(f"{k} {v:.2e}" for k, v in result.stage_errors.items())
+        print(f"verify: max relative error {result.verify_error:.2e} ({stages}) <= 1e-04: OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
