@@ -104,7 +104,7 @@ def test_code_running_pkl_is_refused_and_does_not_run(tmp_path):
     }
     for name, payload in payloads.items():
         path = tmp_path / f"{name.replace(' ', '_')}.pkl"
-        for protocol in (2, 4):
+        for protocol in (0, 2, 4):
             path.write_bytes(pickle.dumps(payload, protocol=protocol))
             with pytest.raises(LocoError) as info:
                 safe_load_pkl(path)
@@ -127,7 +127,7 @@ def test_safe_load_accepts_weights_pickles(tmp_path):
             "__author__": "x", "matching_heuristics": True,
             "meta": {"t": (1, 2.5, None, True), "s": "str", "b": b"\x00\xff", "n": np.float32(1.5),
                      "i": np.int64(3), "c": 1 + 2j, "big": 2 ** 80}}
-    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+    for protocol in range(0, pickle.HIGHEST_PROTOCOL + 1):
         path = tmp_path / f"p{protocol}.pkl"
         path.write_bytes(pickle.dumps(data, protocol=protocol))
         back = safe_load_pkl(path)
