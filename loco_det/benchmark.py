@@ -1,0 +1,600 @@
+"""Benchmark grids: expand a grid YAML into jobs and run them in dependency order, locally or on
+SLURM, then write the report.
+
+Why it is built this way:
+- Every job is a plain subprocess command of the project's own tools (tools/pretrain.py under
+  torchrun, tools/linear_readout.py, tools/convert_to_detectron2.py --verify, tools/train_net.py),
+  so what the grid runs is exactly what a user would type, and `--dry-run` can print it.
+- A job is skipped when its result file exists (pretraining summary.json, readout.json, the
+  converted .pkl, detection results.json) and resumed when its checkpoint exists, so rerunning
+  a grid after an interruption or a failure only does the work that is left.
+- A failing job does not stop independent jobs; its dependants are reported as blocked and the
+  run exits non-zero at the end. The report is written in any case and lists what is missing.
+- The random-initialisation and supervised baselines are part of every detection grid. A grid
+  without supervised weights still lists the supervised runs, as missing with a note.
+
+Grid format (see det_configs/grids/demo.yaml and paper.yaml for complete, commented examples):
+
+    name: demo
+    out: runs/demo                    # default for --out
+    vars: {data: "{out}/datasets/loco_synth"}   # `{name}` in any string below is replaced
+    env: {DETECTRON2_DATASETS: "{out}/datasets"}  # environment of every job
+    slurm: {partition: ..., account: ..., additional_parameters: {...}}  # SlurmExecutor's
+    data: [{name, command: [...], creates: PATH, seeds: [...]}]
+    pretrain: [{methods: [...], recipe: "cpu_{method}.yaml", label: "{method}", seeds: [0],
+                overrides: [KEY=VALUE, ...], resources: {...}}]
+    readout: {args: [...], random_init: {arch: resnet18}, resources: {...}}
+    convert: {resources: {...}}
+    detection: {supervised_weights: PATH or null, overrides: {KEY: VALUE},
+                resources: {...}, configs: [{config, seeds, overrides, resources}]}
+    profiles: {reduced: {dotted.path: value, ...}}   # selected with --profile
+
+Resources: nodes, gpus_per_node (0 = CPU), cpus_per_task, mem_gb, time_min. Runtime
+placeholders in commands ($MASTER_ADDR, $NODE_RANK, $JOB_ID) are filled in on the SLURM node.
+"""
+import copy
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import yaml
+
+from .utils import LocoError, write_json
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("data", "pretrain", "readout", "convert", "detection", "report")
+DEFAULT_RESOURCES = {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 2, "mem_gb": None,
+                     "time_min": 60}
+PRETRAIN_PORT = 29500
+DETECTION_PORT = 29501
+
+
+@dataclass
+class Job:
+    id: str                 # unique, also the output path relative to the grid's out dir
+    stage: str
+    argv: list
+    output: str             # path (relative to the repo root when inside it)
+    done_file: str = ""     # the job is skipped when this exists (and is finished)
+    resume_file: str = ""   # "--resume" is added when this exists
+    resume_at: int = -1     # where "--resume" goes in argv (-1: at the end)
+    deps: list = field(default_factory=list)
+    resources: dict = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+    label: str = ""
+    config: str = ""
+    seed: object = None
+    requires: list = field(default_factory=list)   # input files that must exist to start
+    env: dict = field(default_factory=dict)
+
+    def is_done(self):
+        """Finished results exist. JSON results must say finished (a crash can leave a file
+        that was written early, never one with finished: true)."""
+        if not self.done_file or not os.path.exists(self._abs(self.done_file)):
+            return False
+        if self.done_file.endswith(("summary.json", "results.json")):
+            import json
+            try:
+                with open(self._abs(self.done_file)) as f:
+                    return json.load(f).get("finished") is True
+            except (OSError, ValueError):
+                return False
+        return True
+
+    def resuming(self):
+        return bool(self.resume_file) and os.path.exists(self._abs(self.resume_file))
+
+    def command(self):
+        """argv as it runs now: with --resume when an interrupted run left a checkpoint."""
+        argv = list(self.argv)
+        if self.resuming():
+            argv.insert(len(argv) if self.resume_at < 0 else self.resume_at, "--resume")
+        return argv
+
+    @staticmethod
+    def _abs(path):
+        return path if os.path.isabs(path) else os.path.join(REPO, path)
+
+
+# ----------------------------------------------------------------------------- grid loading
+
+def _set_path(tree, dotted, value):
+    """Set `dotted` in the grid. At each level the whole remaining path is tried as a key
+    first, so Detectron2 keys with dots (SOLVER.MAX_ITER) work inside override mappings."""
+    parts = dotted.split(".")
+    node = tree
+    while True:
+        rest = ".".join(parts)
+        if isinstance(node, dict) and (rest in node or len(parts) == 1):
+            node[rest] = value
+            return
+        head = parts[0]
+        if isinstance(node, list):
+            if not head.isdigit() or int(head) >= len(node):
+                raise LocoError(f"--set/profile {dotted}: no list item {head}")
+            if len(parts) == 1:
+                node[int(head)] = value
+                return
+            node = node[int(head)]
+        elif isinstance(node, dict) and isinstance(node.get(head), (dict, list)):
+            node = node[head]
+        elif isinstance(node, dict):
+            node[rest] = value
+            return
+        else:
+            raise LocoError(f"--set/profile {dotted}: {head} is not a mapping or list")
+        parts = parts[1:]
+
+
+def load_grid(path, profile=None, sets=()):
+    """The grid mapping with the profile's and then --set's dotted-path overrides applied."""
+    if not os.path.isfile(path):
+        raise LocoError(f"{path}: grid file not found")
+    try:
+        with open(path) as f:
+            grid = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise LocoError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(grid, dict):
+        raise LocoError(f"{path}: a grid is a mapping (name, vars, pretrain, detection, ...)")
+    unknown = set(grid) - {"name", "out", "vars", "env", "slurm", "data", "pretrain", "readout",
+                           "convert", "detection", "profiles", "description"}
+    if unknown:
+        raise LocoError(f"{path}: unknown grid key(s): {', '.join(sorted(unknown))}")
+    overrides = []
+    if profile:
+        profiles = grid.get("profiles") or {}
+        if profile not in profiles:
+            raise LocoError(f"{path}: no profile '{profile}' (have: "
+                            f"{', '.join(profiles) or 'none'})")
+        overrides += list((profiles[profile] or {}).items())
+    for item in sets:
+        if "=" not in item:
+            raise LocoError(f"--set {item}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides.append((key, yaml.safe_load(value) if value else ""))
+    grid = copy.deepcopy(grid)
+    for key, value in overrides:
+        _set_path(grid, key, value)
+    return grid
+
+
+_VAR = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class _Templates:
+    """`{name}` substitution from the grid's vars (which may refer to each other and {out});
+    other braces are left alone, so Detectron2 values like "('a',)" need no escaping."""
+
+    def __init__(self, variables):
+        self.vars = {k: "" if v is None else str(v) for k, v in variables.items()}
+
+    def __call__(self, value, **local):
+        if isinstance(value, list):
+            return [self(v, **local) for v in value]
+        if not isinstance(value, str):
+            return value
+        names = dict(self.vars, **{k: str(v) for k, v in local.items()})
+        for _ in range(10):  # vars may reference vars
+            new = _VAR.sub(lambda m: self._lookup(names, m.group(1), value), value)
+            if new == value:
+                return new
+            value = new
+        raise LocoError(f"grid: template {value!r} does not resolve (variables refer in a loop)")
+
+    @staticmethod
+    def _lookup(names, name, text):
+        if name not in names:
+            raise LocoError(f"grid: unknown variable {{{name}}} in {text!r}; define it under "
+                            f"vars: (known: {', '.join(sorted(names))})")
+        return names[name]
+
+
+def _resources(*specs):
+    res = dict(DEFAULT_RESOURCES)
+    for spec in specs:
+        for key, value in (spec or {}).items():
+            if key not in DEFAULT_RESOURCES:
+                raise LocoError(f"grid: unknown resource '{key}' (known: "
+                                f"{', '.join(DEFAULT_RESOURCES)})")
+            res[key] = value
+    return res
+
+
+def _rel(path):
+    """Paths in commands are relative to the repo root (jobs run there) when inside it."""
+    path = os.path.abspath(path)
+    rel = os.path.relpath(path, REPO)
+    return path if rel.startswith("..") else rel
+
+
+def _python(argv):
+    return [sys.executable if a == "python" and i == 0 else a for i, a in enumerate(argv)]
+
+
+def _torchrun():
+    local = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return local if os.path.exists(local) else "torchrun"
+
+
+def _stem(name):
+    return os.path.splitext(os.path.basename(name))[0]
+
+
+def expand(grid, out):
+    """(jobs in dependency order, notes, missing): every job of the grid, one-line notes, and
+    manifest entries for expected runs that cannot be produced (no supervised weights)."""
+    out_rel = _rel(out)
+    variables = dict(grid.get("vars") or {})
+    variables.setdefault("out", out_rel)
+    variables["out"] = out_rel
+    tpl = _Templates(variables)
+    env = {k: tpl(str(v)) for k, v in (grid.get("env") or {}).items()}
+    jobs, notes, missing = [], [], []
+
+    def add(job):
+        job.env = env
+        if any(j.id == job.id for j in jobs):
+            raise LocoError(f"grid: two jobs write to {job.id}; give them distinct labels")
+        jobs.append(job)
+        return job
+
+    def path(*parts):
+        """(job id, path): the id is the output path below the grid's out dir."""
+        job_id = "/".join(str(p) for p in parts)
+        return job_id, os.path.join(out_rel, job_id)
+
+    # data
+    data_ids = []
+    for i, spec in enumerate(grid.get("data") or []):
+        if "command" not in spec:
+            raise LocoError(f"grid: data[{i}] needs a command")
+        for seed in spec.get("seeds", [None]):
+            local = {} if seed is None else {"seed": seed}
+            name = tpl(spec.get("name", f"data{i}"), **local)
+            job = add(Job(f"data/{name}", "data", _python(tpl(spec["command"], **local)),
+                          output=tpl(spec.get("creates", ""), **local),
+                          done_file=tpl(spec.get("creates", ""), **local),
+                          resources=_resources(spec.get("resources")), seed=seed))
+            data_ids.append(job.id)
+
+    # pretraining: methods x recipe x seeds per block
+    sources = []   # (source name, label, weights path, convert job id or None)
+    readout = grid.get("readout")
+    convert_res = _resources((grid.get("convert") or {}).get("resources"))
+    for i, block in enumerate(grid.get("pretrain") or []):
+        if "recipe" not in block or "methods" not in block:
+            raise LocoError(f"grid: pretrain[{i}] needs methods and recipe")
+        res = _resources(block.get("resources"))
+        for method in block["methods"]:
+            recipe = tpl(block["recipe"], method=method)
+            recipe_path = recipe if os.path.dirname(recipe) else os.path.join("pretrain", recipe)
+            label = tpl(block.get("label", "{method}/{recipe}"), method=method,
+                        recipe=_stem(recipe))
+            for seed in block.get("seeds", [0]):
+                local = dict(method=method, recipe=_stem(recipe), label=label, seed=seed)
+                job_id, run_dir = path("pretrain", label, f"seed{seed}")
+                argv = _pretrain_launcher(res) + [
+                    "tools/pretrain.py", "--config", recipe_path, f"SEED={seed}"] + [
+                    tpl(o, **local) for o in block.get("overrides", [])] + [
+                    "--output-dir", run_dir]
+                pre = add(Job(job_id, "pretrain", argv, run_dir,
+                              done_file=os.path.join(run_dir, "summary.json"),
+                              resume_file=os.path.join(run_dir, "checkpoint_last.pth"),
+                              deps=list(data_ids), resources=res, label=label,
+                              config=_stem(recipe), seed=seed))
+                ckpt = os.path.join(run_dir, "checkpoint_last.pth")
+                if readout is not None:
+                    job_id, ro_dir = path("readout", label, f"seed{seed}")
+                    add(Job(job_id, "readout", _python(
+                        ["python", "tools/linear_readout.py", "--checkpoint", ckpt,
+                         "--output-dir", ro_dir] + tpl(readout.get("args", []), **local)),
+                        ro_dir, done_file=os.path.join(ro_dir, "readout.json"),
+                        deps=[pre.id], resources=_resources(readout.get("resources")),
+                        label=label, seed=seed))
+                job_id, pkl = path("weights", f"{label.replace('/', '_')}_seed{seed}.pkl")
+                conv = add(Job(job_id, "convert", _python(
+                    ["python", "tools/convert_to_detectron2.py", ckpt, pkl, "--verify"]), pkl,
+                    done_file=pkl, deps=[pre.id], resources=convert_res, label=label,
+                    seed=seed))
+                sources.append((f"{label}_seed{seed}", label, pkl, conv.id))
+
+    if readout is not None:
+        arch = (readout.get("random_init") or {}).get("arch")
+        if not arch:
+            raise LocoError("grid: readout.random_init.arch is required (the random-init "
+                            "readout baseline)")
+        job_id, ro_dir = path("readout", "random")
+        add(Job(job_id, "readout", _python(
+            ["python", "tools/linear_readout.py", "--random-init", "--arch", arch,
+             "--output-dir", ro_dir] + tpl(readout.get("args", []), label="random", seed=0)),
+            ro_dir, done_file=os.path.join(ro_dir, "readout.json"), deps=list(data_ids),
+            resources=_resources(readout.get("resources")), label="random"))
+
+    # baselines: random init always; supervised from a path (converted here unless a .pkl)
+    det = grid.get("detection") or {}
+    sources.append(("random", "random", None, None))
+    supervised = det.get("supervised_weights")
+    supervised_missing = None
+    if supervised:
+        weights = tpl(str(supervised))   # relative paths: from the repo root, like configs
+        if weights.endswith(".pkl"):
+            sources.append(("supervised", "supervised", weights, None))
+        else:
+            job_id, pkl = path("weights", "supervised.pkl")
+            conv = add(Job(job_id, "convert", _python(
+                ["python", "tools/convert_to_detectron2.py", weights, pkl, "--verify"]), pkl,
+                done_file=pkl, resources=convert_res, label="supervised", requires=[weights]))
+            sources.append(("supervised", "supervised", pkl, conv.id))
+    elif det.get("configs"):
+        supervised_missing = ("no supervised-ImageNet weights given in the grid "
+                              "(detection.supervised_weights): supervised baseline not run")
+        notes.append(supervised_missing)
+
+    det_res = det.get("resources")
+    for i, spec in enumerate(det.get("configs") or []):
+        if "config" not in spec:
+            raise LocoError(f"grid: detection.configs[{i}] needs a config")
+        config = spec["config"] if os.path.dirname(spec["config"]) else \
+            os.path.join("det_configs", spec["config"])
+        res = _resources(det_res, spec.get("resources"))
+        overrides = dict(det.get("overrides") or {})
+        overrides.update(spec.get("overrides") or {})
+        for seed in spec.get("seeds", [0]):
+            for name, label, weights, conv_id in sources:
+                job_id, run_dir = path("det", _stem(config), name, f"seed{seed}")
+                local = dict(label=label, seed=seed)
+                opts = ["SEED", str(seed)]
+                for key, value in overrides.items():
+                    opts += [key, str(tpl(str(value), **local))]
+                opts += ["LOCO_DET.LABEL", label]
+                if weights is None:
+                    opts += ["LOCO_DET.FROM_SCRATCH", "True"]
+                opts += ["OUTPUT_DIR", run_dir, "MODEL.WEIGHTS", weights or ""]
+                head = _python(["python", "tools/train_net.py", "--config-file", config,
+                                "--num-gpus", str(max(int(res["gpus_per_node"]), 1))])
+                if int(res["nodes"]) > 1:
+                    head += ["--num-machines", str(res["nodes"]), "--machine-rank", "$NODE_RANK",
+                             "--dist-url", f"tcp://$MASTER_ADDR:{DETECTION_PORT}"]
+                add(Job(job_id, "detection", head + opts, run_dir,
+                        done_file=os.path.join(run_dir, "results.json"),
+                        resume_file=os.path.join(run_dir, "last_checkpoint"),
+                        resume_at=len(head), deps=list(data_ids) + ([conv_id] if conv_id else []),
+                        resources=res, label=label, config=_stem(config), seed=seed))
+            if supervised_missing:
+                missing.append(dict(kind="detection", label="supervised", config=_stem(config),
+                                    seed=seed, note=supervised_missing,
+                                    output=path("det", _stem(config), "supervised",
+                                                f"seed{seed}")[0]))
+
+    add(Job("report", "report", _python(["python", "tools/report.py", out_rel, "--out", out_rel]),
+            os.path.join(out_rel, "report.md"), deps=[j.id for j in jobs]))
+    return jobs, notes, missing
+
+
+def _pretrain_launcher(res):
+    """python for one process; torchrun for several (one node: --standalone; several nodes:
+    c10d rendezvous on the first node, filled in on the SLURM node)."""
+    nproc, nodes = max(int(res["gpus_per_node"]), 1), int(res["nodes"])
+    if nproc == 1 and nodes == 1:
+        return [sys.executable]
+    if nodes == 1:
+        return [_torchrun(), "--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc)]
+    return [_torchrun(), "--nnodes", str(nodes), "--nproc_per_node", str(nproc),
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"$MASTER_ADDR:{PRETRAIN_PORT}",
+            "--rdzv_id", "$JOB_ID"]
+
+
+def write_manifest(out, grid_path, profile, sets, jobs, missing):
+    """benchmark.json: what the grid expects, so the report lists runs that never started.
+    Outputs are relative to the manifest's folder."""
+    entries = [{"kind": job.stage, "id": job.id, "label": job.label, "config": job.config,
+                "seed": job.seed, "output": job.id}
+               for job in jobs if job.stage in ("pretrain", "readout", "detection")]
+    entries += missing
+    write_json(os.path.join(out, "benchmark.json"), {
+        "kind": "benchmark_manifest", "grid": os.path.abspath(grid_path), "profile": profile,
+        "set": list(sets), "jobs": entries})
+
+
+# ----------------------------------------------------------------------------- running
+
+def _fmt_time(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _res_text(res):
+    gpus = int(res["gpus_per_node"])
+    where = f"{res['nodes']} node(s) x {gpus} GPU(s)" if gpus else "CPU"
+    return f"{where}, {res['cpus_per_task']} CPUs, {res['time_min']} min"
+
+
+def dry_run(jobs, notes, missing):
+    """Print every command (with --resume where a checkpoint exists) and what would be skipped."""
+    w = sys.stdout.write
+    for i, job in enumerate(jobs, 1):
+        state = "skip: results exist" if job.is_done() else (
+            "resume" if job.resuming() else "run")
+        w(f"# [{i}/{len(jobs)}] {job.stage} {job.id} ({state}; {_res_text(job.resources)})\n")
+        w(shlex.join(job.command()) + "\n")
+    for note in notes:
+        w(f"# note: {note} ({len(missing)} runs)\n")
+    counts = {s: sum(j.stage == s for j in jobs) for s in STAGES}
+    w(f"# {len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + "\n")
+
+
+def _log_path(out, job):
+    return os.path.join(out, "logs", job.id.replace("/", "__") + ".log")
+
+
+def _run_command(job, out, quiet):
+    """Run one job, streaming its output to the terminal (unless quiet) and to its log."""
+    log = _log_path(out, job)
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    env = dict(os.environ, **job.env, PYTHONUNBUFFERED="1")
+    with open(log, "ab") as f:
+        f.write(f"$ {shlex.join(job.command())}\n".encode())
+        f.flush()
+        proc = subprocess.Popen(job.command(), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        try:
+            while True:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                f.write(chunk)
+                if not quiet:
+                    if hasattr(sys.stdout, "buffer"):
+                        sys.stdout.buffer.write(chunk)
+                    else:
+                        sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+            return proc.wait(), log
+        except BaseException:
+            proc.terminate()
+            proc.wait()
+            raise
+
+
+def run_local(jobs, notes, out, quiet=False):
+    """Run jobs in order; returns the exit status (0 only when every job is done or skipped)."""
+    status = {}   # id -> done | skipped | failed | blocked
+    failed_logs = {}
+    start_all = time.time()
+    n = len(jobs)
+    for note in notes:
+        print(f"note: {note}")
+    for i, job in enumerate(jobs, 1):
+        tag = f"[{i:>{len(str(n))}}/{n}]"
+        if job.is_done():
+            status[job.id] = "skipped"
+            print(f"{tag} skipped  {job.id}  (results exist: {job.done_file})", flush=True)
+            continue
+        bad = [d for d in job.deps if status.get(d) in ("failed", "blocked")]
+        if bad and job.stage != "report":   # the report is written in any case
+            status[job.id] = "blocked"
+            print(f"{tag} blocked  {job.id}  (dependency failed: {bad[0]})", flush=True)
+            continue
+        missing = [p for p in job.requires if not os.path.exists(Job._abs(p))]
+        if missing:
+            status[job.id] = "failed"
+            print(f"{tag} failed   {job.id}  (input not found: {missing[0]})", flush=True)
+            continue
+        if job.stage != "report" and int(job.resources["nodes"]) > 1:
+            status[job.id] = "failed"
+            print(f"{tag} failed   {job.id}  (needs {job.resources['nodes']} nodes: use "
+                  f"--launcher slurm)", flush=True)
+            continue
+        what = "resuming" if job.resuming() else "running"
+        print(f"{tag} {what} {job.id}: {shlex.join(job.command())}", flush=True)
+        t0 = time.time()
+        if job.stage == "report":
+            rc, log = _write_report(out), None
+        else:
+            try:
+                rc, log = _run_command(job, out, quiet)
+            except OSError as e:
+                rc, log = 127, None
+                print(f"error: {job.id}: cannot start {job.command()[0]}: {e.strerror}",
+                      flush=True)
+        took = _fmt_time(time.time() - t0)
+        if rc == 0:
+            status[job.id] = "done"
+            print(f"{tag} done     {job.id}  ({took})", flush=True)
+        else:
+            status[job.id] = "failed"
+            failed_logs[job.id] = log
+            print(f"{tag} failed   {job.id}  (exit {rc}, {took}"
+                  + (f"; log: {_rel(log)}" if log else "") + ")", flush=True)
+    counts = {s: sum(v == s for v in status.values())
+              for s in ("done", "skipped", "failed", "blocked")}
+    print(f"summary: {n} jobs in {_fmt_time(time.time() - start_all)}: "
+          + ", ".join(f"{v} {k}" for k, v in counts.items()), flush=True)
+    for job_id, log in failed_logs.items():
+        print(f"  failed: {job_id}" + (f" (log: {_rel(log)})" if log else ""))
+    if status.get("report") == "done":
+        print(f"report: {_rel(os.path.join(out, 'report.md'))}")
+    return 1 if counts["failed"] or counts["blocked"] else 0
+
+
+def _write_report(out):
+    from .report import write_report
+
+    try:
+        write_report([out], out)
+    except LocoError as e:
+        print(f"error: report: {e}", flush=True)
+        return 1
+    return 0
+
+
+class SlurmCommand:
+    """What submitit pickles and runs on each node of a job's allocation: fills in the runtime
+    placeholders, decides --resume there (a requeued job resumes), and runs the command."""
+
+    def __init__(self, job):
+        self.job = job
+
+    def __call__(self):
+        import submitit
+
+        env = submitit.JobEnvironment()
+        values = {"$MASTER_ADDR": env.hostnames[0], "$NODE_RANK": str(env.global_rank),
+                  "$JOB_ID": str(env.job_id)}
+        argv = self.job.command()
+        for key, value in values.items():
+            argv = [a.replace(key, value) for a in argv]
+        subprocess.run(argv, cwd=REPO, env=dict(os.environ, **self.job.env), check=True)
+
+
+def run_slurm(jobs, notes, out, slurm_options):
+    """Submit every job that is not finished, each with afterok dependencies on its unfinished
+    dependencies; the report job runs after all of them (afterany)."""
+    if shutil.which("sbatch") is None:
+        raise LocoError("--launcher slurm needs SLURM (sbatch not found on PATH)")
+    import submitit
+
+    for note in notes:
+        print(f"note: {note}")
+    submitted = {}
+    options = {k: v for k, v in (slurm_options or {}).items() if v is not None}
+    additional = dict(options.pop("additional_parameters", None) or {})
+    for job in jobs:
+        if job.stage != "report" and job.is_done():
+            print(f"skipped  {job.id}  (results exist: {job.done_file})")
+            continue
+        deps = [submitted[d] for d in job.deps if d in submitted]
+        res = job.resources
+        # SlurmExecutor directly: AutoExecutor's plugin discovery needs pkg_resources.
+        params = dict(options, job_name=f"loco_det:{job.id}", nodes=int(res["nodes"]),
+                      ntasks_per_node=1, cpus_per_task=int(res["cpus_per_task"]),
+                      time=int(res["time_min"]))
+        if int(res["gpus_per_node"]):
+            params["gpus_per_node"] = int(res["gpus_per_node"])
+        if res.get("mem_gb"):
+            params["mem"] = f"{res['mem_gb']}GB"
+        extra = dict(additional)
+        if deps:
+            kind = "afterany" if job.stage == "report" else "afterok"
+            params["dependency"] = f"{kind}:" + ":".join(deps)
+            extra["kill-on-invalid-dep"] = "yes"
+        if extra:
+            params["additional_parameters"] = extra
+        executor = submitit.SlurmExecutor(folder=os.path.join(out, "slurm", "%j"))
+        executor.update_parameters(**params)
+        submitted[job.id] = str(executor.submit(SlurmCommand(job)).job_id)
+        print(f"submitted {job.id}  (job {submitted[job.id]}; {_res_text(res)}"
+              + (f"; after {', '.join(deps)}" if deps else "") + ")")
+    write_json(os.path.join(out, "slurm_jobs.json"), submitted)
+    print(f"summary: {len(submitted)} jobs submitted, {len(jobs) - len(submitted)} skipped; "
+          f"report after all: {_rel(os.path.join(out, 'report.md'))}")
+    return 0

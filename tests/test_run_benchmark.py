@@ -1,0 +1,411 @@
+"""tools/run_benchmark.py: grid expansion (the paper's grid, the demo grid and its reduced
+profile), local runs with skip/resume/failure handling, and SLURM submission.
+
+Local runs use fake tools (quick scripts that write the docs/formats.md outputs with known
+numbers) in a temporary repository root, so the orchestration is tested in seconds; the real
+tools are exercised by their own tests and by the reduced demo.
+"""
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import pickle
+import shlex
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from loco_det import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "run_benchmark.py")
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("run_benchmark_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cli(*args):
+    """The tool's main() in this process (a subprocess per call costs seconds of imports);
+    test_cli_in_a_subprocess checks the real process boundary once."""
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = _load_tool().main(list(args))
+            except SystemExit as e:   # argparse --help
+                rc = e.code
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+
+
+# ----------------------------------------------------------------------------- grid expansion
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory):
+    res = cli("det_configs/grids/paper.yaml", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    commands = [shlex.split(l) for l in lines if not l.startswith("#")]
+    return {"out": res.stdout, "lines": lines, "commands": commands}
+
+
+def _with(commands, *tokens):
+    return [c for c in commands if all(t in c for t in tokens)]
+
+
+def test_paper_grid_counts(paper):
+    # data: 5 COCO-10K + 5 COCO-1K splits; pretrain: 3 methods x {100, 800} ep; readout: 6 +
+    # random init; convert: 6 + supervised; detection: (6 methods + random + supervised) x
+    # (COCO frozen + Cityscapes frozen + 5 COCO-10K splits + 5 COCO-1K splits); report.
+    assert paper["lines"][-1] == ("# 127 jobs: 10 data, 6 pretrain, 7 readout, 7 convert, "
+                                  "96 detection, 1 report")
+    assert len(paper["commands"]) == 127
+    cmds = paper["commands"]
+    assert len(_with(cmds, "tools/train_net.py")) == 96
+    assert len(_with(cmds, "LOCO_DET.FROM_SCRATCH", "True")) == 12   # random init everywhere
+    assert len(_with(cmds, "LOCO_DET.LABEL", "supervised")) == 12
+    for config, n in (("coco_R50_FPN_1x_frozen", 8), ("cityscapes_R50_FPN_frozen", 8),
+                      ("coco10k_R50_FPN_finetune", 40), ("coco1k_R50_FPN_finetune", 40)):
+        assert len(_with(cmds, f"det_configs/{config}.yaml")) == n
+    for size, name in ((10000, "10k"), (1000, "1k")):
+        for seed in range(1, 6):
+            assert _with(cmds, "tools/make_coco_subset.py", str(size), str(seed))
+            det = _with(cmds, f'["coco_2017_train_{name}_seed{seed}"]')
+            assert len(det) == 8 and all(c[c.index("SEED") + 1] == str(seed) for c in det)
+
+
+def test_paper_grid_commands(paper):
+    cmds = paper["commands"]
+    for method in ("simclr", "gim", "loco"):
+        for ep in (100, 800):
+            (pre,) = _with(cmds, "tools/pretrain.py", f"pretrain/{method}_r50_{ep}ep.yaml")
+            assert os.path.basename(pre[0]) == "torchrun"
+            assert pre[pre.index("--nnodes") + 1] == "4"
+            assert pre[pre.index("--nproc_per_node") + 1] == "8"
+            assert "SEED=0" in pre and "DATA.ROOT=datasets/imagenet/train" in pre
+            run = f"runs/paper/pretrain/{method}_r50_{ep}ep/seed0"
+            assert pre[-2:] == ["--output-dir", run]
+            (conv,) = _with(cmds, "tools/convert_to_detectron2.py", f"{run}/checkpoint_last.pth")
+            assert conv[-2:] == [f"runs/paper/weights/{method}_r50_{ep}ep_seed0.pkl", "--verify"]
+            assert _with(cmds, "tools/linear_readout.py", f"{run}/checkpoint_last.pth")
+            det = _with(cmds, "tools/train_net.py",
+                        f"runs/paper/weights/{method}_r50_{ep}ep_seed0.pkl")
+            assert len(det) == 12
+            assert all(c[c.index("LOCO_DET.LABEL") + 1] == f"{method}_r50_{ep}ep" for c in det)
+            assert all(c[c.index("--num-gpus") + 1] == "8" for c in det)
+    (sup,) = _with(cmds, "tools/convert_to_detectron2.py", "weights/resnet50-0676ba61.pth")
+    assert sup[-2:] == ["runs/paper/weights/supervised.pkl", "--verify"]
+    assert _with(cmds, "tools/linear_readout.py", "--random-init", "resnet50")
+    (frozen,) = _with(cmds, "det_configs/coco_R50_FPN_1x_frozen.yaml", "random")
+    assert frozen[-4:] == ["OUTPUT_DIR", "runs/paper/det/coco_R50_FPN_1x_frozen/random/seed0",
+                           "MODEL.WEIGHTS", ""]
+    assert cmds[-1][1:] == ["tools/report.py", "runs/paper", "--out", "runs/paper"]
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    out = tmp_path / "paper"
+    res = cli("det_configs/grids/paper.yaml", "--dry-run", "--out", str(out))
+    assert res.returncode == 0 and not out.exists()
+
+
+def test_demo_grid_and_reduced_profile(tmp_path):
+    full = cli("det_configs/grids/demo.yaml", "--dry-run", "--out", str(tmp_path / "d"))
+    reduced = cli("det_configs/grids/demo.yaml", "--dry-run", "--profile", "reduced",
+                  "--out", str(tmp_path / "d"))
+    for res in (full, reduced):
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.splitlines()[-1] == ("# 20 jobs: 1 data, 3 pretrain, 4 readout, "
+                                               "3 convert, 8 detection, 1 report")
+        assert "no supervised-ImageNet weights" in res.stdout
+    ids = lambda r: [l.split()[3] for l in r.stdout.splitlines() if l.startswith("# [")]
+    assert ids(full) == ids(reduced)   # the same jobs, the same code path
+    cmds = [shlex.split(l) for l in reduced.stdout.splitlines() if not l.startswith("#")]
+    for method in ("e2e", "gim", "loco"):
+        (pre,) = _with(cmds, "tools/pretrain.py", f"pretrain/cpu_{method}.yaml")
+        assert "OPTIM.EPOCHS=1" in pre
+    det = _with(cmds, "tools/train_net.py")
+    assert {c[c.index("LOCO_DET.LABEL") + 1] for c in det} == {"e2e", "gim", "loco", "random"}
+    assert all(c[c.index("SOLVER.MAX_ITER") + 1] == "2" for c in det)
+    assert "SOLVER.MAX_ITER" not in full.stdout
+
+
+# ----------------------------------------------------------------------------- local runs
+
+FAKE_TOOL = r'''
+import json, os, sys
+name = os.path.basename(sys.argv[0])[:-3]
+args = sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps([name] + args) + "\n")
+def arg(flag):
+    return args[args.index(flag) + 1] if flag in args else None
+def dump(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+fail = os.environ.get("FAKE_FAIL", "")
+if fail and fail in " ".join(args):
+    print("error: fake failure", file=sys.stderr)
+    sys.exit(3)
+if name == "make_synthetic_data":
+    dump(os.path.join(arg("--out"), "meta.json"), {"seed": 0})
+elif name == "pretrain":
+    out = arg("--output-dir")
+    method = os.path.basename(arg("--config"))[4:-5]
+    seed = int([a for a in args if a.startswith("SEED=")][0][5:])
+    dump(f"{out}/run_info.json", {"kind": "pretrain", "method": method, "arch": "resnet18",
+         "world_size": 1, "global_batch": 8, "epochs": 1, "config_file": arg("--config")})
+    with open(f"{out}/config.yaml", "w") as f:
+        f.write(f"SEED: {seed}\n")
+    with open(f"{out}/metrics.jsonl", "w") as f:
+        f.write(json.dumps({"step": 0, "loss/unit1": 5.0}) + "\n")
+    open(f"{out}/checkpoint_last.pth", "w").close()
+    if method in os.environ.get("FAKE_KILL", "").split(","):
+        sys.exit(1)   # killed after a checkpoint, before summary.json
+    dump(f"{out}/summary.json", {"finished": True, "final_losses": {"unit1": 4.0 + seed}})
+elif name == "linear_readout":
+    method = "random" if "--random-init" in args else "m"
+    dump(f"{arg('--output-dir')}/readout.json", {"kind": "readout", "method": method,
+         "arch": "resnet18", "checkpoint": arg("--checkpoint"),
+         "top1": {"res2": 1.0, "res3": 2.0, "res4": 3.0, "res5": 4.0}, "protocol": {}})
+elif name == "convert_to_detectron2":
+    if not os.path.exists(args[0]):
+        print(f"error: {args[0]}: not found", file=sys.stderr)
+        sys.exit(1)
+    open(args[1], "w").close() if os.path.isdir(os.path.dirname(args[1])) else (
+        os.makedirs(os.path.dirname(args[1])), open(args[1], "w").close())
+elif name == "train_net":
+    opts = args[args.index("--num-gpus") + 2:]
+    if opts and opts[0] == "--resume":
+        opts = opts[1:]
+    kv = dict(zip(opts[::2], opts[1::2]))
+    out = kv["OUTPUT_DIR"]
+    seed = int(kv["SEED"])
+    label = kv["LOCO_DET.LABEL"]
+    dump(f"{out}/run_info.json", {"kind": "detection", "world_size": 1, "argv": sys.argv})
+    open(f"{out}/last_checkpoint", "w").close()
+    if "det-" + label in os.environ.get("FAKE_KILL", "").split(","):
+        sys.exit(1)
+    ap = {"random": 1.0, "supervised": 20.0}.get(label, 10.0) + seed
+    dump(f"{out}/results.json", {"kind": "detection", "finished": True, "method": label,
+         "bbox": {"AP": ap, "AP50": ap, "AP75": ap}, "segm": {"AP": ap - 1, "AP50": ap,
+         "AP75": ap}, "protocol": {"config_name": os.path.basename(arg("--config-file"))[:-5],
+         "benchmark": "coco", "max_iter": 2, "frozen": True, "freeze_at": 5, "world_size": 1,
+         "global_batch": 2, "weights": kv["MODEL.WEIGHTS"], "seed": seed}})
+'''
+
+GRID = {
+    "name": "small",
+    "vars": {"data": "{out}/datasets/loco_synth"},
+    "env": {"DETECTRON2_DATASETS": "{out}/datasets"},
+    "data": [{"name": "synth", "command": ["python", "tools/make_synthetic_data.py", "--out",
+                                           "{data}"], "creates": "{data}/meta.json"}],
+    "pretrain": [{"methods": ["e2e", "loco"], "recipe": "cpu_{method}.yaml", "label": "{method}",
+                  "seeds": [0], "overrides": ["DATA.ROOT={data}/imagefolder/train"]}],
+    "readout": {"args": [], "random_init": {"arch": "resnet18"}},
+    "detection": {"supervised_weights": "weights/sup.pkl",
+                  "configs": [{"config": "cpu_synth_coco_R18_FPN_frozen.yaml", "seeds": [0, 1]}]},
+}
+
+
+@pytest.fixture
+def fake_repo(tmp_path, monkeypatch):
+    """A repository root whose tools/ are the fake tools; jobs run there."""
+    repo = tmp_path / "repo"
+    (repo / "tools").mkdir(parents=True)
+    for name in ("make_synthetic_data", "pretrain", "linear_readout", "convert_to_detectron2",
+                 "train_net"):
+        (repo / "tools" / f"{name}.py").write_text(FAKE_TOOL)
+    (repo / "weights").mkdir()
+    (repo / "weights" / "sup.pkl").write_text("")
+    grid = repo / "small.yaml"
+    grid.write_text(yaml.safe_dump(GRID))
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setattr(benchmark, "REPO", str(repo))
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    monkeypatch.delenv("FAKE_FAIL", raising=False)
+    monkeypatch.delenv("FAKE_KILL", raising=False)
+    tool = _load_tool()
+
+    def run(*extra):
+        return tool.main([str(grid), "--out", str(repo / "runs" / "small"), "-q", *extra])
+
+    def calls():
+        if not log.exists():
+            return []
+        return [json.loads(l) for l in log.read_text().splitlines()]
+
+    return {"repo": repo, "out": repo / "runs" / "small", "run": run, "calls": calls}
+
+
+def test_local_run_then_rerun_skips(fake_repo, capsys):
+    assert fake_repo["run"]() == 0
+    first = capsys.readouterr().out
+    calls = fake_repo["calls"]()
+    # data 1, pretrain 2, readout 3, convert 2, detection (e2e, loco, random, sup) x 2 seeds
+    assert [c[0] for c in calls].count("train_net") == 8 and len(calls) == 16
+    assert "summary: 17 jobs" in first and "17 done" in first
+    out = fake_repo["out"]
+    md = (out / "report.md").read_text()
+    det_rows = [l for l in md.split("## Detection")[1].split("## Linear")[0].splitlines()
+                if l.startswith("| ") and not l.startswith("| method")]
+    assert sorted(l.split(" | ")[0][2:] for l in det_rows) == ["e2e", "loco", "random",
+                                                               "supervised"]
+    assert all("| 2 | 0,1 | ok |" in l for l in det_rows)
+    assert "| 10.50 ± 0.71 |" in md   # seeds 0 and 1: AP 10 and 11
+    manifest = json.loads((out / "benchmark.json").read_text())
+    assert len(manifest["jobs"]) == 2 + 3 + 8
+
+    assert fake_repo["run"]() == 0
+    second = capsys.readouterr().out
+    assert len(fake_repo["calls"]()) == 16           # nothing ran again
+    assert second.count("skipped  ") == 16
+    assert "skipped  pretrain/loco/seed0  (results exist: " in second
+    assert "16 skipped" in second and "1 done" in second   # the report is rewritten
+
+
+def test_failed_job_blocks_dependants_and_exits_nonzero(fake_repo, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_FAIL", "cpu_loco.yaml")
+    assert fake_repo["run"]() == 1
+    out = capsys.readouterr().out
+    assert "failed   pretrain/loco/seed0  (exit 3" in out
+    for dep in ("readout/loco/seed0", "weights/loco_seed0.pkl",
+                "det/cpu_synth_coco_R18_FPN_frozen/loco_seed0/seed1"):
+        assert f"blocked  {dep}  (dependency failed: " in out
+    assert "done     det/cpu_synth_coco_R18_FPN_frozen/e2e_seed0/seed1" in out
+    assert "1 failed, 4 blocked" in out
+    log = fake_repo["out"] / "logs" / "pretrain__loco__seed0.log"
+    assert "error: fake failure" in log.read_text()
+    md = (fake_repo["out"] / "report.md").read_text()
+    missing = md.split("## Missing or unfinished runs")[1].split("## Paper")[0]
+    assert "pretrain/loco/seed0" in missing and "det/cpu_synth_coco_R18_FPN_frozen/loco_seed0" \
+        in missing
+
+    monkeypatch.delenv("FAKE_FAIL")       # fixed: the rerun does only what is left
+    n_before = len(fake_repo["calls"]())
+    assert fake_repo["run"]() == 0
+    assert len(fake_repo["calls"]()) - n_before == 1 + 1 + 1 + 2
+    capsys.readouterr()
+
+
+def test_interrupted_runs_resume(fake_repo, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_KILL", "loco,det-e2e")
+    assert fake_repo["run"]() == 1
+    monkeypatch.delenv("FAKE_KILL")
+    n_before = len(fake_repo["calls"]())
+    assert fake_repo["run"]() == 0
+    out = capsys.readouterr().out
+    new = fake_repo["calls"]()[n_before:]
+    (pre,) = [c for c in new if c[0] == "pretrain"]
+    assert pre[-1] == "--resume"
+    det = [c for c in new if c[0] == "train_net" and "e2e" in c]
+    assert len(det) == 2 and all(c[c.index("--num-gpus") + 2] == "--resume" for c in det)
+    assert "resuming pretrain/loco/seed0" in out
+
+
+def test_supervised_weights_missing(fake_repo, capsys):
+    grid = dict(GRID, detection=dict(GRID["detection"], supervised_weights=None))
+    path = fake_repo["repo"] / "nosup.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    tool = _load_tool()
+    out = fake_repo["out"]
+    assert tool.main([str(path), "--out", str(out), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "note: no supervised-ImageNet weights given in the grid" in text
+    md = (out / "report.md").read_text()
+    line = next(l for l in md.splitlines() if l.startswith("| supervised |"))
+    assert "missing" in line
+
+
+def test_slurm_submission(fake_repo, capsys, monkeypatch):
+    import submitit
+
+    submitted = []
+
+    class FakeExecutor:
+        def __init__(self, folder):
+            self.params = {}
+
+        def update_parameters(self, **params):
+            self.params.update(params)
+
+        def submit(self, fn):
+            pickle.loads(pickle.dumps(fn))   # submitit pickles the callable
+            submitted.append((fn.job.id, self.params))
+            return type("J", (), {"job_id": str(100 + len(submitted))})()
+
+    monkeypatch.setattr(submitit, "SlurmExecutor", FakeExecutor)
+    monkeypatch.setattr(benchmark.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert fake_repo["run"]("--launcher", "slurm") == 0
+    ids = {job_id: str(101 + i) for i, (job_id, _) in enumerate(submitted)}
+    params = dict(submitted)
+    assert len(submitted) == 17
+    assert params["pretrain/loco/seed0"]["dependency"] == f"afterok:{ids['data/synth']}"
+    det = params["det/cpu_synth_coco_R18_FPN_frozen/loco_seed0/seed1"]
+    assert det["dependency"] == f"afterok:{ids['data/synth']}:{ids['weights/loco_seed0.pkl']}"
+    assert det["additional_parameters"] == {"kill-on-invalid-dep": "yes"}
+    assert params["report"]["dependency"].startswith("afterany:")
+    assert "gpus_per_node" not in det and det["nodes"] == 1 and det["time"] == 60
+    assert det["ntasks_per_node"] == 1 and det["cpus_per_task"] == 2
+    assert json.loads((fake_repo["out"] / "slurm_jobs.json").read_text()) == ids
+    capsys.readouterr()
+
+
+def test_slurm_command_fills_in_node_placeholders(tmp_path, monkeypatch):
+    import submitit
+
+    env = type("E", (), {"hostnames": ["node7", "node8"], "global_rank": 1, "job_id": "55"})
+    monkeypatch.setattr(submitit, "JobEnvironment", env)
+    record = tmp_path / "argv.txt"
+    job = benchmark.Job("x", "pretrain", [sys.executable, "-c", "import sys; open(sys.argv[1], "
+                        "'w').write(' '.join(sys.argv[2:]))", str(record),
+                        "$MASTER_ADDR:29500", "$NODE_RANK", "$JOB_ID"], output=str(tmp_path))
+    benchmark.SlurmCommand(job)()
+    assert record.read_text() == "node7:29500 1 55"
+
+
+def test_slurm_without_sbatch_is_one_line_error(fake_repo, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark.shutil, "which", lambda name: None)
+    assert fake_repo["run"]("--launcher", "slurm") == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --launcher slurm needs SLURM (sbatch not found on PATH)"
+
+
+@pytest.mark.parametrize("grid_text, sets, message", [
+    ("name: x\npretrain: [{methods: [a], recipe: '{nope}.yaml'}]\n", [],
+     "error: grid: unknown variable {nope}"),
+    ("name: x\nbogus: 1\n", [], "error: "),
+    ("name: x\n", ["vars.a"], "error: --set vars.a: expected KEY=VALUE"),
+])
+def test_grid_errors_are_one_line(tmp_path, grid_text, sets, message):
+    path = tmp_path / "g.yaml"
+    path.write_text(grid_text)
+    args = [str(path), "--dry-run"] + [a for s in sets for a in ("--set", s)]
+    res = cli(*args)
+    assert res.returncode == 1
+    assert res.stderr.startswith(message) and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_cli_help_and_missing_grid(tmp_path):
+    res = cli("--help")
+    assert res.returncode == 0 and "Examples:" in res.stdout and "--dry-run" in res.stdout
+    res = cli(str(tmp_path / "nope.yaml"), "--dry-run")
+    assert res.returncode == 1 and res.stderr.strip() == f"error: {tmp_path}/nope.yaml: grid " \
+        "file not found"
+
+
+def test_cli_in_a_subprocess(tmp_path):
+    res = subprocess.run([sys.executable, TOOL, str(tmp_path / "nope.yaml")], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert res.returncode == 1
+    assert res.stderr.strip() == f"error: {tmp_path}/nope.yaml: grid file not found"

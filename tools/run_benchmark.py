@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Run a benchmark grid: data -> pretraining -> linear readout -> conversion (--verify) ->
+Mask R-CNN (each method, random init and supervised baselines) -> report.
+
+Each job is a command of this repo's tools, run in dependency order on this machine
+(--launcher local, the default) or submitted to SLURM through submitit (--launcher slurm, with
+the GPUs, CPUs and time the grid requests and afterok dependencies between stages). Jobs whose
+results exist are skipped and say so; interrupted pretraining and detection runs resume from
+their last checkpoint. A failed job is reported, independent jobs go on, its dependants are
+skipped, and the exit status is non-zero. The report (report.md, report.csv, plots/) is written
+to the output folder at the end in any case.
+
+Examples:
+  # the CPU demo (what `make demo` runs); again: reuses finished steps
+  python tools/run_benchmark.py det_configs/grids/demo.yaml --out runs/demo
+  # the same code path, small: fewer images and iterations (the test suite's version)
+  python tools/run_benchmark.py det_configs/grids/demo.yaml --profile reduced --out /tmp/demo
+  # print every command of the paper's Tables 2 and 3 without running anything
+  python tools/run_benchmark.py det_configs/grids/paper.yaml --dry-run
+  # submit the paper's grid to SLURM, with local paths and partition
+  python tools/run_benchmark.py det_configs/grids/paper.yaml --launcher slurm \\
+      --set vars.imagenet=/data/imagenet --set slurm.partition=gpu \\
+      --set detection.supervised_weights=weights/resnet50-0676ba61.pth
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", metavar="GRID.yaml", help="grid file, e.g. det_configs/grids/demo.yaml")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print every job's command (and whether it would be skipped or "
+                             "resumed); run nothing, write nothing")
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                        help="run jobs here in sequence, or submit them to SLURM via submitit")
+    parser.add_argument("--out", metavar="DIR",
+                        help="output folder (default: the grid's `out`, else runs/<grid name>)")
+    parser.add_argument("--profile", metavar="NAME",
+                        help="apply the grid's profiles.NAME overrides (e.g. reduced)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a grid entry by dotted path (YAML value), e.g. "
+                             "vars.imagenet=/data/imagenet; repeatable, applied after --profile")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="do not stream the jobs' output (it still goes to OUT/logs/)")
+    args = parser.parse_args(argv)
+
+    from loco_det import benchmark
+    from loco_det.utils import LocoError
+
+    try:
+        grid = benchmark.load_grid(args.grid, args.profile, args.sets)
+        out = args.out or grid.get("out") or os.path.join(
+            "runs", os.path.splitext(os.path.basename(args.grid))[0])
+        jobs, notes, missing = benchmark.expand(grid, out)
+        if args.dry_run:
+            benchmark.dry_run(jobs, notes, missing)
+            return 0
+        benchmark.write_manifest(out, args.grid, args.profile, args.sets, jobs, missing)
+        if args.launcher == "slurm":
+            return benchmark.run_slurm(jobs, notes, out, grid.get("slurm"))
+        return benchmark.run_local(jobs, notes, out, quiet=args.quiet)
+    except LocoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume (finished jobs are skipped)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
