@@ -1,0 +1,561 @@
+"""The pretraining loop: one process or many (torchrun), CPU or CUDA, exact resume.
+
+Written in the style of torchvision's reference scripts: one `train()` that sets things up and
+a plain loop over epochs and batches. What is unusual, and why:
+
+* No DistributedDataParallel wrapper. `model.forward_backward` runs several local losses and
+  their backward passes itself (that is the point of GIM and LoCo), which DDP's forward hooks
+  cannot follow. After it, `average_gradients` all-reduces every parameter gradient in large
+  flat buckets and divides by the world size. Because NT-Xent all-gathers the embeddings with
+  gradient, the averaged gradient is the gradient of the loss over the whole global batch.
+* Everything that decides what a step sees is a function of (seed, epoch, step): the data order
+  (see data.py), the augmentations, the learning rate. Together with the optimizer state and the
+  RNG states in the checkpoint, a resumed run repeats the uninterrupted one bit for bit on CPU.
+* All checks of user input (config, world size, data directory, resume checkpoint) run before
+  anything is written to the output directory, and checkpoints are only ever replaced
+  atomically, so a mistake never damages an existing run.
+"""
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import yaml
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..utils import ConfigError, LocoError, atomic_write, run_info, write_json
+from .data import build_loader
+from .optim import build_optimizer, build_scheduler
+
+CHECKPOINT = "checkpoint_last.pth"
+CHECKPOINT_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------- distributed
+class DistEnv:
+    """rank / world size / device of this process, from torchrun's environment variables."""
+
+    def __init__(self):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owns_group = False
+        self.device = (torch.device("cuda", self.local_rank) if torch.cuda.is_available()
+                       else torch.device("cpu"))
+
+    def init(self):
+        """Join the process group (nccl on CUDA, gloo on CPU) when started by torchrun."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend)
+            self.owns_group = True
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def close(self):
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def broadcast_int(self, value):
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.broadcast(t, 0)
+        return int(t.item())
+
+    def all_gather_object(self, obj):
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def notice(env, message):
+    if env.main:
+        print(f"notice: {message}", file=sys.stderr, flush=True)
+
+
+def average_gradients(params, world_size, bucket_bytes=32 << 20):
+    """All-reduce (sum) and divide by the world size every gradient, in flat buckets.
+
+    One collective per ~32 MB instead of one per tensor (ResNet-50 has ~160 of them), all
+    in flight at once. A parameter without a gradient on this rank gets a zero gradient, so
+    reduces the same buckets: parameters without a gradient (the encoder's unused `fc`) are
+    skipped, which relies on every rank running the same model code, as it does."""
+    grads = [p.grad for p in params if p.grad is not None]
+    buckets, current, size = [], [], 0
+    for g in grads:
+        if current and (size + g.numel() * g.element_size() > bucket_bytes
+                        or g.dtype != current[0].dtype):
+            buckets.append(current)
+            current, size = [], 0
+        current.append(g)
+        size += g.numel() * g.element_size()
+    if current:
+        buckets.append(current)
+    pending = []
+    for bucket in buckets:
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        pending.append((dist.all_reduce(flat, async_op=True), flat, bucket))
+    for work, flat, bucket in pending:
+        work.wait()
+        flat.div_(world_size)
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset:offset + g.numel()].view(g.shape))
+            offset += g.numel()
+
+
+def broadcast_state(module):
+    """Make every rank start from rank 0's parameters and buffers."""
+    for t in module.state_dict().values():
+        dist.broadcast(t, 0)
+
+
+def average_buffers(module, world_size):
+    """Average BN running statistics over ranks (they differ without SyncBN), so the saved
+    encoder's statistics describe all the data, not rank 0's shard."""
+    for name, buf in module.named_buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(world_size)
+
+
+def params_sha256(named_params):
+    """sha256 over (name, bytes) of parameters, in order: a cheap cross-rank equality check."""
+    h = hashlib.sha256()
+    for name, p in named_params:
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_params_sha256(model):
+    """Hash of the encoder's then the decoders' parameters (prefixes "encoder.", "decoders.")."""
+    return params_sha256([("encoder." + n, p) for n, p in model.encoder.named_parameters()]
+                         + [("decoders." + n, p) for n, p in model.decoders.named_parameters()])
+
+
+# ----------------------------------------------------------------------------- RNG state
+def rng_state(device):
+    """This process's RNG states as plain lists and tensors (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    state = {"python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+             "python_gauss": random.getstate()[2],
+             "numpy": {"keys": np_state[1].tolist(), "pos": int(np_state[2]),
+                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).cpu()
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", np.array(n["keys"], dtype=np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def load_checkpoint(path):
+    """The checkpoint dict, or LocoError naming `path` if it cannot be read."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise LocoError(f"{path}: cannot read checkpoint ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(ckpt, dict) or "encoder" not in ckpt or "method" not in ckpt:
+        raise LocoError(f"{path}: not a loco_det pretraining checkpoint")
+    return ckpt
+
+
+def describe_checkpoint(ckpt):
+    return (f"MODEL.METHOD={ckpt.get('method')}, MODEL.ARCH={ckpt.get('arch')}, "
+            f"epoch {ckpt.get('epoch')}, step {ckpt.get('step')}")
+
+
+def check_resume_compatible(path, ckpt, cfg, steps_per_epoch):
+    """One clear line when the checkpoint cannot continue under this config."""
+    if ckpt["arch"] != cfg.MODEL.ARCH or ckpt["method"] != cfg.MODEL.METHOD:
+        raise LocoError(
+            f"{path}: checkpoint is MODEL.METHOD={ckpt['method']} MODEL.ARCH={ckpt['arch']}, "
+            f"the config asks for MODEL.METHOD={cfg.MODEL.METHOD} MODEL.ARCH={cfg.MODEL.ARCH}; "
+            f"use the run's own config or another --output-dir")
+    epochs = ckpt_cfg_value(ckpt, "OPTIM")["EPOCHS"]
+    if epochs != cfg.OPTIM.EPOCHS:
+        raise LocoError(f"{path}: checkpoint's run has OPTIM.EPOCHS={epochs}, the config asks "
+                        f"for {cfg.OPTIM.EPOCHS}; the cosine schedule cannot change mid-run")
+    if ckpt["steps_per_epoch"] != steps_per_epoch:
+        raise LocoError(
+            f"{path}: checkpoint has {ckpt['steps_per_epoch']} steps per epoch, this config "
+            f"gives {steps_per_epoch} (OPTIM.BATCH_SIZE={cfg.OPTIM.BATCH_SIZE}, DATA.ROOT, "
+            f"DATA.MAX_IMAGES must match the run being resumed)")
+
+
+def encoder_state(model):
+    """Torchvision-named, contiguous CPU tensors (loads strict=True into resnetXX())."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
+
+
+def save_checkpoint(path, model, optimizer, scheduler, cfg, env, epoch, step, steps_per_epoch,
+                    bad_indices, wall_time_s):
+    """Gather every rank's RNG state, then rank 0 writes the checkpoint atomically."""
+    if env.distributed:
+        average_buffers(model, env.world_size)
+    rng = env.all_gather_object(rng_state(env.device))
+    if not env.main:
+        return
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "encoder": encoder_state(model),
+        "decoders": {k: v.detach().cpu() for k, v in model.decoders.state_dict().items()},
+        "config": cfg.dump(),
+        "method": cfg.MODEL.METHOD,
+        "arch": cfg.MODEL.ARCH,
+        "epoch": epoch,                      # completed epochs
+        "step": step,                        # completed optimizer steps
+        "steps_per_epoch": steps_per_epoch,
+        "world_size": env.world_size,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng,                          # one entry per rank
+        "bad_images": sorted(bad_indices),
+        "wall_time_s": wall_time_s,
+    }
+    with atomic_write(path) as f:
+        torch.save(ckpt, f)
+
+
+# ----------------------------------------------------------------------------- logging
+class MetricLogger:
+    """Rank 0's metrics.jsonl and TensorBoard writer (the latter imported lazily: slow)."""
+
+    def __init__(self, output_dir, env, start_step, resume):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.tb = None
+        if not env.main:
+            return
+        records = []
+        if resume and os.path.exists(self.path):
+            # Drop what a killed run logged after its last checkpoint: those steps run again.
+            with open(self.path) as f:
+                records = [line for line in f if line.strip()
+                           and json.loads(line).get("step", 0) <= start_step]
+        with atomic_write(self.path, "w") as f:
+            f.writelines(records)
+        from torch.utils.tensorboard import SummaryWriter
+        self.tb = SummaryWriter(os.path.join(output_dir, "tb"),
+                                purge_step=start_step + 1 if resume else None)
+
+    def log(self, record):
+        if self.tb is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key not in ("step", "epoch"):
+                self.tb.add_scalar(key, value, record["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------- setup
+def resolve_seed(cfg, env, ckpt):
+    """The run's seed: the checkpoint's when resuming, else SEED, else drawn on rank 0."""
+    if ckpt is not None:
+        seed = int(ckpt_cfg_value(ckpt, "SEED"))
+        if cfg.SEED not in (-1, seed):
+            notice(env, f"SEED={cfg.SEED} ignored: resuming continues the checkpoint's "
+                        f"SEED={seed}")
+        return seed
+    if cfg.SEED >= 0:
+        return int(cfg.SEED)
+    return env.broadcast_int(int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
+
+
+def ckpt_cfg_value(ckpt, key):
+    return yaml.safe_load(ckpt["config"])[key]
+
+
+def with_seed(cfg, seed):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.SEED = seed
+    cfg.freeze()
+    return cfg
+
+
+def setup_model(cfg, env):
+    from .model import build_model
+
+    d = cfg.MODEL.DECODER
+    model = build_model(cfg.MODEL.METHOD, cfg.MODEL.ARCH, conv_blocks=d.CONV_BLOCKS,
+                        mlp_layers=d.MLP_LAYERS, proj_dim=d.PROJ_DIM, hidden_dim=d.HIDDEN_DIM,
+                        temperature=cfg.LOSS.TEMPERATURE, loco_schedule=cfg.MODEL.LOCO_SCHEDULE)
+    if cfg.MODEL.SYNC_BN:
+        if not env.distributed:
+            notice(env, "MODEL.SYNC_BN has no effect on a single process")
+        elif env.device.type != "cuda":
+            notice(env, "MODEL.SYNC_BN ignored on CPU (torch's SyncBatchNorm needs CUDA); "
+                        "BN statistics are per process")
+        else:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(env.device)
+    if env.device.type == "cuda":
+        if cfg.RUN.CHANNELS_LAST:
+            model.to(memory_format=torch.channels_last)
+        if cfg.RUN.AMP:
+            model.autocast_dtype = torch.bfloat16
+    elif cfg.RUN.AMP or cfg.RUN.CHANNELS_LAST:
+        notice(env, "RUN.AMP / RUN.CHANNELS_LAST apply on CUDA only; training in float32 on CPU")
+    return model
+
+
+def record_resume(output_dir, env, step):
+    """Keep the original run_info.json; append this invocation to its "resumes" list."""
+    path = os.path.join(output_dir, "run_info.json")
+    info = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            info = json.load(f)
+    entry = run_info(env.world_size, from_step=step, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    entry.pop("versions")
+    info.setdefault("resumes", []).append(entry)
+    return path, info
+
+
+# ----------------------------------------------------------------------------- train
+def train(cfg, output_dir, resume=False, stop_after_steps=None, config_file=None):
+    """Pretrain `cfg.MODEL.ARCH` with `cfg.MODEL.METHOD`; write everything to `output_dir`.
+
+    resume: continue from output_dir/checkpoint_last.pth (a fresh start if there is none).
+    stop_after_steps: return after this many optimizer steps of this call, exactly as if the
+      process were killed there (nothing extra is written); for tests and time-limited jobs.
+    Returns the summary dict on rank 0 when the run has finished, else None.
+    """
+    env = DistEnv()
+    if cfg.OPTIM.BATCH_SIZE % env.world_size:  # before joining: fails fast on every rank
+        raise ConfigError(f"OPTIM.BATCH_SIZE={cfg.OPTIM.BATCH_SIZE} does not divide by the "
+                          f"world size {env.world_size}: batch sizes are global, choose a "
+                          f"multiple of {env.world_size}")
+    env.init()
+    try:
+        return _train(cfg, output_dir, resume, stop_after_steps, config_file, env)
+    finally:
+        env.close()
+
+
+def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
+    t_start = time.time()
+    # ---- validate everything before touching output_dir
+    ckpt_path = os.path.join(output_dir, CHECKPOINT)
+    ckpt = None
+    if os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        if not resume:
+            raise LocoError(f"{ckpt_path} already exists ({describe_checkpoint(ckpt)}); pass "
+                            f"--resume to continue that run, or choose another --output-dir")
+    elif resume:
+        notice(env, f"--resume: no {ckpt_path} yet, starting from scratch")
+    seed = resolve_seed(cfg, env, ckpt)
+    cfg = with_seed(cfg, seed)
+    dataset, sampler, loader = build_loader(cfg, env.rank, env.world_size, seed)
+    steps_per_epoch = sampler.batches_per_epoch
+    if ckpt is not None:
+        check_resume_compatible(ckpt_path, ckpt, cfg, steps_per_epoch)
+
+    seed_everything(seed)  # same on every rank: identical initial weights
+    model = setup_model(cfg, env)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
+    epochs = cfg.OPTIM.EPOCHS
+    total_steps = epochs * steps_per_epoch
+
+    start_step, bad, wall_before = 0, set(), 0.0
+    if ckpt is not None:
+        model.encoder.load_state_dict(ckpt["encoder"])
+        model.decoders.load_state_dict(ckpt["decoders"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_step = ckpt["step"]
+        bad = set(ckpt.get("bad_images", []))
+        wall_before = ckpt.get("wall_time_s", 0.0)
+        rng = ckpt["rng"]
+        set_rng_state(rng[env.rank] if len(rng) == env.world_size else rng[0], env.device)
+        del ckpt
+    elif env.distributed:
+        broadcast_state(model)
+
+    # ---- from here on, output_dir is written
+    if env.main:
+        os.makedirs(output_dir, exist_ok=True)
+        with atomic_write(os.path.join(output_dir, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+        if resume and start_step > 0:
+            path, info = record_resume(output_dir, env, start_step)
+            write_json(path, info)
+        else:
+            write_json(os.path.join(output_dir, "run_info.json"), run_info(
+                env.world_size, kind="pretrain", method=cfg.MODEL.METHOD, arch=cfg.MODEL.ARCH,
+                global_batch=cfg.OPTIM.BATCH_SIZE, epochs=epochs, config_file=config_file,
+                seed=seed, device=str(env.device), dataset_images=len(dataset),
+                steps_per_epoch=steps_per_epoch))
+    logger = MetricLogger(output_dir, env, start_step, resume)
+    if env.main:
+        print(f"{cfg.MODEL.METHOD} {cfg.MODEL.ARCH}: {len(dataset)} images, global batch "
+              f"{cfg.OPTIM.BATCH_SIZE} on {env.world_size} process(es) ({env.device}), "
+              f"{steps_per_epoch} steps/epoch, {epochs} epochs, seed {seed}"
+              + (f", resuming at step {start_step}" if start_step else ""), flush=True)
+
+    try:
+        return _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sampler,
+                     loader, logger, start_step, steps_per_epoch, total_steps, bad, wall_before,
+                     t_start, stop_after_steps)
+    finally:
+        logger.close()
+
+
+def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sampler, loader,
+          logger, start_step, steps_per_epoch, total_steps, bad, wall_before, t_start,
+          stop_after_steps):
+    epochs = cfg.OPTIM.EPOCHS
+    ckpt_path = os.path.join(output_dir, CHECKPOINT)
+    units = list(model.unit_names)
+    max_bad = cfg.DATA.MAX_BAD_FRACTION * len(dataset)
+    warned = [bool(bad)]
+    memory_format = (torch.channels_last if env.device.type == "cuda" and cfg.RUN.CHANNELS_LAST
+                     else torch.contiguous_format)
+    step = start_step
+    last = None
+    window = {"loss": torch.zeros(len(units) + 1, dtype=torch.float64), "t": time.time()}
+
+    def note_bad(indices):
+        for i in indices:
+            if i >= 0 and i not in bad:
+                bad.add(i)
+                if not warned[0] and env.main:
+                    warned[0] = True
+                    tqdm.write(f"warning: skipping unreadable image {dataset.path(i)} (further "
+                               f"unreadable images are counted, not listed)", file=sys.stderr)
+        if len(bad) > max_bad:
+            first = dataset.path(min(bad))
+            raise LocoError(f"{cfg.DATA.ROOT}: {len(bad)} of {len(dataset)} images are "
+                            f"unreadable, more than DATA.MAX_BAD_FRACTION="
+                            f"{cfg.DATA.MAX_BAD_FRACTION} (first: {first})")
+
+    def checkpoint(done_epochs):
+        save_checkpoint(ckpt_path, model, optimizer, scheduler, cfg, env, done_epochs, step,
+                        steps_per_epoch, bad, wall_before + time.time() - t_start)
+
+    def log(lr):
+        stats = window["loss"].clone()
+        if env.distributed:
+            stats = stats.to(env.device)
+            dist.all_reduce(stats)
+            stats = stats.cpu()
+        count = max(1.0, stats[-1].item())
+        elapsed = max(1e-9, time.time() - window["t"])
+        record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
+                  "images_per_s": count / env.world_size * cfg.OPTIM.BATCH_SIZE / elapsed}
+        record.update({f"loss/{u}": stats[k].item() / count for k, u in enumerate(units)})
+        window["loss"].zero_()
+        window["t"] = time.time()
+        logger.log(record)
+        return record
+
+    def train_step(view1, view2):
+        """One optimizer step on a batch of view pairs; returns (lr used, unit losses)."""
+        view1 = view1.to(env.device, non_blocking=True).contiguous(memory_format=memory_format)
+        view2 = view2.to(env.device, non_blocking=True).contiguous(memory_format=memory_format)
+        optimizer.zero_grad(set_to_none=True)
+        losses = model.forward_backward(view1, view2)
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise LocoError(f"non-finite loss at step {step + 1} ({losses}); lower "
+                            f"OPTIM.BASE_LR or check the data")
+        if env.distributed:
+            average_gradients(params, env.world_size)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        window["loss"][:-1] += torch.tensor([losses[u] for u in units], dtype=torch.float64)
+        window["loss"][-1] += 1
+        return lr, losses
+
+    summary_path = os.path.join(output_dir, "summary.json")
+    if step >= total_steps and os.path.exists(summary_path):
+        notice(env, f"{output_dir}: the run has already finished ({step} steps)")
+        with open(summary_path) as f:
+            return json.load(f) if env.main else None
+
+    for epoch in range(start_step // steps_per_epoch, epochs):
+        first_batch = step - epoch * steps_per_epoch
+        sampler.set_epoch(epoch, first_batch)
+        model.train()
+        bar = tqdm(total=steps_per_epoch, initial=first_batch, desc=f"epoch {epoch + 1}/{epochs}",
+                   disable=not env.main, dynamic_ncols=True,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        try:  # the bar is closed before an error propagates: its line starts clean
+            for batch_idx, (view1, view2, _, bad_idx) in enumerate(loader, start=first_batch):
+                note_bad(bad_idx.tolist())
+                lr, losses = train_step(view1, view2)
+                step += 1
+                bar.update(1)
+                end_of_epoch = batch_idx + 1 == steps_per_epoch
+                if step % cfg.RUN.LOG_PERIOD == 0 or end_of_epoch:
+                    last = log(lr)
+                    bar.set_postfix({**{u: f"{last['loss/' + u]:.3f}" for u in units},
+                                     "lr": f"{lr:.3g}", "img/s": f"{last['images_per_s']:.0f}"},
+                                    refresh=False)
+                if end_of_epoch:
+                    if env.distributed:  # other ranks' unreadable files, before the checkpoint
+                        note_bad(set().union(*env.all_gather_object(sorted(bad))))
+                    checkpoint(epoch + 1)
+                elif cfg.RUN.CHECKPOINT_PERIOD and step % cfg.RUN.CHECKPOINT_PERIOD == 0:
+                    checkpoint(epoch)
+                if stop_after_steps is not None and step - start_step >= stop_after_steps:
+                    return None
+        finally:
+            bar.close()
+
+    # Ranks must end with identical weights; record each rank's hash so that it can be checked.
+    hashes = env.all_gather_object(model_params_sha256(model))
+    if len(set(hashes)) > 1:
+        notice(env, f"ranks ended with different weights: {hashes}")
+    summary = {"finished": True, "epochs": epochs, "steps": step, "param_sha256": hashes,
+               "final_losses": ({u: last[f"loss/{u}"] for u in units} if last else None),
+               "bad_images": len(bad), "world_size": env.world_size,
+               "wall_time_s": wall_before + time.time() - t_start}
+    if env.main:
+        write_json(summary_path, summary)
+        print(f"finished: {step} steps, final losses "
+              + ", ".join(f"{u} {v:.4f}" for u, v in (summary["final_losses"] or {}).items()),
+              flush=True)
+    return summary if env.main else None

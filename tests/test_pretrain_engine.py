@@ -1,0 +1,215 @@
+"""Pretraining engine: exact resume, 2-process gloo run through torchrun, and bad input that
+gives one clear line and leaves the output directory untouched."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from loco_det.pretrain.config import load_config
+from loco_det.pretrain.engine import model_params_sha256, train
+from loco_det.pretrain.model import build_model
+
+from test_pretrain_data import make_folder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import pretrain as pretrain_tool  # noqa: E402  (tools/pretrain.py)
+
+# Tiny: ResNet-18, 32 px, 16 images, global batch 8 -> 2 steps per epoch.
+TINY = ["SEED=123", "MODEL.ARCH=resnet18", "DATA.IMAGE_SIZE=32", "OPTIM.BATCH_SIZE=8",
+        "OPTIM.EPOCHS=2", "OPTIM.WARMUP_EPOCHS=1", "DATA.NUM_WORKERS=0", "RUN.LOG_PERIOD=1"]
+
+
+@pytest.fixture(scope="module")
+def data16(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("pretrain_data") / "train", n_per_class=8)
+
+
+def tiny_cfg(root, *extra, method="loco"):
+    return load_config(None, [f"DATA.ROOT={root}", f"MODEL.METHOD={method}", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def straight_run(data16, tmp_path_factory):
+    """Two epochs without interruption (the reference for the resume tests)."""
+    out = tmp_path_factory.mktemp("straight")
+    summary = train(tiny_cfg(data16), str(out))
+    return out, summary
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a, b):
+    for part in ("encoder", "decoders"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+
+
+def snapshot(directory):
+    """name -> (mtime_ns, sha256) of every file below `directory`."""
+    out = {}
+    for dirpath, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[path] = (os.stat(path).st_mtime_ns, hashlib.sha256(f.read()).hexdigest())
+    return out
+
+
+def test_run_outputs_match_formats(straight_run):
+    out, summary = straight_run
+    assert summary["finished"] and summary["steps"] == 4 and summary["epochs"] == 2
+    assert set(summary["final_losses"]) == {"unit1", "unit2", "unit3"}
+    ckpt = load(out / "checkpoint_last.pth")
+    assert (ckpt["method"], ckpt["arch"], ckpt["epoch"], ckpt["step"]) == ("loco", "resnet18", 2, 4)
+    torchvision.models.resnet18().load_state_dict(ckpt["encoder"], strict=True)
+    assert load_config_string(ckpt["config"]).SEED == 123
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["kind"] == "pretrain" and info["world_size"] == 1 and info["global_batch"] == 8
+    for key in ("git_commit", "argv", "versions", "method", "arch", "epochs", "config_file"):
+        assert key in info
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert {"lr", "images_per_s", "loss/unit1", "loss/unit3", "epoch"} <= set(records[0])
+    assert (out / "config.yaml").exists() and os.listdir(out / "tb")
+
+
+def load_config_string(text):
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
+    try:
+        return load_config(f.name)
+    finally:
+        os.unlink(f.name)
+
+
+def test_drawn_seed_is_recorded(data16, tmp_path):
+    train(tiny_cfg(data16, "SEED=-1", "OPTIM.EPOCHS=1", method="e2e"), str(tmp_path),
+          stop_after_steps=1)
+    seed = load_config(str(tmp_path / "config.yaml")).SEED
+    assert seed >= 0
+
+
+@pytest.mark.parametrize("period,stop,resumed_from", [(0, 3, 2), (1, 3, 3)])
+def test_resume_is_bit_identical(straight_run, data16, tmp_path, period, stop, resumed_from):
+    """Kill after step 3: with epoch checkpoints only, the resume redoes step 3 from the
+    epoch-1 checkpoint; with a checkpoint every step it continues mid-epoch. Worker count may
+    differ between the two invocations."""
+    cfg = tiny_cfg(data16, f"RUN.CHECKPOINT_PERIOD={period}")
+    assert train(cfg, str(tmp_path), stop_after_steps=stop) is None
+    assert load(tmp_path / "checkpoint_last.pth")["step"] == resumed_from
+    assert not (tmp_path / "summary.json").exists()
+    workers = "DATA.NUM_WORKERS=1" if period else "DATA.NUM_WORKERS=0"
+    summary = train(tiny_cfg(data16, f"RUN.CHECKPOINT_PERIOD={period}", workers), str(tmp_path),
+                    resume=True)
+    assert summary["steps"] == 4
+    assert_same_weights(load(straight_run[0] / "checkpoint_last.pth"),
+                        load(tmp_path / "checkpoint_last.pth"))
+    steps = [json.loads(line)["step"] for line in
+             (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # records of the killed steps were replaced, not duplicated
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["resumes"][0]["from_step"] == resumed_from
+
+
+def run_cli(args, capsys):
+    rc = pretrain_tool.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    return rc, [line for line in err.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("case", ["missing_data", "empty_data", "unknown_key", "unknown_method",
+                                  "unknown_arch", "wrong_arch_resume", "wrong_method_resume",
+                                  "fresh_over_existing"])
+def test_bad_input_one_line_and_output_untouched(case, straight_run, data16, tmp_path, capsys):
+    out = straight_run[0]
+    empty = tmp_path / "empty"
+    (empty / "cls").mkdir(parents=True)
+    base = ["--output-dir", out, "--resume", *TINY, f"DATA.ROOT={data16}"]
+    args, expect = {
+        "missing_data": (base + [f"DATA.ROOT={tmp_path / 'nope'}"],
+                         [str(tmp_path / "nope"), "not found"]),
+        "empty_data": (base + [f"DATA.ROOT={empty}"], [str(empty), "no images"]),
+        "unknown_key": (base + ["OPTIM.NOT_A_KEY=1"], ["OPTIM.NOT_A_KEY"]),
+        "unknown_method": (base + ["MODEL.METHOD=byol"], ["MODEL.METHOD", "byol"]),
+        "unknown_arch": (base + ["MODEL.ARCH=vgg16"], ["MODEL.ARCH", "vgg16"]),
+        "wrong_arch_resume": (base + ["MODEL.ARCH=resnet34"],
+                              [str(out / "checkpoint_last.pth"), "resnet18", "resnet34"]),
+        "wrong_method_resume": (base + ["MODEL.METHOD=gim"],
+                                [str(out / "checkpoint_last.pth"), "loco", "gim"]),
+        "fresh_over_existing": ([a for a in base if a != "--resume"],
+                                [str(out / "checkpoint_last.pth"), "--resume"]),
+    }[case]
+    before = snapshot(out)
+    rc, errors = run_cli(args, capsys)
+    assert rc == 1 and len(errors) == 1, errors
+    for text in expect:
+        assert text in errors[0]
+    assert snapshot(out) == before
+    # a fresh directory is not even created
+    fresh = tmp_path / "fresh"
+    if not case.endswith(("_resume", "_existing")):
+        rc, _ = run_cli([a if a != out else fresh for a in args], capsys)
+        assert rc == 1 and not fresh.exists()
+
+
+def test_batch_must_divide_by_world_size(data16, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    rc, errors = run_cli(["--output-dir", tmp_path / "o", *TINY, f"DATA.ROOT={data16}",
+                          "OPTIM.BATCH_SIZE=7"], capsys)
+    assert rc == 1 and len(errors) == 1
+    assert "OPTIM.BATCH_SIZE=7" in errors[0] and "world size 2" in errors[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_images_skipped_counted_warned_once(tmp_path, capsys):
+    root = make_folder(tmp_path / "d", n_per_class=8, bad=("a/003.png",))
+    summary = train(tiny_cfg(root, "DATA.MAX_BAD_FRACTION=0.1", method="e2e"),
+                    str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert summary["finished"] and summary["bad_images"] == 1
+    assert err.count("warning: skipping unreadable image") == 1
+    assert str(root / "a" / "003.png") in err
+
+
+def test_too_many_unreadable_images_fail(tmp_path, capsys):
+    root = make_folder(tmp_path / "d", n_per_class=8, bad=("a/001.png", "a/004.png", "b/002.png"))
+    rc, errors = run_cli(["--output-dir", tmp_path / "o", *TINY, f"DATA.ROOT={root}",
+                          "MODEL.METHOD=e2e", "DATA.MAX_BAD_FRACTION=0.1"], capsys)
+    assert rc == 1 and len(errors) == 1
+    assert str(root) in errors[0] and "DATA.MAX_BAD_FRACTION=0.1" in errors[0]
+    assert not (tmp_path / "o" / "checkpoint_last.pth").exists()
+
+
+def test_torchrun_two_processes_end_with_identical_weights(data16, tmp_path):
+    """2 gloo processes through tools/pretrain.py; every rank hashes its final parameters into
+    summary.json; they must agree with each other and with rank 0's checkpoint. (Each rank
+    sees different images, so without gradient averaging the hashes would differ.)"""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+           os.path.join(REPO, "tools", "pretrain.py"), "--output-dir", str(out),
+           *TINY, "OPTIM.EPOCHS=1", f"DATA.ROOT={data16}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    h0, h1 = summary["param_sha256"]
+    assert h0 == h1
+    ckpt = load(out / "checkpoint_last.pth")
+    model = build_model("loco", "resnet18")
+    model.encoder.load_state_dict(ckpt["encoder"])
+    model.decoders.load_state_dict(ckpt["decoders"])
+    assert model_params_sha256(model) == h0
+    assert json.loads((out / "run_info.json").read_text())["world_size"] == 2

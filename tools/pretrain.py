@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Self-supervised pretraining (SimCLR end-to-end, GIM or LoCo) of a torchvision ResNet.
+
+Thin command line over `loco_det.pretrain.train`; see docs/formats.md, "Pretraining run".
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+EXAMPLES = """\
+examples:
+  # CPU-scale LoCo on the embedded data (python tools/make_synthetic_data.py first)
+  python tools/pretrain.py --config pretrain/cpu_loco.yaml --output-dir runs/cpu_loco
+
+  # override any key; batch sizes are global (over all processes)
+  python tools/pretrain.py --config pretrain/cpu_e2e.yaml OPTIM.EPOCHS=5 SEED=0 \\
+      --output-dir runs/cpu_e2e
+
+  # continue a killed or preempted run exactly where its last checkpoint left off
+  python tools/pretrain.py --config pretrain/cpu_loco.yaml --output-dir runs/cpu_loco --resume
+
+  # ImageNet, 8 GPUs on one node (nccl); on CPU the same command uses gloo
+  torchrun --nproc_per_node 8 tools/pretrain.py --config pretrain/loco_r50_100ep.yaml \\
+      DATA.ROOT=/data/imagenet/train --output-dir runs/loco_r50_100ep
+
+  # several nodes
+  torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+      tools/pretrain.py --config pretrain/loco_r50_800ep.yaml --output-dir runs/loco_r50_800ep
+
+then read out the frozen features:
+  python tools/linear_readout.py --checkpoint runs/cpu_loco/checkpoint_last.pth \\
+      --output-dir runs/cpu_loco/readout
+"""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Pretrain a torchvision ResNet with SimCLR (e2e), GIM or LoCo. Writes "
+                    "config.yaml, run_info.json, metrics.jsonl, TensorBoard logs, "
+                    "checkpoint_last.pth and summary.json to --output-dir.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="YAML",
+                        help="recipe, e.g. pretrain/cpu_loco.yaml (default: built-in defaults)")
+    parser.add_argument("--output-dir", required=True, metavar="DIR",
+                        help="run directory (refuses one holding another run's checkpoint "
+                             "unless --resume)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from DIR/checkpoint_last.pth (from scratch if absent)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. OPTIM.EPOCHS=10 DATA.ROOT=/data/train")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from loco_det.pretrain.config import load_config
+    from loco_det.pretrain.engine import train
+    from loco_det.utils import LocoError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        train(cfg, args.output_dir, resume=args.resume, config_file=args.config)
+    except LocoError as e:
+        # Every rank hits the same check; one line from rank 0 is enough.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
