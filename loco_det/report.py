@@ -70,8 +70,8 @@ PAPER_TABLES = [
 # Protocol fields shown in every measured row, per kind (display names).
 PROTOCOL_FIELDS = {
     "pretrain": ("recipe", "arch", "epochs", "world_size", "global_batch"),
-    "readout": ("pretraining", "arch", "readout_epochs", "lr", "batch_size", "image_size",
-                "train_images"),
+    "readout": ("pretraining", "arch", "readout", "readout_epochs", "lr", "batch_size",
+                "image_size", "train_images"),
     "detection": ("benchmark", "config", "train_set", "schedule", "backbone", "world_size",
                   "global_batch"),
 }
@@ -244,7 +244,8 @@ def _read_readout(d):
     method = r.get("method") or "?"
     protocol = {"pretraining": "random init" if method == "random"
                 else _pretraining_of(r.get("checkpoint")),
-                "arch": r.get("arch", "?"), "readout_epochs": p.get("epochs", "?"),
+                "arch": r.get("arch", "?"), "readout": p.get("name", "?"),
+                "readout_epochs": p.get("epochs", "?"),
                 "lr": p.get("lr", "?"), "batch_size": p.get("batch_size", "?"),
                 "image_size": p.get("image_size", "?"), "train_images": p.get("train_images", "?")}
     run = Run("readout", d, "finished", method, protocol)
@@ -256,7 +257,7 @@ def _read_readout(d):
     ckpt_cfg = os.path.join(os.path.dirname(str(r.get("checkpoint") or "")), "config.yaml")
     if r.get("checkpoint") and os.path.isfile(ckpt_cfg):
         seed = _get(_read_yaml(ckpt_cfg), "SEED")
-    run.seed = seed if seed is not None else r.get("seed", "-")
+    run.seed = seed if seed is not None else p.get("seed", "-")   # pretraining seed first
     return run
 
 
@@ -426,9 +427,9 @@ def build_rows(runs):
     out = {kind: [] for kind in PROTOCOL_FIELDS}
     for row in rows.values():
         out[row.kind].append(row)
-    for kind in out:
-        out[kind].sort(key=lambda r: (tuple(str(r.protocol.get(k, "")) for k in
-                                            PROTOCOL_FIELDS[kind]), r.label))
+    for kind in out:   # config first, so a missing run sits beside its config's measured rows
+        out[kind].sort(key=lambda r: (str(r.protocol.get("config", "")), tuple(
+            str(r.protocol.get(k, "")) for k in PROTOCOL_FIELDS[kind]), r.label))
     return out
 
 
@@ -476,7 +477,7 @@ def _protocol_cells(row):
     return [str(row.protocol.get(k, "-")) for k in PROTOCOL_FIELDS[row.kind]]
 
 
-_HEADERS = {"world_size": "world size", "global_batch": "global batch",
+_HEADERS = {"readout": "protocol", "world_size": "world size", "global_batch": "global batch",
             "readout_epochs": "readout epochs", "batch_size": "batch", "image_size": "image px",
             "train_images": "train images", "train_set": "train set"}
 
@@ -693,8 +694,8 @@ def make_plots(rows, out_dir):
                        label=f"{row.label} ({row.protocol.get('pretraining')}, n={len(row.runs)})")
             ax.set_xticks([k + 0.4 - width / 2 for k in range(len(STAGES))], list(STAGES))
             ax.set_ylabel("top-1 %")
-            ax.set_title(f"readout protocol: {proto[0]}, {proto[1]} epochs, lr {proto[2]}, "
-                         f"{proto[4]} px", fontsize=8)
+            ax.set_title(f"{proto[0]}, {proto[1]} readout: {proto[2]} epochs, lr {proto[3]}, "
+                         f"{proto[5]} px", fontsize=8)
             ax.legend(fontsize=6)
         fig.suptitle("Linear readout top-1 per stage and method")
         _save(fig, os.path.join(out_dir, PLOTS["readout"]))
