@@ -21,7 +21,8 @@ Grid format (see det_configs/grids/demo.yaml and paper.yaml for complete, commen
     env: {DETECTRON2_DATASETS: "{out}/datasets"}  # environment of every job
     slurm: {partition: ..., account: ..., additional_parameters: {...}}  # SlurmExecutor's
     data: [{name, command: [...], creates: PATH, seeds: [...]}]
-    pretrain: [{methods: [...], recipe: "cpu_{method}.yaml", label: "{method}", seeds: [0],
+    pretrain: [{methods: [...], recipe: "cpu_{method}.yaml", label: "{method}" (default
+                "{recipe}"), seeds: [0],
                 overrides: [KEY=VALUE, ...], resources: {...}}]
     readout: {args: [...], random_init: {arch: resnet18}, resources: {...}}
     convert: {resources: {...}}
@@ -31,8 +32,11 @@ Grid format (see det_configs/grids/demo.yaml and paper.yaml for complete, commen
 
 Resources: nodes, gpus_per_node (0 = CPU), cpus_per_task, mem_gb, time_min. Runtime
 placeholders in commands ($MASTER_ADDR, $NODE_RANK, $JOB_ID) are filled in on the SLURM node.
+Jobs run in the repository root, so relative paths in a grid are relative to it; {out} is the
+output folder (--out, relative to the current directory) as seen from there.
 """
 import copy
+import json
 import os
 import re
 import shlex
@@ -77,7 +81,6 @@ class Job:
         if not self.done_file or not os.path.exists(self._abs(self.done_file)):
             return False
         if self.done_file.endswith(("summary.json", "results.json")):
-            import json
             try:
                 with open(self._abs(self.done_file)) as f:
                     return json.load(f).get("finished") is True
@@ -194,6 +197,18 @@ class _Templates:
         return names[name]
 
 
+def _check_keys(mapping, allowed, where):
+    """A misspelt key (seed: instead of seeds:) would silently change the grid: refuse it."""
+    if mapping is None:
+        return
+    if not isinstance(mapping, dict):
+        raise LocoError(f"grid: {where} must be a mapping")
+    unknown = sorted(set(mapping) - set(allowed))
+    if unknown:
+        raise LocoError(f"grid: {where}: unknown key(s) {', '.join(unknown)} "
+                        f"(known: {', '.join(allowed)})")
+
+
 def _resources(*specs):
     res = dict(DEFAULT_RESOURCES)
     for spec in specs:
@@ -229,9 +244,7 @@ def expand(grid, out):
     """(jobs in dependency order, notes, missing): every job of the grid, one-line notes, and
     manifest entries for expected runs that cannot be produced (no supervised weights)."""
     out_rel = _rel(out)
-    variables = dict(grid.get("vars") or {})
-    variables.setdefault("out", out_rel)
-    variables["out"] = out_rel
+    variables = dict(grid.get("vars") or {}, out=out_rel)
     tpl = _Templates(variables)
     env = {k: tpl(str(v)) for k, v in (grid.get("env") or {}).items()}
     jobs, notes, missing = [], [], []
@@ -251,6 +264,7 @@ def expand(grid, out):
     # data
     data_ids = []
     for i, spec in enumerate(grid.get("data") or []):
+        _check_keys(spec, ("name", "command", "creates", "seeds", "resources"), f"data[{i}]")
         if "command" not in spec:
             raise LocoError(f"grid: data[{i}] needs a command")
         for seed in spec.get("seeds", [None]):
@@ -266,14 +280,19 @@ def expand(grid, out):
     sources = []   # (source name, label, weights path, convert job id or None)
     readout = grid.get("readout")
     convert_res = _resources((grid.get("convert") or {}).get("resources"))
+    if readout is not None:
+        _check_keys(readout, ("args", "random_init", "resources"), "readout")
+    _check_keys(grid.get("convert"), ("resources",), "convert")
     for i, block in enumerate(grid.get("pretrain") or []):
+        _check_keys(block, ("methods", "recipe", "label", "seeds", "overrides", "resources"),
+                    f"pretrain[{i}]")
         if "recipe" not in block or "methods" not in block:
             raise LocoError(f"grid: pretrain[{i}] needs methods and recipe")
         res = _resources(block.get("resources"))
         for method in block["methods"]:
             recipe = tpl(block["recipe"], method=method)
             recipe_path = recipe if os.path.dirname(recipe) else os.path.join("pretrain", recipe)
-            label = tpl(block.get("label", "{method}/{recipe}"), method=method,
+            label = tpl(block.get("label", "{recipe}"), method=method,
                         recipe=_stem(recipe))
             for seed in block.get("seeds", [0]):
                 local = dict(method=method, recipe=_stem(recipe), label=label, seed=seed)
@@ -317,6 +336,7 @@ def expand(grid, out):
 
     # baselines: random init always; supervised from a path (converted here unless a .pkl)
     det = grid.get("detection") or {}
+    _check_keys(det, ("supervised_weights", "overrides", "resources", "configs"), "detection")
     sources.append(("random", "random", None, None))
     supervised = det.get("supervised_weights")
     supervised_missing = None
@@ -337,6 +357,8 @@ def expand(grid, out):
 
     det_res = det.get("resources")
     for i, spec in enumerate(det.get("configs") or []):
+        _check_keys(spec, ("config", "seeds", "overrides", "resources"),
+                    f"detection.configs[{i}]")
         if "config" not in spec:
             raise LocoError(f"grid: detection.configs[{i}] needs a config")
         config = spec["config"] if os.path.dirname(spec["config"]) else \

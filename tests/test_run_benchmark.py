@@ -137,6 +137,13 @@ def test_demo_grid_and_reduced_profile(tmp_path):
     assert {c[c.index("LOCO_DET.LABEL") + 1] for c in det} == {"e2e", "gim", "loco", "random"}
     assert all(c[c.index("SOLVER.MAX_ITER") + 1] == "2" for c in det)
     assert "SOLVER.MAX_ITER" not in full.stdout
+    # --set reaches into mappings whose keys contain dots (Detectron2 keys)
+    res = cli("det_configs/grids/demo.yaml", "--dry-run", "--out", str(tmp_path / "d"),
+              "--set", "detection.overrides.SOLVER.MAX_ITER=7", "--set", "vars.data=/x")
+    cmds = [shlex.split(l) for l in res.stdout.splitlines() if not l.startswith("#")]
+    det = _with(cmds, "tools/train_net.py")
+    assert len(det) == 8 and all(c[c.index("SOLVER.MAX_ITER") + 1] == "7" for c in det)
+    assert _with(cmds, "tools/make_synthetic_data.py", "/x")
 
 
 # ----------------------------------------------------------------------------- local runs
@@ -385,6 +392,8 @@ def test_slurm_without_sbatch_is_one_line_error(fake_repo, capsys, monkeypatch):
     ("name: x\npretrain: [{methods: [a], recipe: '{nope}.yaml'}]\n", [],
      "error: grid: unknown variable {nope}"),
     ("name: x\nbogus: 1\n", [], "error: "),
+    ("name: x\npretrain: [{methods: [a], recipe: r.yaml, seed: [1]}]\n", [],
+     "error: grid: pretrain[0]: unknown key(s) seed"),
     ("name: x\n", ["vars.a"], "error: --set vars.a: expected KEY=VALUE"),
 ])
 def test_grid_errors_are_one_line(tmp_path, grid_text, sets, message):
