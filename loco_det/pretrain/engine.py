@@ -53,9 +53,12 @@ class DistEnv:
         """Join the process group (nccl on CUDA, gloo on CPU) when started by torchrun."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels
         if self.world_size > 1 and not dist.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend)
+            if self.device.type == "cuda":
+                dist.init_process_group("nccl", device_id=self.device)
+            else:
+                dist.init_process_group("gloo")
             self.owns_group = True
 
     @property
