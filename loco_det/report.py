@@ -30,6 +30,7 @@ import yaml
 
 from .utils import LocoError, atomic_write
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFEST = "benchmark.json"
 STAGES = ("res2", "res3", "res4", "res5")
 DET_METRICS = (("APbb", "bbox", "AP"), ("APmk", "segm", "AP"), ("APbb50", "bbox", "AP50"),
@@ -222,12 +223,23 @@ def _read_curves(path):
     return curves
 
 
+def _run_dir_of(checkpoint):
+    """Folder of a checkpoint named in readout.json: as given, else relative to the repository
+    root (where tools/run_benchmark.py runs the readout), else as given."""
+    d = os.path.dirname(str(checkpoint))
+    if not os.path.isabs(d) and not os.path.isdir(d):
+        in_repo = os.path.join(REPO, d)
+        if os.path.isdir(in_repo):
+            return in_repo
+    return d
+
+
 def _pretraining_of(checkpoint):
     """Recipe name of the pretraining run that wrote `checkpoint` (its run_info.json), else
     the checkpoint path itself, so readouts of different checkpoints never aggregate."""
     if not checkpoint:
         return "random init"
-    info_path = os.path.join(os.path.dirname(str(checkpoint)), "run_info.json")
+    info_path = os.path.join(_run_dir_of(checkpoint), "run_info.json")
     if os.path.isfile(info_path):
         try:
             info = _read_json(info_path)
@@ -254,7 +266,7 @@ def _read_readout(d):
         if isinstance(top1.get(stage), (int, float)):
             run.metrics[f"top1/{stage}"] = float(top1[stage])
     seed = None
-    ckpt_cfg = os.path.join(os.path.dirname(str(r.get("checkpoint") or "")), "config.yaml")
+    ckpt_cfg = os.path.join(_run_dir_of(r.get("checkpoint") or ""), "config.yaml")
     if r.get("checkpoint") and os.path.isfile(ckpt_cfg):
         seed = _get(_read_yaml(ckpt_cfg), "SEED")
     run.seed = seed if seed is not None else p.get("seed", "-")   # pretraining seed first
@@ -670,6 +682,7 @@ def make_plots(rows, out_dir):
             for i, run in enumerate(sorted(row.runs, key=lambda r: str(r.seed))):
                 for j, (unit, (xs, ys)) in enumerate(sorted(run.curves.items())):
                     ax.plot(xs, ys, color=f"C{j}", alpha=1.0 if i == 0 else 0.5, lw=1.2,
+                            marker="o" if len(xs) < 20 else None, ms=3,   # short runs: visible
                             label=unit if i == 0 else None)
             ax.set_title(f"{row.label} ({row.protocol.get('recipe')}, n={len(row.runs)})",
                          fontsize=9)
