@@ -52,6 +52,10 @@ def gather_with_grad(x):
     return _GatherWithGrad.apply(x)
 
 
+def _at_least_float32(z):
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
 def nt_xent(z1, z2, temperature):
     """NT-Xent loss of SimCLR for two batches of embeddings of the same N images.
 
@@ -69,12 +73,19 @@ def nt_xent(z1, z2, temperature):
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(f"nt_xent expects two [N, D] tensors of equal shape, got "
                          f"{tuple(z1.shape)} and {tuple(z2.shape)}")
+    # Never under autocast: the similarity matmul stays in (at least) float32.
+    with torch.autocast(device_type=z1.device.type, enabled=False):
+        return _nt_xent(z1, z2, temperature)
+
+
+def _nt_xent(z1, z2, temperature):
     rank, world = _world()
     n = z1.shape[0]
-    # Similarities in float32 even under autocast: exp(1/0.1) spans a large dynamic range.
-    a = F.normalize(torch.cat([z1, z2], dim=0).float(), dim=1)           # [2N, D] local anchors
-    c1 = gather_with_grad(F.normalize(z1.float(), dim=1))                # [N', D]
-    c2 = gather_with_grad(F.normalize(z2.float(), dim=1))                # [N', D]
+    # At least float32 even under autocast: exp(1/0.1) spans a large dynamic range.
+    z1, z2 = _at_least_float32(z1), _at_least_float32(z2)
+    a = F.normalize(torch.cat([z1, z2], dim=0), dim=1)                   # [2N, D] local anchors
+    c1 = gather_with_grad(F.normalize(z1, dim=1))                        # [N', D]
+    c2 = gather_with_grad(F.normalize(z2, dim=1))                        # [N', D]
     candidates = torch.cat([c1, c2], dim=0)                              # [2N', D]
     logits = a @ candidates.t() / temperature                            # [2N, 2N']
     n_global = n * world
@@ -82,5 +93,5 @@ def nt_xent(z1, z2, temperature):
     self_col = torch.cat([local, local + n_global])                      # anchor's own column
     pos_col = torch.cat([local + n_global, local])                       # its positive's column
     rows = torch.arange(2 * n, device=z1.device)
-    logits = logits.index_put((rows, self_col), torch.tensor(float("-inf"), device=z1.device))
+    logits = logits.index_put((rows, self_col), logits.new_tensor(float("-inf")))
     return F.cross_entropy(logits, pos_col)

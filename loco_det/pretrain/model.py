@@ -16,19 +16,26 @@ the gradients in `.grad` (no optimizer step, no zero_grad). The encoder stays a 
 ResNet (its unused `fc` included) so that `encoder.state_dict()` loads with `strict=True` into
 `torchvision.models.resnetXX()`.
 
-LoCo schedules (how the shared stages' backward is organised; all give identical gradients):
+LoCo schedules (how the shared stages' backward is organised; all give the same gradients, see
+tests/test_pretrain_model.py; measured trade-offs: tools/bench_pretrain.py):
 
-    "fused"     every stage's forward runs once; a shared stage keeps its graph until the upper
-                unit's gradient arrives, then computes its weight gradient once from the sum of
-                both units' output gradients. Only the input-gradient path of the lower unit (to
-                feed the stage below) is computed separately. Least compute, but the shared
-                stage's saved activations stay alive while the stage below runs its backward.
-    "recompute" a shared stage frees its activations right after the lower unit's input-gradient
-                path and recomputes its forward inside the upper unit for the fused weight
-                gradient. Least memory, one extra forward per shared stage.
-    "hybrid"    "recompute" for S2 (whose activations would otherwise sit on top of S1's, the
-                largest, at the memory peak) and "fused" for S3 (the most FLOPs and little
-                memory): the memory of "recompute" for about the time of "fused".
+    "fused"       every stage's forward runs once; a shared stage keeps its graph until the
+                  upper unit's gradient arrives, then computes its weight gradient once from the
+                  sum of both units' output gradients. Only the input-gradient path of the lower
+                  unit (to feed the stage below) is computed separately. Least compute, but S2's
+                  saved activations stay alive while S1 (the largest) runs its backward.
+    "recompute"   a shared stage frees its activations right after the lower unit's
+                  input-gradient path and recomputes its forward inside the upper unit for the
+                  fused weight gradient: one extra forward of S2 and of S3.
+    "hybrid"      "recompute" for S2 (its activations are what sits on top of S1's at the
+                  peak) and "fused" for S3 (the most FLOPs, little memory): the memory of
+                  "recompute", one extra forward of S2 only.
+    "fused_stem"  "fused", plus the stem (conv1/bn1/relu/maxpool: in ResNet-50 10 % of the
+                  saved activations for 3 % of the FLOPs, the most memory per FLOP anywhere)
+                  keeps only its output during the step and is recomputed when S1's backward
+                  reaches it: about the time of "fused" and the peak memory of "hybrid"; each
+                  idea used where it pays most.
+    "hybrid_stem" "hybrid" plus the stem recompute: the least memory.
 
 Recomputed forwards do not update BatchNorm running statistics twice: every stage's statistics
 move exactly once per step, as in a plain forward.
@@ -43,7 +50,7 @@ from .losses import nt_xent
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 METHODS = ("e2e", "gim", "loco")
-LOCO_SCHEDULES = ("fused", "recompute", "hybrid")
+LOCO_SCHEDULES = ("fused", "recompute", "hybrid", "fused_stem", "hybrid_stem")
 NUM_STAGES = 4
 
 # Stages (0-based) of each unit, per method.
@@ -52,11 +59,14 @@ UNITS = {
     "gim": ((0,), (1,), (2,), (3,)),
     "loco": ((0, 1), (1, 2), (2, 3)),
 }
-# Per shared stage (1 = S2, 2 = S3): keep its graph ("fused") or recompute its forward.
+# Per shared stage (1 = S2, 2 = S3): keep its graph ("fused") or recompute its forward; "stem":
+# whether the stem's forward is recomputed in S1's backward instead of keeping its activations.
 _SCHEDULE_POLICY = {
     "fused": {1: "fused", 2: "fused"},
     "recompute": {1: "recompute", 2: "recompute"},
     "hybrid": {1: "recompute", 2: "fused"},
+    "fused_stem": {1: "fused", 2: "fused", "stem": "recompute"},
+    "hybrid_stem": {1: "recompute", 2: "fused", "stem": "recompute"},
 }
 
 
@@ -71,13 +81,16 @@ def build_encoder(arch):
     return getattr(torchvision.models, arch)(weights=None)
 
 
+def run_stem(encoder, x):
+    return encoder.maxpool(encoder.relu(encoder.bn1(encoder.conv1(x))))
+
+
 def run_stage(encoder, stage, x):
     """Forward of stage `stage` (0-based: 0 = stem + layer1, ..., 3 = layer4) of a torchvision
     ResNet. Looks the modules up on every call so that in-place module swaps (SyncBatchNorm
     conversion) are seen."""
     if stage == 0:
-        x = encoder.maxpool(encoder.relu(encoder.bn1(encoder.conv1(x))))
-        return encoder.layer1(x)
+        return encoder.layer1(run_stem(encoder, x))
     return getattr(encoder, f"layer{stage + 1}")(x)
 
 
@@ -271,7 +284,17 @@ class PretrainModel(nn.Module):
         g_lo = [None] * NUM_STAGES   # gradient at a stage's output from the unit below's loss
         losses = []
         inp[0] = x
-        out[0] = self._stage(0, x)
+        stem_leaf = None
+        if policy.get("stem") == "recompute":
+            # The stem holds ~10 % of ResNet-50's saved activations for ~3 % of its FLOPs: keep
+            # only its output now, recompute it when stage 0's backward reaches it.
+            with torch.no_grad(), self._autocast(x):
+                stem_leaf = run_stem(enc, x)
+            stem_leaf.requires_grad_()
+            with self._autocast(x):
+                out[0] = enc.layer1(stem_leaf)
+        else:
+            out[0] = self._stage(0, x)
         for k in range(len(self.units)):
             top = k + 1
             inp[top] = out[top - 1].detach().requires_grad_()
@@ -291,11 +314,31 @@ class PretrainModel(nn.Module):
                     out[top] = out[top].detach()
                     inp[top] = inp[top].detach()
             # Weight gradient of stage k (the unit's lower stage), then forget stage k.
-            self._stage_weight_backward(k, inp[k], out[k], g_hi if g_lo[k] is None
-                                        else g_lo[k] + g_hi, policy)
+            if k == 0 and stem_leaf is not None:
+                self._stage0_backward_recomputing_stem(x, stem_leaf, out[0], g_hi)
+                stem_leaf = None
+            else:
+                self._stage_weight_backward(k, inp[k], out[k], g_hi if g_lo[k] is None
+                                            else g_lo[k] + g_hi, policy)
             inp[k] = out[k] = g_lo[k] = None
             del g_hi, loss
         return losses
+
+    def _stage0_backward_recomputing_stem(self, x, stem_leaf, stage_out, grad):
+        enc = self.encoder
+        layer1 = [p for p in enc.layer1.parameters() if p.requires_grad]
+        torch.autograd.backward(stage_out, grad, inputs=layer1 + [stem_leaf])
+        stem_grad = stem_leaf.grad
+        del stage_out, grad
+        stem = nn.ModuleList([enc.conv1, enc.bn1])
+        with frozen_bn_stats(stem):
+            out = self._autocast_call(run_stem, x)
+            torch.autograd.backward(out, stem_grad,
+                                    inputs=[p for p in stem.parameters() if p.requires_grad])
+
+    def _autocast_call(self, fn, x):
+        with self._autocast(x):
+            return fn(self.encoder, x)
 
     def _stage_weight_backward(self, stage, stage_in, stage_out, grad, policy):
         params = stage_parameters(self.encoder, stage)

@@ -1,0 +1,438 @@
+"""What e2e, GIM and LoCo cost on one machine: step time, peak memory and fvcore accounting.
+
+Timing runs every variant in one process, interleaved round by round (e2e, gim, loco..., bare,
+e2e, ...) after warm-up rounds, and reports the median: machine drift (other jobs, thermal state)
+hits all variants alike. Peak memory is measured per variant in its own spawned process, because
+a process's peak RSS only grows: on CPU, peak RSS (VmHWM) of a process that builds the model and
+inputs and runs one step, minus that of a baseline process that builds the same and runs no
+step; on CUDA, `torch.cuda.max_memory_allocated` over the step minus what was allocated before.
+
+"bare" is a plain torchvision forward + backward of the same 2N views (sum of the logits as the
+loss): the floor that e2e's decoder and loss are measured against.
+"""
+import contextlib
+import multiprocessing
+import statistics
+import time
+
+import torch
+
+from .model import ARCHS, LOCO_SCHEDULES, NUM_STAGES, build_encoder, build_model, run_stage, \
+    stage_channels
+
+# REFERENCE.md section 2: the LoCo paper's per-stage shares for ResNet-50 (percent).
+PAPER_ACTIVATION_SHARE = (43.64, 29.09, 21.82, 5.45)
+PAPER_FLOP_SHARE = (19.39, 25.09, 35.80, 19.73)
+STAGE_LABELS = ("S1 stem+res2", "S2 res3", "S3 res4", "S4 res5")
+# Issue 2's targets (ResNet-50, 224 px, 16 images), as (row, column, ratio limit).
+TARGETS = (("loco", "time", 1.25), ("loco", "memory", 0.85), ("gim", "memory", 0.70),
+           ("e2e/bare", "time", 1.10))
+
+
+def variants(loco_schedules):
+    """Names of the rows to measure: e2e, gim, one loco row per schedule, bare."""
+    loco = [f"loco:{s}" for s in loco_schedules]
+    return ["e2e", "gim", *loco, "bare"]
+
+
+def make_inputs(batch, image_size, seed, device="cpu"):
+    """Two batches of random views; a seeded generator makes every process draw the same."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, 3, image_size, image_size)
+    return (torch.randn(shape, generator=gen).to(device),
+            torch.randn(shape, generator=gen).to(device))
+
+
+class BareStep:
+    """Plain torchvision forward + backward of both views as one batch (no decoder, no loss)."""
+
+    def __init__(self, arch):
+        self.encoder = build_encoder(arch)
+        self.autocast_dtype = None
+
+    def parameters(self):
+        return self.encoder.parameters()
+
+    def to(self, device):
+        self.encoder.to(device)
+        return self
+
+    def forward_backward(self, view1, view2):
+        x = torch.cat([view1, view2])
+        ctx = (torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
+               if self.autocast_dtype is not None else contextlib.nullcontext())
+        with ctx:
+            out = self.encoder(x)
+        out.float().sum().backward()
+        return {}
+
+
+def build_variant(name, arch, seed, decoder_options):
+    """Model for one row; every row's encoder starts from the same seeded weights."""
+    torch.manual_seed(seed)
+    if name == "bare":
+        return BareStep(arch)
+    method, _, schedule = name.partition(":")
+    return build_model(method, arch, loco_schedule=schedule or "fused", **decoder_options)
+
+
+def zero_grads(model):
+    for p in model.parameters():
+        p.grad = None
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(models, views, rounds, warmup, device):
+    """Per model, the wall and process CPU seconds of each timed step, timing the models
+    round-robin (one step each per round) so that drift hits every model alike."""
+    wall = {name: [] for name in models}
+    cpu = {name: [] for name in models}
+    for r in range(warmup + rounds):
+        for name, model in models.items():
+            zero_grads(model)
+            _sync(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            model.forward_backward(*views)
+            _sync(device)
+            if r >= warmup:
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def paired_ratio(times, name, ref):
+    """Median over rounds of time[name] / time[ref] within the same round: a slow round (a
+    neighbour's burst on a shared machine) slows both and cancels."""
+    return statistics.median(a / b for a, b in zip(times[name], times[ref]))
+
+
+def _vm_hwm_bytes():
+    """Peak resident set size of this process (Linux /proc), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def _memory_worker(conn, lock, job):
+    """Child process: once it holds `lock` (one measurement at a time, so that the next child's
+    slow imports overlap this one's step, not its memory), build the model and inputs, run
+    job["steps"] steps and send back the peak RSS."""
+    try:
+        torch.set_num_threads(job["threads"])
+        with lock:
+            model = build_variant(job["name"], job["arch"], job["seed"], job["decoder_options"])
+            model.autocast_dtype = torch.bfloat16 if job["amp"] else None
+            views = make_inputs(job["batch"], job["image_size"], job["seed"])
+            for _ in range(job["steps"]):
+                zero_grads(model)
+                model.forward_backward(*views)
+            conn.send(("ok", _vm_hwm_bytes()))
+    except Exception as e:  # reported to the parent, which raises it with the variant's name
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+def _start_worker(ctx, lock, job):
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_memory_worker, args=(child, lock, job))
+    proc.start()
+    child.close()
+    return proc, parent
+
+
+def _collect(job, proc, conn):
+    try:
+        status, value = conn.recv()
+    except EOFError:
+        status, value = "error", "worker died without a result"
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"memory measurement of {job['name']} failed: {value} "
+                           f"(exit code {proc.exitcode})")
+    return value
+
+
+def peak_memory_cpu(names, arch, seed, decoder_options, batch, image_size, amp=False):
+    """Peak RSS of one step over a no-step baseline, per variant, each in its own process.
+
+    Returns ({name: bytes}, baseline bytes). At most two workers live at a time: one measuring,
+    the next one importing (importing torch and loco_det dominates a small run)."""
+    ctx = multiprocessing.get_context("spawn")
+    lock = ctx.Lock()
+    common = dict(arch=arch, seed=seed, decoder_options=decoder_options, batch=batch,
+                  image_size=image_size, amp=amp, threads=torch.get_num_threads())
+    jobs = [dict(common, name="e2e", steps=0, label="baseline")]
+    jobs += [dict(common, name=name, steps=1, label=name) for name in names]
+    peaks, live = {}, []
+    try:
+        for job in jobs:
+            live.append((job, _start_worker(ctx, lock, job)))
+            if len(live) == 2:
+                job0, (proc, conn) = live[0]
+                peaks[job0["label"]] = _collect(job0, proc, conn)
+                live.pop(0)
+        while live:
+            job0, (proc, conn) = live[0]
+            peaks[job0["label"]] = _collect(job0, proc, conn)
+            live.pop(0)
+    finally:
+        for _, (proc, _conn) in live:  # after a failure: leave no worker behind
+            proc.terminate()
+            proc.join()
+    base = peaks.pop("baseline")
+    return {name: peaks[name] - base for name in names}, base
+
+
+def peak_memory_cuda(models, views, device):
+    """max_memory_allocated during one step, over what was allocated before it, per variant."""
+    peaks = {}
+    for name, model in models.items():
+        for other in models.values():
+            zero_grads(other)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        model.forward_backward(*views)
+        torch.cuda.synchronize(device)
+        peaks[name] = torch.cuda.max_memory_allocated(device) - before
+    for model in models.values():
+        zero_grads(model)
+    return peaks
+
+
+def run_benchmark(arch="resnet50", image_size=224, batch=16, rounds=3, warmup=1,
+                  loco_schedules=LOCO_SCHEDULES, decoder_options=None, device="cpu", seed=0,
+                  amp=False, measure_memory=True, threads=None):
+    """Time (and measure memory of) every variant; returns a dict the table printer reads.
+    `threads`: intra-op threads here and in the memory processes (default: torch's)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    decoder_options = dict(decoder_options or {})
+    names = variants(loco_schedules)
+    models = {}
+    for name in names:
+        model = build_variant(name, arch, seed, decoder_options).to(device)
+        model.autocast_dtype = torch.bfloat16 if amp else None
+        models[name] = model
+    views = make_inputs(batch, image_size, seed, device)
+    result = {"arch": arch, "image_size": image_size, "batch": batch, "views": 2 * batch,
+              "rounds": rounds, "warmup": warmup, "device": str(device), "amp": amp,
+              "threads": torch.get_num_threads(), "decoder_options": decoder_options,
+              "memory_method": None, "memory_baseline": None}
+    wall, cpu = time_interleaved(models, views, rounds, warmup, device)
+    result["time_rounds"], result["cpu_rounds"] = wall, cpu
+    result["time"] = {name: statistics.median(t) for name, t in wall.items()}
+    result["cpu_time"] = {name: statistics.median(t) for name, t in cpu.items()}
+    result["time_ratio"] = {name: paired_ratio(wall, name, "e2e") for name in names}
+    result["cpu_ratio"] = {name: paired_ratio(cpu, name, "e2e") for name in names}
+    result["e2e_over_bare"] = paired_ratio(wall, "e2e", "bare")
+    result["memory"] = None
+    if measure_memory:
+        if torch.device(device).type == "cuda":
+            result["memory"] = peak_memory_cuda(models, views, device)
+            result["memory_method"] = "torch.cuda.max_memory_allocated during one step"
+        else:
+            del models
+            result["memory"], result["memory_baseline"] = peak_memory_cpu(
+                names, arch, seed, decoder_options, batch, image_size, amp)
+            result["memory_method"] = ("peak RSS (VmHWM) of a process running one step minus "
+                                       "that of one building the same model and inputs")
+    return result
+
+
+def _ratio(a, b):
+    return a / b if b else float("nan")
+
+
+def target_checks(result):
+    """(description, value, limit, met) for issue 2's targets. For the loco rows, the schedule
+    with the best ratio is shown per target, then for each schedule whether it meets both."""
+    rt, m = result["time_ratio"], result["memory"]
+    locos = [n for n in rt if n.startswith("loco")]
+    rm = {n: _ratio(m[n], m["e2e"]) for n in rt} if m else {}
+    checks = []
+    for row, column, limit in TARGETS:
+        if row == "e2e/bare":
+            value, label = result["e2e_over_bare"], "e2e step time / bare torchvision"
+        elif row == "gim":
+            if not m:
+                continue
+            value, label = rm["gim"], "gim peak memory / e2e"
+        else:
+            table = {n: (rt if column == "time" else rm)[n] for n in locos} if (
+                column == "time" or m) else {}
+            if not table:
+                continue
+            name = min(table, key=table.get)
+            what = "step time" if column == "time" else "peak memory"
+            value, label = table[name], f"{name} {what} / e2e"
+        checks.append((label, value, limit, value <= limit))
+    if m:
+        for name in locos:
+            both = rt[name] <= 1.25 and rm[name] <= 0.85
+            checks.append((f"{name} meets both loco targets", float(both), 1.0, both))
+    return checks
+
+
+def format_benchmark(result):
+    """The side-by-side table: step time (wall and process CPU), ratios against e2e (median of
+    per-round ratios), peak memory and its ratio, e2e against bare torchvision, the targets."""
+    t, cpu, m = result["time"], result["cpu_time"], result["memory"]
+    rt, rc = result["time_ratio"], result["cpu_ratio"]
+    opts = result["decoder_options"]
+    lines = [f"bench_pretrain: {result['arch']}, {result['image_size']} px, {result['batch']} "
+             f"images ({result['views']} views), device {result['device']}, "
+             f"{result['threads']} threads, amp {result['amp']}, decoder "
+             f"conv_blocks={opts.get('conv_blocks', 0)} mlp_layers={opts.get('mlp_layers', 2)}",
+             f"time: {result['rounds']} interleaved rounds after {result['warmup']} warm-up "
+             "round(s); step s = median wall time, cpu s = median process CPU time; ratios = "
+             "median over rounds of the same-round ratio"]
+    if m is not None:
+        lines.append(f"memory: {result['memory_method']}")
+    header = (f"{'variant':<18}{'step s':>8}{'img/s':>7}{'time/e2e':>9}{'cpu s':>8}"
+              f"{'cpu/e2e':>8}")
+    if m is not None:
+        header += f"{'peak MiB':>9}{'mem/e2e':>8}"
+    lines += ["", header, "-" * len(header)]
+    for name in t:
+        row = (f"{name:<18}{t[name]:>8.3f}{result['batch'] / t[name]:>7.2f}{rt[name]:>9.3f}"
+               f"{cpu[name]:>8.3f}{rc[name]:>8.3f}")
+        if m is not None:
+            row += f"{m[name] / 2**20:>9.0f}{_ratio(m[name], m['e2e']):>8.3f}"
+        lines.append(row)
+    lines += ["", f"e2e / bare torchvision step time: {result['e2e_over_bare']:.3f}",
+              "", "targets (issue 2; defined for resnet50, 224 px, 16 images):"]
+    for label, value, limit, met in target_checks(result):
+        if label.endswith("both loco targets"):
+            lines.append(f"  {label:<48} {'yes' if met else 'no'}")
+        else:
+            lines.append(f"  {label:<48} {value:6.3f} <= {limit:.2f}  "
+                         f"{'met' if met else 'NOT met'}")
+    return "\n".join(lines)
+
+
+# ---- fvcore cost accounting ------------------------------------------------------------------
+
+def _quiet(analysis):
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    return analysis
+
+
+def _stage_counts(by_module):
+    """Per-stage totals from fvcore's by_module(), the stem counted in S1."""
+    stem = sum(by_module.get(k, 0) for k in ("conv1", "bn1", "relu", "maxpool"))
+    return stem, [stem + by_module.get("layer1", 0)] + [by_module.get(f"layer{s + 1}", 0)
+                                                         for s in range(1, NUM_STAGES)]
+
+
+def block_output_counts(encoder, x):
+    """Sum of residual-block output sizes per stage: the counting that reproduces the paper's
+    activation table (for ResNet-50 exactly 8 : 5.33 : 4 : 1)."""
+    counts = [0] * NUM_STAGES
+    hooks = []
+    for s in range(NUM_STAGES):
+        for block in getattr(encoder, f"layer{s + 1}"):
+            hooks.append(block.register_forward_hook(
+                lambda mod, inp, out, s=s: counts.__setitem__(s, counts[s] + out[0].numel())))
+    try:
+        with torch.no_grad():
+            encoder(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def analyze(arch="resnet50", image_size=224, decoder_options=None):
+    """fvcore FLOPs and activations per stage of the encoder, and what each method's decoders
+    add (per image). Returns a dict the printer reads."""
+    from fvcore.nn import ActivationCountAnalysis, FlopCountAnalysis
+
+    decoder_options = dict(decoder_options or {})
+    encoder = build_encoder(arch).eval()
+    x = torch.zeros(1, 3, image_size, image_size)
+    flops = _quiet(FlopCountAnalysis(encoder, x))
+    acts = _quiet(ActivationCountAnalysis(encoder, x))
+    stem_flops, stage_flops = _stage_counts(flops.by_module())
+    stem_acts, stage_acts = _stage_counts(acts.by_module())
+    blocks = block_output_counts(encoder, x)
+    enc_params = sum(p.numel() for n, p in encoder.named_parameters() if not n.startswith("fc."))
+    enc_flops = sum(stage_flops)
+
+    # Stage output shapes, to cost each decoder on its real input.
+    shapes, h = [], x
+    with torch.no_grad():
+        for s in range(NUM_STAGES):
+            h = run_stage(encoder, s, h)
+            shapes.append(tuple(h.shape))
+    methods = {}
+    for method in ("e2e", "gim", "loco"):
+        model = build_model(method, arch, **decoder_options).eval()
+        params = flop = 0
+        for unit, decoder in zip(model.units, model.decoders):
+            params += sum(p.numel() for p in decoder.parameters())
+            flop += _quiet(FlopCountAnalysis(decoder, torch.zeros(shapes[unit[-1]]))).total()
+        methods[method] = {"units": len(model.units), "params": params, "flops": flop}
+    return {"arch": arch, "image_size": image_size, "decoder_options": decoder_options,
+            "stage_flops": stage_flops, "stage_acts": stage_acts, "stem_flops": stem_flops,
+            "stem_acts": stem_acts, "block_outputs": blocks, "encoder_params": enc_params,
+            "encoder_flops": enc_flops, "channels": stage_channels(encoder), "methods": methods}
+
+
+def _pct(part, total):
+    return 100.0 * part / total if total else float("nan")
+
+
+def format_analysis(a):
+    fl, ac, bo = a["stage_flops"], a["stage_acts"], a["block_outputs"]
+    paper = a["arch"] == "resnet50" and a["image_size"] == 224
+    opts = a["decoder_options"]
+    lines = [f"bench_pretrain --analyze: {a['arch']}, {a['image_size']} px, per image "
+             "(fvcore FlopCountAnalysis / ActivationCountAnalysis of the torchvision encoder; "
+             "fc excluded; the stem conv1+bn1+relu+maxpool is counted in S1)", ""]
+    head = (f"{'stage':<14}{'GFLOPs':>8}{'FLOPs %':>9}{'paper %':>9}{'act (M)':>9}{'act %':>8}"
+            f"{'blockout %':>11}{'paper %':>9}")
+    lines += [head, "-" * len(head)]
+    for s in range(NUM_STAGES):
+        paper_flops = f"{PAPER_FLOP_SHARE[s]:.2f}" if paper else "-"
+        paper_acts = f"{PAPER_ACTIVATION_SHARE[s]:.2f}" if paper else "-"
+        lines.append(
+            f"{STAGE_LABELS[s]:<14}{fl[s] / 1e9:>8.3f}{_pct(fl[s], sum(fl)):>9.2f}"
+            f"{paper_flops:>9}{ac[s] / 1e6:>9.3f}{_pct(ac[s], sum(ac)):>8.2f}"
+            f"{_pct(bo[s], sum(bo)):>11.2f}{paper_acts:>9}")
+    lines += [f"{'total':<14}{sum(fl) / 1e9:>8.3f}{'':>18}{sum(ac) / 1e6:>9.3f}", "",
+              f"stem alone: {_pct(a['stem_flops'], sum(fl)):.2f} % of FLOPs, "
+              f"{_pct(a['stem_acts'], sum(ac)):.2f} % of activations.",
+              "act % = fvcore activation count (every conv output); blockout % = only the "
+              "output of each residual block, the counting the paper's table matches.",
+              "paper % columns: the LoCo paper's ResNet-50 table (REFERENCE.md section 2)"
+              + ("" if paper else "; shown only for resnet50 at 224 px") + ".", ""]
+    lines.append(f"decoders (conv_blocks={opts.get('conv_blocks', 0)}, "
+                 f"mlp_layers={opts.get('mlp_layers', 2)}, proj_dim={opts.get('proj_dim', 128)}); "
+                 f"encoder without fc: {a['encoder_params'] / 1e6:.2f} M params, "
+                 f"{a['encoder_flops'] / 1e9:.3f} GFLOPs")
+    head = f"{'method':<8}{'units':>6}{'params (M)':>12}{'% of enc':>10}{'GFLOPs':>9}{'% of enc':>10}"
+    lines += [head, "-" * len(head)]
+    for method, d in a["methods"].items():
+        lines.append(f"{method:<8}{d['units']:>6}{d['params'] / 1e6:>12.3f}"
+                     f"{_pct(d['params'], a['encoder_params']):>10.2f}{d['flops'] / 1e9:>9.4f}"
+                     f"{_pct(d['flops'], a['encoder_flops']):>10.2f}")
+    return "\n".join(lines)
+
+
+def check_arch(arch):
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+    return arch
+
+
+__all__ = ["analyze", "format_analysis", "run_benchmark", "format_benchmark", "variants",
+           "make_inputs", "time_interleaved", "target_checks"]

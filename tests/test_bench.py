@@ -1,0 +1,124 @@
+"""tools/bench_pretrain.py: output structure of --analyze and of the timing/memory table
+(tiny settings; speed itself is not asserted: CI machines are shared)."""
+import importlib.util
+import pathlib
+import re
+
+import pytest
+
+from loco_det.pretrain import bench
+from loco_det.pretrain.model import LOCO_SCHEDULES
+
+TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_pretrain.py"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: as fast for tiny inputs, and no OpenMP stalls on a loaded machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    spec = importlib.util.spec_from_file_location("bench_pretrain_cli", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_help_has_examples(cli, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--analyze" in out and "Examples:" in out and "--loco-schedule" in out
+
+
+def test_unknown_arch_is_one_line_error(cli, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--arch", "resnet152"])
+    assert exit_info.value.code == 2
+    assert "resnet152" in capsys.readouterr().err
+
+
+def test_analyze_resnet18_64px(cli, capsys):
+    assert cli.main(["--analyze", "--arch", "resnet18", "--image-size", "64"]) == 0
+    out = capsys.readouterr().out
+    rows = {m.group(1): m for m in re.finditer(
+        r"^(S\d) [^\n]*?\s+([\d.]+)\s+([\d.]+)\s+(-|[\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)",
+        out, re.M)}
+    assert sorted(rows) == ["S1", "S2", "S3", "S4"]
+    flop_share = sum(float(rows[s].group(3)) for s in rows)
+    act_share = sum(float(rows[s].group(6)) for s in rows)
+    assert flop_share == pytest.approx(100, abs=0.05) and act_share == pytest.approx(100, abs=0.05)
+    assert "paper" in out and "stem" in out
+    for method in ("e2e", "gim", "loco"):
+        assert re.search(rf"^{method}\s+\d+\s+[\d.]+\s+[\d.]+", out, re.M), method
+
+
+def test_analyze_resnet50_matches_paper_counting():
+    """The block-output counting reproduces the paper's activation table exactly, and fvcore's
+    FLOP shares (stem in S1) are within 0.1 point of the paper's."""
+    a = bench.analyze("resnet50", 224)
+    blocks = [100 * b / sum(a["block_outputs"]) for b in a["block_outputs"]]
+    assert blocks == pytest.approx(bench.PAPER_ACTIVATION_SHARE, abs=0.01)
+    flops = [100 * f / sum(a["stage_flops"]) for f in a["stage_flops"]]
+    assert flops == pytest.approx(bench.PAPER_FLOP_SHARE, abs=0.1)
+    assert a["methods"]["gim"]["units"] == 4 and a["methods"]["loco"]["units"] == 3
+
+
+def test_timing_table(cli, capsys, tmp_path):
+    out_json = tmp_path / "bench.json"
+    assert cli.main(["--arch", "resnet18", "--image-size", "32", "--batch", "2", "--rounds", "1",
+                     "--warmup", "0", "--threads", "1", "--no-memory",
+                     "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    for name in ["e2e", "gim"] + [f"loco:{s}" for s in LOCO_SCHEDULES] + ["bare"]:
+        assert re.search(rf"^{re.escape(name)}(\s+[\d.]+){{5}}$", out, re.M), name
+    assert "e2e / bare torchvision step time" in out and "targets" in out
+    assert out_json.exists()
+
+
+def test_memory_measured_in_subprocesses():
+    """Real per-process peak RSS over the no-step baseline (two spawned workers)."""
+    peaks, base = bench.peak_memory_cpu(["gim"], "resnet18", 0, {}, 2, 32)
+    assert base > 0 and set(peaks) == {"gim"}
+    # A step allocates at least the gradients of the encoder (11.7 M floats).
+    assert peaks["gim"] > 11e6 * 4 * 0.9
+
+
+def fake_result(times, memory):
+    """A run_benchmark-shaped result from one round of made-up numbers."""
+    wall = {k: [v] for k, v in times.items()}
+    return {"arch": "resnet18", "image_size": 32, "batch": 2, "views": 4, "rounds": 1,
+            "warmup": 0, "device": "cpu", "amp": False, "threads": 1, "decoder_options": {},
+            "memory_method": "peak RSS", "memory_baseline": 1,
+            "time": times, "cpu_time": times, "time_rounds": wall, "cpu_rounds": wall,
+            "time_ratio": {k: bench.paired_ratio(wall, k, "e2e") for k in times},
+            "cpu_ratio": {k: bench.paired_ratio(wall, k, "e2e") for k in times},
+            "e2e_over_bare": bench.paired_ratio(wall, "e2e", "bare"), "memory": memory}
+
+
+def test_table_with_memory_columns():
+    result = fake_result({"e2e": 1.0, "gim": 1.1, "loco:hybrid": 1.2, "bare": 0.9},
+                         {"e2e": 2**30, "gim": 2**29, "loco:hybrid": 3 * 2**28, "bare": 2**30})
+    out = bench.format_benchmark(result)
+    assert re.search(r"^loco:hybrid\s+1\.200\s+1\.67\s+1\.200\s+1\.200\s+1\.200\s+768\s+0\.750$",
+                     out, re.M), out
+    assert re.search(r"loco:hybrid meets both loco targets\s+yes", out)
+
+
+def test_target_checks_pick_the_best_schedule():
+    result = fake_result({"e2e": 1.0, "gim": 1.0, "loco:fused": 1.2, "loco:recompute": 1.3,
+                          "bare": 0.95},
+                         {"e2e": 100, "gim": 60, "loco:fused": 87, "loco:recompute": 77,
+                          "bare": 100})
+    checks = {label: met for label, _, _, met in bench.target_checks(result)}
+    assert checks["loco:fused step time / e2e"] and checks["loco:recompute peak memory / e2e"]
+    assert not checks["loco:fused meets both loco targets"]
+    assert checks["gim peak memory / e2e"] and checks["e2e step time / bare torchvision"]

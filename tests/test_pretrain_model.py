@@ -1,0 +1,209 @@
+"""The pretraining model: optimised schedules against a plain reference, gradient locality as a
+black box, BN side effects, decoder options, the checkpoint contract and bad arguments."""
+import copy
+
+import pytest
+import torch
+import torchvision
+
+from loco_det.pretrain.losses import nt_xent
+from loco_det.pretrain.model import LOCO_SCHEDULES, build_model, run_stage
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast and does not stall on a shared, loaded
+    machine (OpenMP barriers wait for every thread to be scheduled)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def views(seed=0, batch=4, size=32):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 3, size, size, generator=gen),
+            torch.randn(batch, 3, size, size, generator=gen))
+
+
+def reference_forward_backward(model, view1, view2):
+    """Obviously correct: every unit separately, from scratch, its input computed without a
+    graph (= detached), its own stages and decoder with autograd. Shared stages are simply run
+    twice and receive the sum of both units' gradients by accumulation."""
+    x, n = torch.cat([view1, view2]), view1.shape[0]
+    losses = {}
+    for k, unit in enumerate(model.units):
+        h = x
+        with torch.no_grad():
+            for stage in range(unit[0]):
+                h = run_stage(model.encoder, stage, h)
+        for stage in unit:
+            h = run_stage(model.encoder, stage, h)
+        z = model.decoders[k](h)
+        loss = nt_xent(z[:n], z[n:], model.temperature)
+        loss.backward()
+        losses[model.unit_names[k]] = loss.item()
+    return losses
+
+
+def grads(model):
+    return {name: None if p.grad is None else p.grad.clone()
+            for name, p in model.named_parameters()}
+
+
+def assert_same_grads(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] is None) == (b[name] is None), name
+        if a[name] is not None:
+            scale = b[name].abs().max().item() + 1e-12
+            torch.testing.assert_close(a[name] / scale, b[name] / scale, rtol=0, atol=2e-5,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+CASES = [("e2e", "fused"), ("gim", "fused")] + [("loco", s) for s in LOCO_SCHEDULES]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("method,schedule", CASES)
+def test_optimised_schedule_equals_reference(arch, method, schedule):
+    torch.manual_seed(0)
+    model = build_model(method, arch, loco_schedule=schedule)
+    ref = copy.deepcopy(model)  # identical weights and BN state: no side effect can leak
+    v1, v2 = views()
+    losses = model.forward_backward(v1, v2)
+    ref_losses = reference_forward_backward(ref, v1, v2)
+    assert list(losses) == model.unit_names
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    g = grads(model)
+    # Every encoder parameter (fc aside) and every decoder parameter gets a gradient.
+    missing = [n for n, v in g.items() if v is None and not n.startswith("encoder.fc.")]
+    assert not missing, missing
+    assert_same_grads(g, grads(ref))
+
+
+@pytest.mark.parametrize("schedule", LOCO_SCHEDULES)
+def test_decoder_options_with_reference(schedule):
+    torch.manual_seed(0)
+    model = build_model("loco", "resnet18", conv_blocks=2, mlp_layers=4, hidden_dim=32,
+                        proj_dim=16, loco_schedule=schedule)
+    ref = copy.deepcopy(model)
+    v1, v2 = views(size=64)
+    model.forward_backward(v1, v2)
+    reference_forward_backward(ref, v1, v2)
+    assert_same_grads(grads(model), grads(ref))
+
+
+def test_e2e_decoder_options_match_gim_shapes():
+    model = build_model("e2e", "resnet18", conv_blocks=1, mlp_layers=4, proj_dim=64)
+    assert len(model.decoders) == 1 and model.unit_names == ["unit1"]
+    assert len(model.decoders[0].blocks) == 1
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.decoders[0].mlp) == 4
+    assert model.decoders[0].mlp[-1].out_features == 64
+
+
+@pytest.mark.parametrize("method,schedule", CASES)
+def test_bn_running_stats_move_once_per_step(method, schedule):
+    """Recomputed forwards must not count the batch twice: after one step every BN of the
+    encoder holds the statistics of one plain forward."""
+    torch.manual_seed(0)
+    model = build_model(method, "resnet18", loco_schedule=schedule)
+    plain = copy.deepcopy(model.encoder)
+    v1, v2 = views()
+    model.forward_backward(v1, v2)
+    with torch.no_grad():
+        plain(torch.cat([v1, v2]))
+    for (name, a), b in zip(model.encoder.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_gradients_accumulate_without_zeroing():
+    torch.manual_seed(0)
+    model = build_model("loco", "resnet18")
+    v1, v2 = views()
+    model.forward_backward(v1, v2)
+    once = grads(model)
+    for m in model.modules():  # same batch statistics for the second step
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+    model.forward_backward(v1, v2)
+    for name, g in grads(model).items():
+        if g is not None:
+            torch.testing.assert_close(g, 2 * once[name])
+
+
+# ---- gradient locality, black box ------------------------------------------------------------
+
+def layer_grads(method, perturb=None, schedule="fused"):
+    """Gradients of layer1/layer2 after one step from fixed weights and inputs, optionally with
+    the weights of one layer perturbed first."""
+    torch.manual_seed(0)
+    model = build_model(method, "resnet18", loco_schedule=schedule)
+    if perturb is not None:
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in getattr(model.encoder, perturb).parameters():
+                p.add_(0.5 * p.std() * torch.randn(p.shape, generator=gen) + 0.1)
+    model.forward_backward(*views())
+    return {layer: torch.cat([p.grad.flatten() for p in getattr(model.encoder, layer).parameters()])
+            for layer in ("layer1", "layer2")}
+
+
+_LAYER_GRADS = {}
+
+
+def changed(method, perturb, layer, schedule="fused"):
+    """Whether perturbing `perturb` changes `layer`'s gradient (runs cached per setting)."""
+    def run(p):
+        key = (method, p, schedule)
+        if key not in _LAYER_GRADS:
+            _LAYER_GRADS[key] = layer_grads(method, p, schedule)
+        return _LAYER_GRADS[key][layer]
+    return not torch.allclose(run(None), run(perturb), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("method,schedule", [("gim", "fused")] + [("loco", s) for s in LOCO_SCHEDULES])
+def test_locality_local_methods(method, schedule):
+    assert not changed(method, "layer4", "layer1", schedule)
+    assert not changed(method, "layer4", "layer2", schedule)
+    assert not changed(method, "layer3", "layer1", schedule)
+    # Only LoCo's overlap carries feedback one stage down (the "gradient bridge").
+    assert changed(method, "layer2", "layer1", schedule) == (method == "loco")
+
+
+def test_locality_e2e_is_global():
+    assert changed("e2e", "layer4", "layer1")
+    assert changed("e2e", "layer4", "layer2")
+
+
+# ---- contracts and bad input -----------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101"])
+def test_encoder_state_dict_is_torchvision(arch):
+    model = build_model("loco", arch)
+    plain = getattr(torchvision.models, arch)()
+    plain.load_state_dict(model.encoder.state_dict(), strict=True)
+    assert model.unit_names == ["unit1", "unit2", "unit3"]
+    assert isinstance(model.decoders, torch.nn.ModuleList) and len(model.decoders) == 3
+
+
+@pytest.mark.parametrize("kwargs,word", [
+    (dict(method="simclr", arch="resnet18"), "method 'simclr'"),
+    (dict(method="loco", arch="resnet152"), "architecture 'resnet152'"),
+    (dict(method="loco", arch="resnet18", loco_schedule="fast"), "loco_schedule 'fast'"),
+    (dict(method="loco", arch="resnet18", conv_blocks=3), "conv_blocks 3"),
+    (dict(method="loco", arch="resnet18", mlp_layers=3), "mlp_layers 3"),
+])
+def test_unknown_choices_name_value_and_choices(kwargs, word):
+    with pytest.raises(ValueError, match=word + r".*choose one of"):
+        build_model(**kwargs)
+
+
+def test_autocast_bf16_runs_and_keeps_float32_grads():
+    torch.manual_seed(0)
+    model = build_model("loco", "resnet18", loco_schedule="hybrid")
+    model.autocast_dtype = torch.bfloat16
+    losses = model.forward_backward(*views())
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Compare e2e (SimCLR), GIM and LoCo side by side: step time and peak memory, or (--analyze)
+fvcore's per-stage FLOPs and activations and what each method's decoders add.
+
+Examples:
+  # issue 2's benchmark: ResNet-50, 224 px, 16 images (32 views), every LoCo schedule
+  python tools/bench_pretrain.py --arch resnet50 --image-size 224 --batch 16 --rounds 3
+
+  # quick look on a laptop
+  python tools/bench_pretrain.py --arch resnet18 --image-size 64 --batch 8 --rounds 2
+
+  # one LoCo schedule, fair-baseline decoders (one conv block, 4-layer MLP for every method)
+  python tools/bench_pretrain.py --loco-schedule hybrid --conv-blocks 1 --mlp-layers 4
+
+  # on a GPU (memory from torch.cuda.max_memory_allocated), bf16 autocast
+  python tools/bench_pretrain.py --device cuda --batch 128 --amp
+
+  # stage shares of FLOPs / activations against the paper's table, decoder costs
+  python tools/bench_pretrain.py --analyze --arch resnet50 --image-size 224
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from loco_det.pretrain import bench  # noqa: E402
+from loco_det.pretrain.model import ARCHS, LOCO_SCHEDULES  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet50", choices=ARCHS)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=16, help="images per step (views: 2x)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--conv-blocks", type=int, default=0, choices=(0, 1, 2))
+    parser.add_argument("--mlp-layers", type=int, default=2, choices=(2, 4))
+    parser.add_argument("--loco-schedule", default="all", choices=("all",) + LOCO_SCHEDULES,
+                        help="LoCo schedule(s) to measure, one row each (default: all)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, help="intra-op CPU threads (default: torch's)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast for every variant")
+    parser.add_argument("--no-memory", action="store_true", help="time only")
+    parser.add_argument("--seed", type=int, default=0, help="weights and inputs")
+    parser.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
+    parser.add_argument("--analyze", action="store_true",
+                        help="fvcore FLOPs/activations per stage and decoder costs; no timing")
+    args = parser.parse_args(argv)
+    for name in ("image_size", "batch", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    decoder_options = {"conv_blocks": args.conv_blocks, "mlp_layers": args.mlp_layers}
+    if args.analyze:
+        result = bench.analyze(args.arch, args.image_size, decoder_options)
+        print(bench.format_analysis(result))
+    else:
+        schedules = LOCO_SCHEDULES if args.loco_schedule == "all" else (args.loco_schedule,)
+        result = bench.run_benchmark(
+            arch=args.arch, image_size=args.image_size, batch=args.batch, rounds=args.rounds,
+            warmup=args.warmup, loco_schedules=schedules, decoder_options=decoder_options,
+            device=args.device, seed=args.seed, amp=args.amp, measure_memory=not args.no_memory,
+            threads=args.threads)
+        print(bench.format_benchmark(result))
+    if args.json:
+        from loco_det.utils import write_json
+        write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
