@@ -62,6 +62,7 @@ def test_readout_random_init_is_seeded(synth_root, tmp_path, capsys):
     a = check_readout_json(tmp_path / "a" / "readout.json", "random", 24, 8)
     b = json.loads((tmp_path / "b" / "readout.json").read_text())
     assert a["checkpoint"] is None and a["protocol"]["seed"] == 5
+    assert set(a["top1_stderr"]) == set(a["top1"])
     assert a["top1"] == b["top1"]
 
 
@@ -79,3 +80,15 @@ def test_readout_bad_input_is_one_line(synth_root, tmp_path, capsys):
         assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):
         linear_readout.main(["--random-init", "--output-dir", str(tmp_path / "o")])
+
+
+def test_random_init_equals_initial_encoder_of_pretraining_run():
+    import torch
+    from loco_det.pretrain.engine import seed_everything
+    from loco_det.pretrain.model import build_model
+    from loco_det.pretrain.readout import load_encoder
+
+    seed_everything(11)
+    initial = build_model("loco", "resnet18").encoder.state_dict()
+    random_init = load_encoder(None, "resnet18", seed=11)[0].state_dict()
+    assert all(torch.equal(initial[k], random_init[k]) for k in initial)

@@ -15,8 +15,9 @@ examples:
   python tools/linear_readout.py --checkpoint runs/cpu_loco/checkpoint_last.pth \\
       --output-dir runs/cpu_loco/readout
 
-  # the same architecture at random initialisation: the floor any pretraining must beat
-  python tools/linear_readout.py --random-init --arch resnet18 --output-dir runs/random_r18
+  # the same encoder before pretraining (SEED=0 run): the floor any pretraining must beat
+  python tools/linear_readout.py --random-init --arch resnet18 --seed 0 \
+      --output-dir runs/random_r18
 
   # ImageNet with the LoCo paper's protocol (auto-selected above 50,000 training images)
   python tools/linear_readout.py --checkpoint runs/loco_r50_800ep/checkpoint_last.pth \\
@@ -61,7 +62,8 @@ def build_parser():
     parser.add_argument("--workers", type=int, default=2, help="data-loading workers")
     parser.add_argument("--seed", type=int, default=-1,
                         help="seed of the random init and the classifiers (-1: draw one; it is "
-                             "recorded in readout.json)")
+                             "recorded in readout.json). --random-init --seed S is exactly the "
+                             "initial encoder of a pretraining run with SEED=S")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -90,7 +92,8 @@ def main(argv=None):
           f"{p['train_images']} train / {p['val_images']} val images, {p['image_size']} px; "
           f"majority class {p['majority_val_top1']:.1f}%)")
     for stage in STAGE_NAMES:
-        print(f"  {stage}  top-1 {result['top1'][stage]:6.2f}")
+        print(f"  {stage}  top-1 {result['top1'][stage]:6.2f}  "
+              f"(+- {result['top1_stderr'][stage]:.1f})")
     print(f"wrote {os.path.join(args.output_dir, 'readout.json')}")
     return 0
 

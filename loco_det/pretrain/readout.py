@@ -20,6 +20,7 @@ split is reported per stage. Two protocols:
 `--protocol auto` picks "small" up to 50,000 training images, else "paper". The reported
 number is the accuracy after the last epoch (no selection on the validation split).
 """
+import contextlib
 import math
 import os
 
@@ -96,16 +97,24 @@ def train_transform(size):
 
 @torch.no_grad()
 def pooled_features(encoder, images):
-    """Globally average-pooled output of each of the four stages."""
+    """Globally average-pooled output of each of the four stages, in float32. On CUDA the
+    frozen encoder runs under bf16 autocast (as in pretraining): the paper protocol pushes
+    100 epochs of ImageNet through it."""
     feats, x = [], images
-    for stage in range(NUM_STAGES):
-        x = run_stage(encoder, stage, x)
-        feats.append(x.float().mean(dim=(2, 3)))
+    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if images.device.type == "cuda"
+           else contextlib.nullcontext())
+    with amp:
+        for stage in range(NUM_STAGES):
+            x = run_stage(encoder, stage, x)
+            feats.append(x.float().mean(dim=(2, 3)))
     return feats
 
 
 def load_encoder(ckpt=None, arch=None, seed=None, path=None):
-    """(encoder, method, arch): a loaded checkpoint's encoder, or a random init of `arch`."""
+    """(encoder, method, arch): a loaded checkpoint's encoder, or a random init of `arch`.
+
+    The random init draws exactly as pretraining does (seed, then the encoder first), so seed
+    S gives the initial encoder of the pretraining run with SEED=S: "before vs after"."""
     if ckpt is None:
         if arch not in ARCHS:
             raise LocoError(f"--arch {arch!r}: choose one of {', '.join(ARCHS)}")
@@ -298,6 +307,10 @@ def run_readout(output_dir, checkpoint=None, arch=None, data_dir=None, protocol=
         "kind": "readout", "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
         "method": method, "arch": arch,
         "top1": dict(zip(STAGE_NAMES, top1)),
+        # Binomial standard error of each top-1 (percentage points): with 100 validation
+        # images a difference of a few points is noise.
+        "top1_stderr": {s: 100.0 * math.sqrt(a / 100 * (1 - a / 100) / len(val_set))
+                        for s, a in zip(STAGE_NAMES, top1)},
         "protocol": {"name": protocol, **proto, "train_images": len(train_set),
                      "val_images": len(val_set), "seed": seed, "data_dir": data_dir,
                      "classes": len(train_set.classes),
