@@ -1,8 +1,10 @@
 """What e2e, GIM and LoCo cost on one machine: step time, peak memory and fvcore accounting.
 
 Timing runs every variant in one process, interleaved round by round (e2e, gim, loco..., bare,
-e2e, ...) after warm-up rounds, and reports the median: machine drift (other jobs, thermal state)
-hits all variants alike. Peak memory is measured per variant in its own spawned process, because
+e2e, ...) after warm-up rounds: machine drift (other jobs, thermal state) hits all variants
+alike. Times are medians over rounds; ratios are medians of the same-round ratios, which also
+cancel a burst that slows one whole round. Process CPU time is shown beside wall time: on a
+shared machine it is the less disturbed of the two. Peak memory is measured per variant in its own spawned process, because
 a process's peak RSS only grows: on CPU, peak RSS (VmHWM) of a process that builds the model and
 inputs and runs one step, minus that of a baseline process that builds the same and runs no
 step; on CUDA, `torch.cuda.max_memory_allocated` over the step minus what was allocated before.
@@ -17,7 +19,7 @@ import time
 
 import torch
 
-from .model import ARCHS, LOCO_SCHEDULES, NUM_STAGES, build_encoder, build_model, run_stage, \
+from .model import LOCO_SCHEDULES, NUM_STAGES, build_encoder, build_model, run_stage, \
     stage_channels
 
 # REFERENCE.md section 2: the LoCo paper's per-stage shares for ResNet-50 (percent).
@@ -73,7 +75,9 @@ def build_variant(name, arch, seed, decoder_options):
     if name == "bare":
         return BareStep(arch)
     method, _, schedule = name.partition(":")
-    return build_model(method, arch, loco_schedule=schedule or "fused", **decoder_options)
+    if schedule:
+        decoder_options = dict(decoder_options, loco_schedule=schedule)
+    return build_model(method, arch, **decoder_options)
 
 
 def zero_grads(model):
@@ -83,7 +87,7 @@ def zero_grads(model):
 
 def _sync(device):
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def time_interleaved(models, views, rounds, warmup, device):
@@ -426,12 +430,6 @@ def format_analysis(a):
                      f"{_pct(d['params'], a['encoder_params']):>10.2f}{d['flops'] / 1e9:>9.4f}"
                      f"{_pct(d['flops'], a['encoder_flops']):>10.2f}")
     return "\n".join(lines)
-
-
-def check_arch(arch):
-    if arch not in ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
-    return arch
 
 
 __all__ = ["analyze", "format_analysis", "run_benchmark", "format_benchmark", "variants",
