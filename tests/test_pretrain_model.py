@@ -99,6 +99,11 @@ def test_e2e_decoder_options_match_gim_shapes():
     assert len(model.decoders[0].blocks) == 1
     assert sum(isinstance(m, torch.nn.Linear) for m in model.decoders[0].mlp) == 4
     assert model.decoders[0].mlp[-1].out_features == 64
+    # The extra block is the encoder's own block type, halving resolution at constant width.
+    block = build_model("gim", "resnet50", conv_blocks=1).decoders[0].blocks[0]
+    assert isinstance(block, torchvision.models.resnet.Bottleneck)
+    out = block.eval()(torch.zeros(1, 256, 8, 8))
+    assert out.shape == (1, 256, 4, 4)
 
 
 @pytest.mark.parametrize("method,schedule", CASES)

@@ -399,9 +399,10 @@ def format_analysis(a):
     fl, ac, bo = a["stage_flops"], a["stage_acts"], a["block_outputs"]
     paper = a["arch"] == "resnet50" and a["image_size"] == 224
     opts = a["decoder_options"]
-    lines = [f"bench_pretrain --analyze: {a['arch']}, {a['image_size']} px, per image "
-             "(fvcore FlopCountAnalysis / ActivationCountAnalysis of the torchvision encoder; "
-             "fc excluded; the stem conv1+bn1+relu+maxpool is counted in S1)", ""]
+    lines = [f"bench_pretrain --analyze: {a['arch']}, {a['image_size']} px, per image",
+             "fvcore FlopCountAnalysis / ActivationCountAnalysis of the torchvision encoder (one "
+             "multiply-add = one flop, fvcore's convention);",
+             "fc excluded; the stem (conv1, bn1, relu, maxpool) is counted in S1 with res2.", ""]
     head = (f"{'stage':<14}{'GFLOPs':>8}{'FLOPs %':>9}{'paper %':>9}{'act (M)':>9}{'act %':>8}"
             f"{'blockout %':>11}{'paper %':>9}")
     lines += [head, "-" * len(head)]

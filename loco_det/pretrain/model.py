@@ -51,6 +51,7 @@ import contextlib
 import torch
 import torch.nn as nn
 import torchvision
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .losses import nt_xent
 
@@ -121,24 +122,17 @@ def stage_channels(encoder):
     return channels
 
 
-class ConvBlock(nn.Module):
-    """Residual block with stride-2 downsampling (BasicBlock layout, 1x1-conv shortcut): the
-    paper's extra conv block of a local decoder, keeping the input width."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels)
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels)
-        self.shortcut = nn.Sequential(nn.Conv2d(channels, channels, 1, stride=2, bias=False),
-                                      nn.BatchNorm2d(channels))
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+def conv_block(block_type, channels):
+    """One residual block of the encoder's own type (BasicBlock for ResNet-18/34, Bottleneck for
+    ResNet-50/101) that halves the resolution, keeps the width and has a 1x1-conv shortcut: the
+    paper's extra conv block of a local decoder. A BasicBlock at ResNet-50's widths would add
+    ~80 M parameters to a unit on res5; the bottleneck adds ~9 M, like one more res5 block."""
+    shortcut = nn.Sequential(nn.Conv2d(channels, channels, 1, stride=2, bias=False),
+                             nn.BatchNorm2d(channels))
+    if block_type is Bottleneck:
+        return Bottleneck(channels, channels // Bottleneck.expansion, stride=2,
+                          downsample=shortcut)
+    return BasicBlock(channels, channels, stride=2, downsample=shortcut)
 
 
 def projection_mlp(in_dim, hidden_dim, out_dim, layers):
@@ -155,11 +149,13 @@ def projection_mlp(in_dim, hidden_dim, out_dim, layers):
 class Decoder(nn.Module):
     """Decoder of one unit: [conv blocks] -> global average pooling -> projection MLP."""
 
-    def __init__(self, in_channels, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_dim=0):
+    def __init__(self, in_channels, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_dim=0,
+                 block_type=BasicBlock):
         super().__init__()
         _check_choice("conv_blocks", conv_blocks, (0, 1, 2))
         _check_choice("mlp_layers", mlp_layers, (2, 4))
-        self.blocks = nn.Sequential(*[ConvBlock(in_channels) for _ in range(conv_blocks)])
+        self.blocks = nn.Sequential(*[conv_block(block_type, in_channels)
+                                      for _ in range(conv_blocks)])
         self.mlp = projection_mlp(in_channels, hidden_dim or in_channels, proj_dim, mlp_layers)
 
     def forward(self, x):
@@ -203,7 +199,8 @@ class PretrainModel(nn.Module):
         self.units = UNITS[method]
         self.unit_names = [f"unit{k + 1}" for k in range(len(self.units))]
         self.decoders = nn.ModuleList(
-            Decoder(channels[unit[-1]], conv_blocks, mlp_layers, proj_dim, hidden_dim)
+            Decoder(channels[unit[-1]], conv_blocks, mlp_layers, proj_dim, hidden_dim,
+                    block_type=type(self.encoder.layer1[0]))
             for unit in self.units)
 
     # -- helpers -------------------------------------------------------------------------------
