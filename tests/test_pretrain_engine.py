@@ -213,3 +213,24 @@ def test_torchrun_two_processes_end_with_identical_weights(data16, tmp_path):
     model.decoders.load_state_dict(ckpt["decoders"])
     assert model_params_sha256(model) == h0
     assert json.loads((out / "run_info.json").read_text())["world_size"] == 2
+
+
+def test_recipes_load_with_the_papers_hyper_parameters():
+    from loco_det.pretrain.optim import peak_lr
+
+    recipes = os.path.join(REPO, "pretrain")
+    for method, name in (("e2e", "simclr"), ("gim", "gim"), ("loco", "loco")):
+        for epochs in (100, 800):
+            cfg = load_config(os.path.join(recipes, f"{name}_r50_{epochs}ep.yaml"))
+            assert (cfg.MODEL.METHOD, cfg.MODEL.ARCH, cfg.OPTIM.EPOCHS) == (method, "resnet50",
+                                                                            epochs)
+            assert (cfg.OPTIM.NAME, cfg.OPTIM.BATCH_SIZE, cfg.OPTIM.WARMUP_EPOCHS) == ("lars",
+                                                                                    4096, 10)
+            assert peak_lr(cfg) == pytest.approx(4.8) and cfg.OPTIM.WEIGHT_DECAY == 1e-6
+            assert cfg.MODEL.SYNC_BN and cfg.DATA.IMAGE_SIZE == 224
+    fair = load_config(os.path.join(recipes, "simclr_r50_100ep_deepdecoder.yaml"))
+    loco = load_config(os.path.join(recipes, "loco_r50_100ep.yaml"))
+    assert fair.MODEL.METHOD == "e2e" and fair.MODEL.DECODER == loco.MODEL.DECODER
+    for method in ("e2e", "gim", "loco"):
+        cfg = load_config(os.path.join(recipes, f"cpu_{method}.yaml"))
+        assert (cfg.MODEL.METHOD, cfg.MODEL.ARCH, cfg.DATA.IMAGE_SIZE) == (method, "resnet18", 64)
