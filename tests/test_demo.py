@@ -33,9 +33,10 @@ def test_reduced_demo_writes_a_full_report(tmp_path):
         for bench in BENCHMARKS:
             rows = [r for r in detection.splitlines() if r.startswith(f"| {method} |") and bench in r]
             assert len(rows) == 1, f"{method} on {bench}: {rows}"
-            assert "finished" in rows[0] and re.search(r"\|\s*\d+\.\d+", rows[0]), rows[0]
+            assert rows[0].endswith("| ok |") and re.search(r"\|\s*\d+\.\d+", rows[0]), rows[0]
         rows = [r for r in readout.splitlines() if r.startswith(f"| {method} |")]
-        assert len(rows) == 1 and re.search(r"\|\s*\d+\.\d+", rows[0]), rows
+        assert len(rows) == 1 and rows[0].endswith("| ok |"), rows
+        assert re.search(r"\|\s*\d+\.\d+", rows[0]), rows
     for png in re.findall(r"\(([^)]+\.png)\)", md):
         assert (out / png).is_file(), png
     assert len(re.findall(r"\.png\)", md)) >= 3

@@ -10,6 +10,7 @@ import os
 from fvcore.common.config import CfgNode as _FvCfgNode
 
 from ..utils import ConfigError
+from .model import LOCO_SCHEDULES
 
 
 class CfgNode(_FvCfgNode):
@@ -41,10 +42,12 @@ _C.MODEL.DECODER.PROJ_DIM = 128
 # Hidden width of the MLP; 0 means the width of the unit's output feature map.
 _C.MODEL.DECODER.HIDDEN_DIM = 0
 
-# LoCo backward schedule for the shared stages: "fused" computes each shared stage's forward
-# once and its weight gradient once from the sum of both units' output gradients; "recompute"
-# recomputes the shared stage's forward inside the upper unit (less memory, more time).
-_C.MODEL.LOCO_SCHEDULE = "fused"
+# LoCo backward schedule for the shared stages (time/memory trade-off; see model.py's docstring):
+# "fused" computes each shared stage's forward once and its weight gradient once from the sum
+# of both units' output gradients; "recompute" recomputes the shared stage's forward inside the
+# upper unit (less memory, more time); "hybrid" recomputes S2 only; "*_stem" also recomputes the
+# stem during S1's backward. "fused_stem" meets both of the time and memory targets.
+_C.MODEL.LOCO_SCHEDULE = "fused_stem"
 
 _C.LOSS = CfgNode()
 # NT-Xent temperature tau (SimCLR ImageNet recipe: 0.1).
@@ -131,7 +134,7 @@ def validate(cfg):
         "MODEL.ARCH": ("resnet18", "resnet34", "resnet50", "resnet101"),
         "MODEL.DECODER.CONV_BLOCKS": (0, 1, 2),
         "MODEL.DECODER.MLP_LAYERS": (2, 4),
-        "MODEL.LOCO_SCHEDULE": ("fused", "recompute"),
+        "MODEL.LOCO_SCHEDULE": LOCO_SCHEDULES,
         "OPTIM.NAME": ("lars", "sgd", "adamw"),
     }
     for key, allowed in choices.items():
