@@ -41,3 +41,15 @@ def synth_env(synth_root, monkeypatch):
 
     datasets.register_all()
     return pathlib.Path(synth_root)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of small convolutions: with several test processes sharing a few cores,
+    torch's intra-op threads mostly wait on each other (10x slower here). Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,14 +27,7 @@ from loco_det.detection.checkpoint import (LocoCheckpointer, backbone_state_keys
 from loco_det.utils import LocoError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """These tests run small convolutions; with several test processes sharing a few cores,
-    torch's intra-op threads mostly wait on each other (10x slower here). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _RunsCode:

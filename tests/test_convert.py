@@ -27,14 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(REPO, "tools", "convert_to_detectron2.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """These tests run small convolutions; with several test processes sharing a few cores,
-    torch's intra-op threads mostly wait on each other (10x slower here). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def d2_converter_script():
