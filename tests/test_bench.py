@@ -7,7 +7,6 @@ import re
 import pytest
 
 from loco_det.pretrain import bench
-from loco_det.pretrain.model import LOCO_SCHEDULES
 
 TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_pretrain.py"
 
@@ -46,6 +45,13 @@ def test_unknown_arch_is_one_line_error(cli, capsys):
     assert "resnet152" in capsys.readouterr().err
 
 
+def test_unknown_loco_schedule_is_an_error(cli, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--loco-schedule", "fused,fastest"])
+    assert exit_info.value.code == 2
+    assert "'fastest'" in capsys.readouterr().err
+
+
 def test_analyze_resnet18_64px(cli, capsys):
     assert cli.main(["--analyze", "--arch", "resnet18", "--image-size", "64"]) == 0
     out = capsys.readouterr().out
@@ -76,9 +82,11 @@ def test_timing_table(cli, capsys, tmp_path):
     out_json = tmp_path / "bench.json"
     assert cli.main(["--arch", "resnet18", "--image-size", "32", "--batch", "2", "--rounds", "1",
                      "--warmup", "0", "--threads", "1", "--no-memory",
+                     "--loco-schedule", "fused,hybrid_stem",
                      "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
-    for name in ["e2e", "gim"] + [f"loco:{s}" for s in LOCO_SCHEDULES] + ["bare"]:
+    assert "loco:recompute" not in out
+    for name in ["e2e", "gim", "loco:fused", "loco:hybrid_stem", "bare"]:
         assert re.search(rf"^{re.escape(name)}(\s+[\d.]+){{5}}$", out, re.M), name
     assert "e2e / bare torchvision step time" in out and "targets" in out
     assert out_json.exists()

@@ -9,6 +9,7 @@ import torchvision
 from loco_det.pretrain.losses import nt_xent
 from loco_det.pretrain.model import LOCO_SCHEDULES, build_model, run_stage
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny tensors: one intra-op thread is as fast and does not stall on a shared, loaded
@@ -166,7 +167,8 @@ def changed(method, perturb, layer, schedule="fused"):
     return not torch.allclose(run(None), run(perturb), rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("method,schedule", [("gim", "fused")] + [("loco", s) for s in LOCO_SCHEDULES])
+@pytest.mark.parametrize("method,schedule",
+                         [("gim", "fused")] + [("loco", s) for s in LOCO_SCHEDULES])
 def test_locality_local_methods(method, schedule):
     assert not changed(method, "layer4", "layer1", schedule)
     assert not changed(method, "layer4", "layer2", schedule)

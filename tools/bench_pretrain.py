@@ -9,8 +9,11 @@ Examples:
   # quick look on a laptop
   python tools/bench_pretrain.py --arch resnet18 --image-size 64 --batch 8 --rounds 2
 
-  # one LoCo schedule, fair-baseline decoders (one conv block, 4-layer MLP for every method)
-  python tools/bench_pretrain.py --loco-schedule hybrid --conv-blocks 1 --mlp-layers 4
+  # two LoCo schedules, fair-baseline decoders (one conv block, 4-layer MLP for every method)
+  python tools/bench_pretrain.py --loco-schedule fused,fused_stem --conv-blocks 1 --mlp-layers 4
+
+  # on a busy shared machine: one thread, more rounds, compare the cpu/e2e column
+  python tools/bench_pretrain.py --threads 1 --rounds 7 --no-memory
 
   # on a GPU (memory from torch.cuda.max_memory_allocated), bf16 autocast
   python tools/bench_pretrain.py --device cuda --batch 128 --amp
@@ -40,8 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--conv-blocks", type=int, default=0, choices=(0, 1, 2))
     parser.add_argument("--mlp-layers", type=int, default=2, choices=(2, 4))
-    parser.add_argument("--loco-schedule", default="all", choices=("all",) + LOCO_SCHEDULES,
-                        help="LoCo schedule(s) to measure, one row each (default: all)")
+    parser.add_argument("--loco-schedule", default="all",
+                        help="LoCo schedule(s) to measure, one row each: 'all' or a comma-"
+                             f"separated list of {', '.join(LOCO_SCHEDULES)} (default: all)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, help="intra-op CPU threads (default: torch's)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for every variant")
@@ -54,6 +58,14 @@ def parse_args(argv=None):
     for name in ("image_size", "batch", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.loco_schedule == "all":
+        args.loco_schedule = LOCO_SCHEDULES
+    else:
+        args.loco_schedule = tuple(args.loco_schedule.split(","))
+        unknown = [s for s in args.loco_schedule if s not in LOCO_SCHEDULES]
+        if unknown:
+            parser.error(f"--loco-schedule: unknown schedule {unknown[0]!r}; choose from "
+                         f"all, {', '.join(LOCO_SCHEDULES)}")
     if args.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
@@ -68,7 +80,7 @@ def main(argv=None):
         result = bench.analyze(args.arch, args.image_size, decoder_options)
         print(bench.format_analysis(result))
     else:
-        schedules = LOCO_SCHEDULES if args.loco_schedule == "all" else (args.loco_schedule,)
+        schedules = args.loco_schedule
         result = bench.run_benchmark(
             arch=args.arch, image_size=args.image_size, batch=args.batch, rounds=args.rounds,
             warmup=args.warmup, loco_schedules=schedules, decoder_options=decoder_options,

@@ -4,10 +4,12 @@ Timing runs every variant in one process, interleaved round by round (e2e, gim, 
 e2e, ...) after warm-up rounds: machine drift (other jobs, thermal state) hits all variants
 alike. Times are medians over rounds; ratios are medians of the same-round ratios, which also
 cancel a burst that slows one whole round. Process CPU time is shown beside wall time: on a
-shared machine it is the less disturbed of the two. Peak memory is measured per variant in its own spawned process, because
-a process's peak RSS only grows: on CPU, peak RSS (VmHWM) of a process that builds the model and
-inputs and runs one step, minus that of a baseline process that builds the same and runs no
-step; on CUDA, `torch.cuda.max_memory_allocated` over the step minus what was allocated before.
+shared machine it is the less disturbed of the two.
+
+Peak memory is measured per variant in its own spawned process, because a process's peak RSS
+only grows: on CPU, peak RSS (VmHWM) of a process that builds the model and inputs and runs one
+step, minus that of a baseline process that builds the same and runs no step; on CUDA,
+`torch.cuda.max_memory_allocated` over the step minus what was allocated before.
 
 "bare" is a plain torchvision forward + backward of the same 2N views (sum of the logits as the
 loss): the floor that e2e's decoder and loss are measured against.
@@ -424,7 +426,8 @@ def format_analysis(a):
                  f"mlp_layers={opts.get('mlp_layers', 2)}, proj_dim={opts.get('proj_dim', 128)}); "
                  f"encoder without fc: {a['encoder_params'] / 1e6:.2f} M params, "
                  f"{a['encoder_flops'] / 1e9:.3f} GFLOPs")
-    head = f"{'method':<8}{'units':>6}{'params (M)':>12}{'% of enc':>10}{'GFLOPs':>9}{'% of enc':>10}"
+    head = (f"{'method':<8}{'units':>6}{'params (M)':>12}{'% of enc':>10}{'GFLOPs':>9}"
+            f"{'% of enc':>10}")
     lines += [head, "-" * len(head)]
     for method, d in a["methods"].items():
         lines.append(f"{method:<8}{d['units']:>6}{d['params'] / 1e6:>12.3f}"
