@@ -38,10 +38,14 @@ tests/test_pretrain_model.py; measured trade-offs: tools/bench_pretrain.py):
     "hybrid_stem" "hybrid" plus the stem recompute: the least memory.
 
 Measured with tools/bench_pretrain.py (ResNet-50, 224 px, 16 images, this project's 2-core CPU
-shared with other jobs), step time / peak memory against e2e: fused 1.29 / 0.85, recompute
-1.40 / 0.76, hybrid 1.31 / 0.75, fused_stem 1.17 / 0.78, hybrid_stem 1.27 / 0.68. Memory ratios
-repeat within ~0.02; time ratios moved by up to ~0.1 between runs on the loaded machine ("fused"
-does strictly less work than "fused_stem": the stem's recomputation costs ~3-4 % of a step).
+shared with other jobs, load average 4-8; three runs), step time / peak memory against e2e:
+
+    fused 1.18-1.29 / 0.85-0.87     recompute 1.36-1.40 / 0.74-0.77   hybrid 1.23-1.37 / 0.75
+    fused_stem 1.15-1.27 / 0.76-0.78                  hybrid_stem 1.22-1.59 / 0.66-0.68
+
+Memory repeats within ~0.02; wall time moves with the neighbours' load (one thread, less
+disturbed: fused 1.17, fused_stem 1.14-1.18). "fused" does strictly less work than
+"fused_stem": the stem's recomputation costs ~3-4 % of a step.
 
 Recomputed forwards do not update BatchNorm running statistics twice: every stage's statistics
 move exactly once per step, as in a plain forward.
@@ -365,7 +369,8 @@ def build_model(method, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_
     Decoder options apply to every unit (e2e included, for a fair baseline): conv_blocks 0/1/2
     stride-2 residual blocks, an MLP of mlp_layers (2 or 4) Linear layers, hidden width
     hidden_dim (0: the unit's output channels), output proj_dim. loco_schedule (LoCo only): see
-    the module doc; the default "fused_stem" is the one that meets both of issue 2's targets.
+    the module doc; the default "fused_stem" is the schedule that meets both of issue 2's LoCo
+    targets (time <= 1.25x e2e, peak memory <= 0.85x e2e) with a memory margin.
     """
     return PretrainModel(method, arch, conv_blocks=conv_blocks, mlp_layers=mlp_layers,
                          proj_dim=proj_dim, hidden_dim=hidden_dim, temperature=temperature,
