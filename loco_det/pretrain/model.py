@@ -40,7 +40,7 @@ tests/test_pretrain_model.py; measured trade-offs: tools/bench_pretrain.py):
 Measured with tools/bench_pretrain.py (ResNet-50, 224 px, 16 images, this project's 2-core CPU
 shared with other jobs, load average 4-8; three runs), step time / peak memory against e2e:
 
-    fused 1.18-1.29 / 0.85-0.87     recompute 1.36-1.40 / 0.74-0.77   hybrid 1.23-1.37 / 0.75
+    fused 1.18-1.29 / 0.84-0.87     recompute 1.36-1.40 / 0.74-0.77   hybrid 1.23-1.37 / 0.75
     fused_stem 1.15-1.27 / 0.76-0.78                  hybrid_stem 1.22-1.59 / 0.66-0.68
 
 Memory repeats within ~0.02; wall time moves with the neighbours' load (one thread, less
