@@ -158,6 +158,26 @@ def test_imagefolder_view(synth_root):
         assert filecmp.cmp(path, same, shallow=False)
 
 
+def test_main_object_defines_the_imagefolder_label(synth_root):
+    """Format 2: the first-painted instance (lowest COCO annotation id of its image) is the main
+    object: the largest visible one in every scene, so the label is never a near-tie."""
+    for split in ("train", "val"):
+        with open(synth_root / "coco" / "annotations" / f"instances_{split}.json") as f:
+            coco = json.load(f)
+        names = {c["id"]: c["name"] for c in coco["categories"]}
+        by_image = {}
+        for ann in sorted(coco["annotations"], key=lambda a: a["id"]):
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        assert len(by_image) == len(coco["images"])
+        for img in coco["images"]:
+            main, *others = by_image[img["id"]]
+            assert all(main["area"] > 1.2 * o["area"] for o in others), img["file_name"]
+            label = glob.glob(str(synth_root / "imagefolder" / split / "*" /
+                                  os.path.basename(img["file_name"])))
+            assert [os.path.basename(os.path.dirname(x)) for x in label] == \
+                [names[main["category_id"]]]
+
+
 def test_centre_contour_redraws_random_masks():
     rng = np.random.default_rng(0)
     from scipy import ndimage
