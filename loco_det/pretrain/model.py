@@ -43,7 +43,9 @@ shared with other jobs, load average 4-8; three runs), step time / peak memory a
     fused 1.18-1.29 / 0.84-0.87     recompute 1.36-1.40 / 0.74-0.77   hybrid 1.23-1.37 / 0.75
     fused_stem 1.15-1.27 / 0.76-0.78                  hybrid_stem 1.22-1.59 / 0.66-0.68
 
-Memory repeats within ~0.02; wall time moves with the neighbours' load (one thread, less
+On the quiet machine (one run): fused 1.17 / 0.81, recompute 1.24 / 0.71, hybrid 1.17 / 0.71,
+fused_stem 1.10 / 0.73, hybrid_stem 1.16 / 0.64. Memory repeats within a few hundredths; wall
+time moves with the neighbours' load (one thread, less
 disturbed: fused 1.17, fused_stem 1.14-1.18). "fused" does strictly less work than
 "fused_stem": the stem's recomputation costs ~3-4 % of a step.
 
