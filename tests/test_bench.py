@@ -11,15 +11,7 @@ from loco_det.pretrain import bench
 TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_pretrain.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: as fast for tiny inputs, and no OpenMP stalls on a loaded machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,7 @@ from loco_det.pretrain.losses import nt_xent
 from loco_det.pretrain.model import LOCO_SCHEDULES, build_model, run_stage
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast and does not stall on a shared, loaded
-    machine (OpenMP barriers wait for every thread to be scheduled)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def views(seed=0, batch=4, size=32):
