@@ -45,9 +45,9 @@ shared with other jobs, load average 4-8; three runs), step time / peak memory a
 
 On the quiet machine (one run): fused 1.17 / 0.81, recompute 1.24 / 0.71, hybrid 1.17 / 0.71,
 fused_stem 1.10 / 0.73, hybrid_stem 1.16 / 0.64. Memory repeats within a few hundredths; wall
-time moves with the neighbours' load (one thread, less
-disturbed: fused 1.17, fused_stem 1.14-1.18). "fused" does strictly less work than
-"fused_stem": the stem's recomputation costs ~3-4 % of a step.
+time moves with the neighbours' load (one thread, less disturbed: fused 1.17, fused_stem
+1.14-1.18). "fused" does strictly less work than "fused_stem": the stem's recomputation costs
+~3-4 % of a step.
 
 Recomputed forwards do not update BatchNorm running statistics twice: every stage's statistics
 move exactly once per step, as in a plain forward.
