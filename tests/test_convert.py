@@ -527,6 +527,14 @@ def build_layout(name, sd, other, path):
         model.load_state_dict(sd)
         torch.save(model, path)
         return {}, "pickled model object"
+    if name == "legacy-serialization":  # torch < 1.6 files (the original MoCo releases)
+        state_dict = {**prefixed(prefixed(sd, "", drop_fc=True), "module.encoder_q."),
+                      **prefixed(prefixed(other, "", drop_fc=True), "module.encoder_k."),
+                      "module.queue": torch.randn(128, 64)}
+        torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state_dict,
+                    "args": argparse.Namespace(arch="resnet18")}, path,
+                   _use_new_zipfile_serialization=False)
+        return {}, "MoCo v1/v2"
     if name == "half-precision":
         torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}, path)
         return {}, "plain state dict"
@@ -536,7 +544,7 @@ def build_layout(name, sd, other, path):
 LAYOUTS = ["torchvision", "timm", "timm-safetensors", "timm-train", "lightning", "solo-learn",
            "mmselfsup", "vissl", "moco-v2", "moco-v3", "dino-teacher", "dino-student", "ibot",
            "swav", "byol", "loco_det", "torch-compile-ddp", "sequential-children",
-           "byol-online-target", "pickled-module", "half-precision"]
+           "byol-online-target", "pickled-module", "legacy-serialization", "half-precision"]
 
 
 @pytest.fixture(scope="module")
@@ -708,6 +716,8 @@ def _bad_case(name, root, sd):
     if name == "--prefix incomplete resnet":
         torch.save({**prefixed(sd, "a."), "b.layer1.0.conv1.weight": torch.zeros(1)}, root / "p.pth")
         return [root / "p.pth", out, "--prefix", "b."], r"p\.pth is not a complete ResNet: no weights for layer2"
+    if name == "--take with --prefix":
+        return [good, out, "--take teacher", "--prefix", "x."], r"either --take or --prefix, not both"
     if name == "hostile pickle (os.system)":
         torch.save({"state_dict": sd, "x": _Hostile(root / "PWNED")}, root / "evil.pth")
         return [root / "evil.pth", out], r"refusing to load .*evil\.pth: it asks to import posix\.system"
@@ -731,7 +741,7 @@ BAD_CASES = ["missing input", "input is a directory", "empty input", "truncated 
              "output is a directory", "output parent is a file", "already converted",
              "detectron2 model_final", "nan weights", "inf weights --verify",
              "two unrelated encoders", "--take names nothing", "--prefix names nothing",
-             "--prefix incomplete resnet", "hostile pickle (os.system)", "hostile pickle (eval)",
+             "--prefix incomplete resnet", "--take with --prefix", "hostile pickle (os.system)", "hostile pickle (eval)",
              "corrupt safetensors"]
 
 

@@ -5,11 +5,15 @@ keys without "layer" get `stem.`, `layerN` -> `res{N+1}`, `bnK` -> `convK.norm`,
 `downsample.0` -> `shortcut`, `downsample.1` -> `shortcut.norm`; Detectron2 then matches names by
 suffix when loading. On top of that script this module:
 
-- reads the input with `torch.load(weights_only=True)` (a checkpoint is a pickle; loading it must
-  not run code), with one-line errors for missing / corrupt / truncated files;
-- finds the encoder in loco_det pretraining checkpoints, plain state dicts and wrapped ones
-  (`module.`, `module.encoder_q.`, `encoder.`, under `state_dict`/`model`, or a named prefix);
+- reads the input without running code from it (`load_checkpoint`): `torch.load(weights_only=True)`,
+  and where a file also holds objects of other classes (DINO's `args`, Lightning's
+  hyper-parameters...), the same load with those objects as inert placeholders; one-line errors
+  for missing / corrupt / truncated / hostile files and for files already in Detectron2's format;
+- finds the encoder in the layouts of torchvision, timm, Lightning, solo-learn, mmselfsup /
+  MMPretrain, VISSL, MoCo v1-v3, DINO / iBOT, SwAV / BYOL and loco_det (docs/formats.md,
+  "Accepted checkpoint layouts"), refusing ambiguity with the flag that resolves it;
 - infers ResNet-18/34/50/101/152 from the keys and shapes and refuses anything else;
+- refuses NaN / Inf weights, naming the tensors;
 - drops (and lists) projection heads, decoders, `fc` and everything outside the encoder, which
   Detectron2 would otherwise load silently as "unused";
 - records the preprocessing the weights need (docs/formats.md, "Converted weights") so that
@@ -204,7 +208,7 @@ def load_checkpoint(path):
             data = safe_load_pkl(path)
         except LocoError:
             data = None  # not a plain-data pickle: a legacy torch.save file, or corrupt
-        if data is not None:
+        if isinstance(data, dict):  # (a legacy torch.save file starts with a bare number)
             _refuse_detectron2(path, data)
             raise LocoError(f"{path} is a plain pickle without torch tensors, not a training "
                             "checkpoint")
@@ -349,6 +353,9 @@ def _take_flags(candidates):
 
 def _choose(candidates, tensors, source, prefix, take):
     """The encoder's dotted prefix, and why it was chosen (for the report)."""
+    if prefix is not None and take is not None:
+        raise LocoError("give either --take or --prefix, not both (--prefix names the encoder "
+                        "completely)")
     if prefix is not None:
         found, full = _match_prefix(candidates, tensors, prefix)
         if not found:
