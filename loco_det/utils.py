@@ -21,7 +21,7 @@ class ConfigError(LocoError):
     pass
 
 
-def _temp_prefix(path, pid=None):
+def temp_prefix(path, pid=None):
     """`.tmp_<name>.<host>-<pid>.`: the writer's identity is in the name, so a later run can
     tell a file left by a killed process from one another live process is writing."""
     host = socket.gethostname().replace(".", "_").replace("-", "_") or "host"
@@ -43,7 +43,7 @@ def remove_stale_temps(path):
     beside `path` (SIGKILL, power loss). Files of live writers and of other hosts (a shared file
     system) are kept. Returns the removed paths."""
     directory = os.path.dirname(os.path.abspath(path))
-    host_prefix = _temp_prefix(path, pid=0)[:-2]  # ".tmp_<name>.<host>-"
+    host_prefix = temp_prefix(path, pid=0)[:-2]  # ".tmp_<name>.<host>-"
     removed = []
     for tmp in glob.glob(os.path.join(glob.escape(directory), glob.escape(host_prefix) + "*")):
         pid = os.path.basename(tmp)[len(host_prefix):].split(".", 1)[0]
@@ -63,7 +63,7 @@ def atomic_write(path, mode="wb"):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_temp_prefix(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix(path))
     try:
         with os.fdopen(fd, mode) as f:
             yield f

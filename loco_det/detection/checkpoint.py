@@ -413,6 +413,13 @@ class LocoCheckpointer(DetectionCheckpointer):
                     "LOCO_DET.FROM_SCRATCH True to train the backbone from scratch instead")
         return incompatible
 
+    def _log_incompatible_keys(self, incompatible):
+        """Only shape mismatches are warned about here: missing and unused keys are in the
+        table (`_log_table`, log file), and a missing backbone weight is an error."""
+        for key, shape_checkpoint, shape_model in incompatible.incorrect_shapes:
+            self.logger.warning(f"not loaded: {key} has shape {tuple(shape_checkpoint)} in the "
+                                f"checkpoint but {tuple(shape_model)} in the model")
+
     def _log_table(self, model_keys, missing, unused, source):
         """Per-module counts of loaded, missing and unused keys: one glance shows whether the
         backbone was fully loaded and which heads start from scratch."""
@@ -426,13 +433,19 @@ class LocoCheckpointer(DetectionCheckpointer):
             rows.setdefault("(checkpoint) " + _group(key, 1), [0, 0, 0])[2] += 1
         table = tabulate([[name, *counts] for name, counts in rows.items()],
                          headers=["module", "loaded", "missing", "unused"], tablefmt="pipe")
-        self.logger.info(f"Weights loaded from {source}:\n{table}")
+        file_only = {"loco_det_file_only": True}  # details for log.txt, not the console
+        self.logger.info(f"Weights loaded from {source}: {len(model_keys) - len(missing)} of "
+                         f"{len(model_keys)} model keys, {len(missing)} missing (new layers), "
+                         f"{len(unused)} unused (table in log.txt)")
+        self.logger.info(f"Weights loaded from {source}:\n{table}", extra=file_only)
         if missing:
             shown = sorted(missing)
             self.logger.info("Missing keys (initialised from scratch): "
-                             + ", ".join(shown[:50]) + (" ..." if len(shown) > 50 else ""))
+                             + ", ".join(shown[:50]) + (" ..." if len(shown) > 50 else ""),
+                             extra=file_only)
         if unused:
             shown = sorted(unused)
             self.logger.info("Unused checkpoint keys: "
-                             + ", ".join(shown[:50]) + (" ..." if len(shown) > 50 else ""))
+                             + ", ".join(shown[:50]) + (" ..." if len(shown) > 50 else ""),
+                             extra=file_only)
 

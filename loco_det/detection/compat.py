@@ -20,6 +20,8 @@ source install, real `_C`, an old numpy or a setuptools with pkg_resources, it i
 - Checkpoints: fvcore's `Checkpointer.save` / `tag_last_checkpoint` write the real file name
   directly, so a kill leaves a truncated `model_XXXXXXX.pth` or `last_checkpoint`; on local
   paths they now go through a temporary file and a rename (`loco_det.utils.atomic_write`).
+- fvcore's "unused keys" warning no longer lists BatchNorm's `num_batches_tracked` counters
+  (converted torchvision weights carry them; FrozenBN has none; nothing is lost).
 - Warnings about Detectron2's own code (torch.jit.script deprecation, torch.meshgrid indexing)
   that say nothing about the user's run are silenced.
 
@@ -159,8 +161,19 @@ def _patch_checkpointer():
             f.write(last_filename_basename)
         return None
 
+    original_log = Checkpointer._log_incompatible_keys
+
+    def _log_incompatible_keys(self, incompatible):
+        """fvcore's warning, without BatchNorm's `num_batches_tracked` counters among the
+        unused keys: a converted torchvision ResNet has them, Detectron2's FrozenBN has none,
+        and nothing is lost by not loading a counter."""
+        unexpected = [k for k in incompatible.unexpected_keys
+                      if not k.endswith("num_batches_tracked")]
+        return original_log(self, incompatible._replace(unexpected_keys=unexpected))
+
     Checkpointer.save = save
     Checkpointer.tag_last_checkpoint = tag_last_checkpoint
+    Checkpointer._log_incompatible_keys = _log_incompatible_keys
     Checkpointer._loco_det_atomic = True
 
 

@@ -62,8 +62,13 @@ logger = logging.getLogger("loco_det.detection")
 FILE_ONLY = {"loco_det_file_only": True}
 
 
+# Loggers whose every record is detail for log.txt (Detectron2's table of matched weight names).
+_FILE_ONLY_LOGGERS = ("detectron2.checkpoint.c2_model_loading",)
+
+
 def _console_filter(record):
-    return not getattr(record, "loco_det_file_only", False)
+    return not (getattr(record, "loco_det_file_only", False)
+                or record.name in _FILE_ONLY_LOGGERS)
 
 
 def _quiet_console(*names):
@@ -338,8 +343,10 @@ def log_trainable(model):
     n_frozen = sum(g[1] for g in groups.values())
     rows = "\n".join(f"  {k:<32} trainable {a:>10,}  frozen {b:>10,}" for k, (a, b) in groups.items())
     logger.info(f"Trainable parameters: {len(trainable)} tensors, {n_train:,} values; frozen: "
-                f"{n_frozen:,} values; backbone frozen: {backbone_is_frozen(model)}\n{rows}")
-    logger.info("Trainable parameter list:\n  " + "\n  ".join(trainable))
+                f"{n_frozen:,} values; backbone frozen: {backbone_is_frozen(model)} (per module "
+                "and by name in log.txt)")
+    logger.info(f"Trainable / frozen values per module:\n{rows}", extra=FILE_ONLY)
+    logger.info("Trainable parameter list:\n  " + "\n  ".join(trainable), extra=FILE_ONLY)
     return trainable
 
 

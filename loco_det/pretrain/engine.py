@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -190,6 +191,10 @@ def load_checkpoint(path):
     """The checkpoint dict, or LocoError naming `path` if it cannot be read."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise LocoError(f"{path}: cannot read checkpoint (not a file written by torch.save, or "
+                        "it holds objects other than tensors and containers, which loco_det "
+                        "does not unpickle)") from None
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         raise LocoError(f"{path}: cannot read checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
