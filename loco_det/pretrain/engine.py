@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -29,7 +30,8 @@ import yaml
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..utils import ConfigError, LocoError, atomic_write, run_info, write_json
+from ..utils import (ConfigError, LocoError, atomic_write, check_output_dir, run_info,
+                     write_json)
 from .data import build_loader
 from .optim import build_optimizer, build_scheduler
 
@@ -189,6 +191,10 @@ def load_checkpoint(path):
     """The checkpoint dict, or LocoError naming `path` if it cannot be read."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise LocoError(f"{path}: cannot read checkpoint (not a file written by torch.save, or "
+                        "it holds objects other than tensors and containers, which loco_det "
+                        "does not unpickle)") from None
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         raise LocoError(f"{path}: cannot read checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -271,8 +277,9 @@ class MetricLogger:
         records = []
         if resume and os.path.exists(self.path):
             # Drop what a killed run logged after its last checkpoint: those steps run again.
+            # A line without its newline is what a SIGKILL during the append left: drop it.
             with open(self.path) as f:
-                records = [line for line in f if line.strip()
+                records = [line for line in f if line.strip() and line.endswith("\n")
                            and json.loads(line).get("step", 0) <= start_step]
         with atomic_write(self.path, "w") as f:
             f.writelines(records)
@@ -372,6 +379,7 @@ def train(cfg, output_dir, resume=False, stop_after_steps=None, config_file=None
     Returns the summary dict on rank 0 when the run has finished, else None.
     """
     env = DistEnv()
+    check_output_dir(output_dir)
     if cfg.OPTIM.BATCH_SIZE % env.world_size:  # before joining: fails fast on every rank
         raise ConfigError(f"OPTIM.BATCH_SIZE={cfg.OPTIM.BATCH_SIZE} does not divide by the "
                           f"world size {env.world_size}: batch sizes are global, choose a "
