@@ -145,3 +145,23 @@ def changed_keys(old, new, run_only):
     missing = "<absent>"
     return [(k, old.get(k, missing), new.get(k, missing)) for k in keys
             if old.get(k, missing) != new.get(k, missing)]
+
+
+def _is_loco_checkpoint(obj):
+    return isinstance(obj, dict) and "method" in obj and isinstance(obj.get("config"), str)
+
+
+def checkpoint_fingerprint(obj):
+    """Fingerprint of a loaded loco_det pretraining checkpoint (recorded, else computed from its
+    config); None for anything else (torchvision or published weights)."""
+    if not _is_loco_checkpoint(obj):
+        return None
+    return obj.get("fingerprint") or pretrain_fingerprint(obj["config"])
+
+
+def checkpoint_seed(obj):
+    """SEED of a loaded loco_det pretraining checkpoint, else None."""
+    if not _is_loco_checkpoint(obj):
+        return None
+    seed = (yaml.safe_load(obj["config"]) or {}).get("SEED")
+    return None if seed is None else int(seed)
