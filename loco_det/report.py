@@ -97,7 +97,7 @@ PROTOCOL_FIELDS = {
 }
 # Protocol fields that may differ between the rows being compared (the learning rule, its
 # decoder, and what the baseline protocol prescribes for random init); the others must match.
-COMPARE_FREE = {"readout": ("pretraining", "decoder"),
+COMPARE_FREE = {"pretrain": ("decoder",), "readout": ("pretraining", "decoder"),
                 "detection": ("weights", "decoder", "backbone")}
 # The metrics compared between methods, per kind (higher is better).
 COMPARED = {"detection": ("APbb", "APmk"), "readout": ("top1/res5",)}
@@ -802,7 +802,9 @@ def _md_table(header, rows):
 
 
 def _n_cell(row):
-    n = len(row.runs)
+    """Distinct seeds (repeats are not extra n), with the expected total when runs are
+    missing or unfinished."""
+    n = len(row.by_seed())
     return str(n) if not row.others else f"{n} of {n + len(row.others)}"
 
 
@@ -825,7 +827,8 @@ def _fmt_comparison(c, digits=2):
     ci = "-" if c.halfwidth is None else (
         f"{c.diff:+.{digits}f} ± {c.halfwidth:.{digits}f} [{c.low:+.{digits}f}, "
         f"{c.high:+.{digits}f}]")
-    test = "-" if c.test == "-" else f"{c.test}, df {c.df:.1f}".replace(".0,", ",")
+    df = "-" if c.df is None else (f"{c.df:.0f}" if float(c.df).is_integer() else f"{c.df:.1f}")
+    test = "-" if c.test == "-" else f"{c.test}, df {df}"
     return diff, ci, test, c.verdict
 
 
