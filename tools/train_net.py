@@ -28,7 +28,7 @@ Examples:
 
   # Random-initialisation baseline (no pretrained weights):
   python tools/train_net.py --config-file det_configs/cpu_synth_coco_R18_FPN_finetune.yaml \\
-      LOCO_DET.FROM_SCRATCH True OUTPUT_DIR runs/det_random
+      LOCO_DET.FROM_SCRATCH True MODEL.BACKBONE.FREEZE_AT 0 OUTPUT_DIR runs/det_random
 
   # The paper's COCO readout on 8 GPUs (batch sizes are totals over all GPUs):
   python tools/train_net.py --num-gpus 8 --config-file det_configs/coco_R50_FPN_1x_frozen.yaml \\

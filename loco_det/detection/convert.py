@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import fingerprint
 from ..utils import LocoError, atomic_write
 from . import compat  # noqa: F401  (must precede detectron2 imports)
 from .checkpoint import METADATA_KEY, safe_load_pkl, safe_loads_pkl, torch_load_weights
@@ -717,6 +718,9 @@ def convert(input_path, output_path, prefix=None, verify=False, tol=1e-4, verify
         "method": None if method is None else str(method),
         "prefix": info["prefix"],
         "layout": info["layout"],
+        # run identity of a loco_det checkpoint (loco_det/fingerprint.py); None otherwise
+        "fingerprint": fingerprint.checkpoint_fingerprint(obj),
+        "seed": fingerprint.checkpoint_seed(obj),
     }
     result = {"model": convert_state_dict(state), "__author__": "loco_det",
               "matching_heuristics": True, METADATA_KEY: metadata}

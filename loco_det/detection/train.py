@@ -19,6 +19,7 @@ What this adds to Detectron2's `tools/train_net.py` recipe, and why:
 We do not call Detectron2's `default_setup`: v0.6's `collect_env` assumes compiled ops.
 """
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -45,6 +46,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
+from .. import fingerprint
 from ..utils import LocoError, atomic_write, check_output_dir, run_info, write_json
 from .checkpoint import (
     LocoCheckpointer,
@@ -154,6 +156,7 @@ def preflight(cfg, *, eval_only, resume):
         if cfg.LOCO_DET.FROM_SCRATCH and weights:
             raise LocoError(f"LOCO_DET.FROM_SCRATCH is True but MODEL.WEIGHTS is {weights}: "
                             "clear one of them")
+        check_random_init_protocol(cfg)
         if not cfg.LOCO_DET.FROM_SCRATCH and not weights:
             raise LocoError("no backbone weights: set MODEL.WEIGHTS to converted weights "
                             "(tools/convert_to_detectron2.py), or LOCO_DET.FROM_SCRATCH True for "
@@ -168,6 +171,27 @@ def preflight(cfg, *, eval_only, resume):
     names = list(cfg.DATASETS.TEST) + ([] if eval_only else list(cfg.DATASETS.TRAIN))
     _check_datasets(cfg, names)
     return meta
+
+
+TRAINABLE_NORMS = ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "GN")
+
+
+def check_random_init_protocol(cfg):
+    """A random-init backbone is either trained whole from scratch (FREEZE_AT 0 with a norm that
+    trains: the fine-tuning baseline, as in He et al., "Rethinking ImageNet Pre-training") or
+    kept whole frozen (FREEZE_AT >= 5: the readout baseline). Anything between keeps random
+    stages fixed behind identity FrozenBN, which is no baseline: refuse it."""
+    if not cfg.LOCO_DET.FROM_SCRATCH:
+        return
+    freeze_at, norm = int(cfg.MODEL.BACKBONE.FREEZE_AT), cfg.MODEL.RESNETS.NORM
+    if 0 < freeze_at < 5:
+        raise LocoError(f"LOCO_DET.FROM_SCRATCH with MODEL.BACKBONE.FREEZE_AT {freeze_at} keeps "
+                        f"random stages frozen: set FREEZE_AT 0 and MODEL.RESNETS.NORM SyncBN (or "
+                        f"BN) to train the backbone from scratch, or FREEZE_AT 5 for the frozen "
+                        f"readout baseline")
+    if freeze_at == 0 and norm not in TRAINABLE_NORMS:
+        raise LocoError(f"LOCO_DET.FROM_SCRATCH with FREEZE_AT 0 needs a norm that trains from "
+                        f"scratch; MODEL.RESNETS.NORM is {norm!r}: use SyncBN or BN")
 
 
 def resolve_method(cfg, meta, *, reuse_recorded):
@@ -186,6 +210,28 @@ def resolve_method(cfg, meta, *, reuse_recorded):
     logger.warning("the weights carry no pretraining method (not a loco_det checkpoint); "
                    "results.json says 'unknown': set LOCO_DET.LABEL to name it")
     return "unknown"
+
+
+def record_weights_identity(cfg, meta, *, reuse_recorded):
+    """Fill LOCO_DET.WEIGHTS_FINGERPRINT / _SEED / _SOURCE (results.json's run identity), unless
+    this process continues a run that recorded them (`reuse_recorded`, as in resolve_method)."""
+    if reuse_recorded and cfg.LOCO_DET.WEIGHTS_FINGERPRINT:
+        return
+    sha = None
+    weights = cfg.MODEL.WEIGHTS
+    if meta is None and weights.endswith(".pkl") and os.path.isfile(weights):
+        meta = read_weights_metadata(weights)   # --resume skips preflight's reading
+    if meta is None and not cfg.LOCO_DET.FROM_SCRATCH and weights and os.path.isfile(weights):
+        digest = hashlib.sha256()
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        sha = digest.hexdigest()
+    cfg.LOCO_DET.WEIGHTS_FINGERPRINT = fingerprint.weights_fingerprint(
+        meta, from_scratch=cfg.LOCO_DET.FROM_SCRATCH and not weights, sha256=sha)
+    seed = (meta or {}).get("seed")
+    cfg.LOCO_DET.WEIGHTS_SEED = -1 if seed is None else int(seed)
+    cfg.LOCO_DET.WEIGHTS_SOURCE = str((meta or {}).get("source") or "")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -230,6 +276,8 @@ def setup(args):
         cfg.LOCO_DET.CONFIG_NAME = os.path.splitext(os.path.basename(args.config_file))[0]
     cfg.LOCO_DET.RESOLVED_METHOD = resolve_method(
         cfg, meta, reuse_recorded=eval_only or (resume and _has_last_checkpoint(output_dir)))
+    record_weights_identity(cfg, meta, reuse_recorded=eval_only or (
+        resume and _has_last_checkpoint(output_dir)))
     cfg.freeze()
 
     if comm.is_main_process() and output_dir:
@@ -472,6 +520,11 @@ def build_results(cfg, eval_results, *, model, method, eval_only, iteration=None
             "train_datasets": list(cfg.DATASETS.TRAIN),
             "test_datasets": names,
         },
+        # run identity (loco_det/fingerprint.py): config minus run-only keys, plus the weights
+        "fingerprint": fingerprint.detection_fingerprint(cfg, cfg.LOCO_DET.WEIGHTS_FINGERPRINT),
+        "weights_fingerprint": cfg.LOCO_DET.WEIGHTS_FINGERPRINT,
+        "weights_seed": None if cfg.LOCO_DET.WEIGHTS_SEED < 0 else int(cfg.LOCO_DET.WEIGHTS_SEED),
+        "weights_source": cfg.LOCO_DET.WEIGHTS_SOURCE or None,
     }
     if iteration is not None:
         record["iteration"] = int(iteration)

@@ -30,6 +30,7 @@ import yaml
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..fingerprint import PRETRAIN_RUN_ONLY, changed_keys, pretrain_fingerprint, pretrain_identity
 from ..utils import (ConfigError, LocoError, atomic_write, check_output_dir, run_info,
                      write_json)
 from .data import build_loader
@@ -209,16 +210,17 @@ def describe_checkpoint(ckpt):
 
 
 def check_resume_compatible(path, ckpt, cfg, steps_per_epoch, num_classes=None):
-    """One clear line when the checkpoint cannot continue under this config."""
-    if ckpt["arch"] != cfg.MODEL.ARCH or ckpt["method"] != cfg.MODEL.METHOD:
+    """One clear line when the checkpoint cannot continue under this config: every key outside
+    the run-only list (loco_det/fingerprint.py) that differs from the checkpoint's config is
+    named with both values; then the data must give the same number of steps per epoch."""
+    changed = changed_keys(pretrain_identity(ckpt["config"]), pretrain_identity(cfg),
+                           PRETRAIN_RUN_ONLY)
+    if changed:
         raise LocoError(
-            f"{path}: checkpoint is MODEL.METHOD={ckpt['method']} MODEL.ARCH={ckpt['arch']}, "
-            f"the config asks for MODEL.METHOD={cfg.MODEL.METHOD} MODEL.ARCH={cfg.MODEL.ARCH}; "
-            f"use the run's own config or another --output-dir")
-    epochs = ckpt_cfg_value(ckpt, "OPTIM")["EPOCHS"]
-    if epochs != cfg.OPTIM.EPOCHS:
-        raise LocoError(f"{path}: checkpoint's run has OPTIM.EPOCHS={epochs}, the config asks "
-                        f"for {cfg.OPTIM.EPOCHS}; the cosine schedule cannot change mid-run")
+            f"{path}: the config differs from the run being resumed in "
+            + ", ".join(f"{k} (checkpoint {a!r}, config {b!r})" for k, a, b in changed)
+            + "; only run-only keys may change (loco_det/fingerprint.py): use the run's own "
+              "config or another --output-dir")
     if ckpt["steps_per_epoch"] != steps_per_epoch:
         raise LocoError(
             f"{path}: checkpoint has {ckpt['steps_per_epoch']} steps per epoch, this config "
@@ -249,6 +251,7 @@ def save_checkpoint(path, model, optimizer, scheduler, cfg, env, epoch, step, st
         "encoder": encoder_state(model),
         "decoders": {k: v.detach().cpu() for k, v in model.decoders.state_dict().items()},
         "config": cfg.dump(),
+        "fingerprint": pretrain_fingerprint(cfg),   # run identity, seed excluded
         "method": cfg.MODEL.METHOD,
         "arch": cfg.MODEL.ARCH,
         "epoch": epoch,                      # completed epochs
@@ -445,7 +448,8 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
             write_json(os.path.join(output_dir, "run_info.json"), run_info(
                 env.world_size, kind="pretrain", method=cfg.MODEL.METHOD, arch=cfg.MODEL.ARCH,
                 global_batch=cfg.OPTIM.BATCH_SIZE, epochs=epochs, config_file=config_file,
-                seed=seed, device=str(env.device), dataset_images=len(dataset),
+                seed=seed, fingerprint=pretrain_fingerprint(cfg), device=str(env.device),
+                dataset_images=len(dataset),
                 steps_per_epoch=steps_per_epoch))
     logger = MetricLogger(output_dir, env, start_step, resume)
     if env.main:

@@ -32,6 +32,7 @@ from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
 
+from ..fingerprint import pretrain_fingerprint, random_init_fingerprint, readout_fingerprint
 from ..utils import LocoError, check_output_dir, write_json
 from .data import DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, find_images, load_rgb, mix_seed
 from .model import ARCHS, NUM_STAGES, build_encoder, run_stage
@@ -313,6 +314,8 @@ def run_readout(output_dir, checkpoint=None, arch=None, data_dir=None, protocol=
         ckpt = load_checkpoint(checkpoint)
         pre_cfg = yaml.safe_load(ckpt["config"])
     encoder, method, arch = load_encoder(ckpt, arch, seed, checkpoint)
+    ckpt_fp = (random_init_fingerprint(arch) if ckpt is None else
+               ckpt.get("fingerprint") or pretrain_fingerprint(ckpt["config"]))
     del ckpt
     data_dir = data_dir or default_data_dir(pre_cfg.get("DATA", {}).get("ROOT"))
     train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
@@ -361,7 +364,10 @@ def run_readout(output_dir, checkpoint=None, arch=None, data_dir=None, protocol=
                      "val_images": len(val_set), "seed": seed, "data_dir": data_dir,
                      "classes": len(train_set.classes),
                      "majority_val_top1": majority_top1(val_set)},
+        "checkpoint_fingerprint": ckpt_fp,
+        "checkpoint_seed": pre_cfg.get("SEED"),
     }
+    result["fingerprint"] = readout_fingerprint(result["protocol"], ckpt_fp)
     os.makedirs(output_dir, exist_ok=True)
     write_json(os.path.join(output_dir, "readout.json"), result)
     return result
