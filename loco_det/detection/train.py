@@ -12,7 +12,9 @@ What this adds to Detectron2's `tools/train_net.py` recipe, and why:
   asked for on a machine without one becomes the CPU, also logged.
 - Which parameters train is logged (names and counts): "frozen" is a claim worth checking.
 - Evaluation: COCO's evaluator (fast C++ path only when compiled ops exist), or for Cityscapes the
-  official `cityscapesscripts` instance evaluator for mask AP plus COCO-style box AP.
+  official `cityscapesscripts` instance evaluator for mask AP plus COCO-style box AP; for PASCAL
+  VOC Detectron2's `PascalVOCDetectionEvaluator` (AP, AP50, AP75); for Cityscapes semantic
+  segmentation `CityscapesSemSegEvaluator` (cityscapesscripts' pixel-level mIoU).
 - OUTPUT_DIR/results.json (docs/formats.md, "Detection run") is written atomically at the end, next
   to Detectron2's metrics.json; run_info.json and config.yaml at the start.
 
@@ -38,8 +40,10 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import (
     CityscapesInstanceEvaluator,
+    CityscapesSemSegEvaluator,
     COCOEvaluator,
     DatasetEvaluator,
+    PascalVOCDetectionEvaluator,
 )
 from detectron2.modeling import build_model
 from detectron2.utils import comm
@@ -103,7 +107,7 @@ def _check_datasets(cfg, names):
             hint = f" (registered with that prefix: {', '.join(similar)})" if similar else ""
             raise LocoError(f"dataset {name!r} is not registered{hint}")
         meta = MetadataCatalog.get(name)
-        for attr in ("json_file", "image_root", "image_dir", "gt_dir"):
+        for attr in ("json_file", "image_root", "image_dir", "gt_dir", "dirname"):
             path = meta.get(attr, None)
             if path and "://" not in str(path) and not os.path.exists(path):
                 raise LocoError(
@@ -435,8 +439,13 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        if infer_benchmark(cfg) == "cityscapes":
+        benchmark = infer_benchmark(cfg)
+        if benchmark == "cityscapes":
             evaluator = CityscapesBoxAndMaskEvaluator(dataset_name, output_folder)
+        elif benchmark == "voc":
+            evaluator = PascalVOCDetectionEvaluator(dataset_name)
+        elif benchmark == "cityscapes_sem_seg":
+            evaluator = CityscapesSemSegEvaluator(dataset_name)
         else:
             evaluator = COCOEvaluator(dataset_name, output_dir=output_folder,
                                       use_fast_impl=compat.has_compiled_ops())
@@ -481,6 +490,26 @@ def _headline(metrics, task, notes, dataset):
     return out
 
 
+# What each benchmark's headline reports: box/mask AP for instance tasks, mIoU for semantic
+# segmentation (CityscapesSemSegEvaluator's "IoU" is the class-averaged IoU, i.e. mIoU).
+HEADLINE_TASKS = {"coco": ("bbox", "segm"), "cityscapes": ("bbox", "segm"), "voc": ("bbox",),
+                  "cityscapes_sem_seg": ()}
+EVALUATORS = {"coco": {"bbox": "coco", "segm": "coco"},
+              "cityscapes": {"bbox": "coco", "segm": "cityscapes"},
+              "voc": {"bbox": "pascal_voc"},
+              "cityscapes_sem_seg": {"sem_seg": "cityscapes"}}
+
+
+def _sem_seg_headline(metrics, notes, dataset):
+    res = metrics.get("sem_seg") or {}
+    out = {"mIoU": res.get("IoU"), "iIoU": res.get("iIoU"), "mIoU_categories": res.get("IoU_sup")}
+    out = {k: None if v is None or not math.isfinite(float(v)) else float(v)
+           for k, v in out.items()}
+    if out["mIoU"] is None:
+        notes.append(f"{dataset}: no sem_seg result")
+    return out
+
+
 def build_results(cfg, eval_results, *, model, method, eval_only, iteration=None):
     """The results.json record (docs/formats.md, "Detection run")."""
     names = list(cfg.DATASETS.TEST)
@@ -489,11 +518,14 @@ def build_results(cfg, eval_results, *, model, method, eval_only, iteration=None
     eval_results = eval_results or {}
     benchmark = infer_benchmark(cfg)
     notes = []
-    bbox = segm = None
+    bbox = segm = sem_seg = None
     if names and names[0] in eval_results:
         first = eval_results[names[0]]
-        bbox = _headline(first, "bbox", notes, names[0])
-        segm = _headline(first, "segm", notes, names[0])
+        tasks = HEADLINE_TASKS[benchmark]
+        bbox = _headline(first, "bbox", notes, names[0]) if "bbox" in tasks else None
+        segm = _headline(first, "segm", notes, names[0]) if "segm" in tasks else None
+        if benchmark == "cityscapes_sem_seg":
+            sem_seg = _sem_seg_headline(first, notes, names[0])
     record = {
         "kind": "detection",
         "finished": True,
@@ -501,8 +533,7 @@ def build_results(cfg, eval_results, *, model, method, eval_only, iteration=None
         "bbox": bbox,
         "segm": segm,
         "headline_dataset": names[0] if names else None,
-        "evaluators": ({"bbox": "coco", "segm": "cityscapes"} if benchmark == "cityscapes"
-                       else {"bbox": "coco", "segm": "coco"}),
+        "evaluators": EVALUATORS[benchmark],
         "metrics": _clean({k: v for k, v in eval_results.items()}),
         "method": method,
         "protocol": {
@@ -526,6 +557,8 @@ def build_results(cfg, eval_results, *, model, method, eval_only, iteration=None
         "weights_seed": None if cfg.LOCO_DET.WEIGHTS_SEED < 0 else int(cfg.LOCO_DET.WEIGHTS_SEED),
         "weights_source": cfg.LOCO_DET.WEIGHTS_SOURCE or None,
     }
+    if benchmark == "cityscapes_sem_seg":
+        record["sem_seg"] = sem_seg
     if iteration is not None:
         record["iteration"] = int(iteration)
     if notes:
@@ -541,8 +574,10 @@ def _write_results(cfg, results, *, model, eval_only, iteration=None):
     path = os.path.join(cfg.OUTPUT_DIR, "results.json")
     write_json(path, record)
     bb, sg = record["bbox"] or {}, record["segm"] or {}
-    logger.info(f"results.json written to {path}: box AP {bb.get('AP')}, mask AP {sg.get('AP')} "
-                f"(method {record['method']}, frozen {record['protocol']['frozen']})")
+    ss = record.get("sem_seg") or {}
+    miou = f", mIoU {ss.get('mIoU')}" if "sem_seg" in record else ""
+    logger.info(f"results.json written to {path}: box AP {bb.get('AP')}, mask AP {sg.get('AP')}"
+                f"{miou} (method {record['method']}, frozen {record['protocol']['frozen']})")
     return record
 
 

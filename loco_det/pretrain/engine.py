@@ -34,6 +34,7 @@ from ..fingerprint import PRETRAIN_RUN_ONLY, changed_keys, pretrain_fingerprint,
 from ..utils import (ConfigError, LocoError, atomic_write, check_output_dir, run_info,
                      write_json)
 from .data import build_loader
+from .knn import PeriodicKnn
 from .optim import build_optimizer, build_scheduler
 
 CHECKPOINT = "checkpoint_last.pth"
@@ -409,6 +410,7 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
     seed = resolve_seed(cfg, env, ckpt)
     cfg = with_seed(cfg, seed)
     dataset, sampler, loader = build_loader(cfg, env.rank, env.world_size, seed)
+    knn = PeriodicKnn.build(cfg, env)
     steps_per_epoch = sampler.batches_per_epoch
     if ckpt is not None:
         check_resume_compatible(ckpt_path, ckpt, cfg, steps_per_epoch, len(dataset.classes))
@@ -461,14 +463,14 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
     try:
         return _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sampler,
                      loader, logger, start_step, steps_per_epoch, total_steps, bad, wall_before,
-                     t_start, stop_after_steps)
+                     t_start, stop_after_steps, knn)
     finally:
         logger.close()
 
 
 def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sampler, loader,
           logger, start_step, steps_per_epoch, total_steps, bad, wall_before, t_start,
-          stop_after_steps):
+          stop_after_steps, knn=None):
     epochs = cfg.OPTIM.EPOCHS
     ckpt_path = os.path.join(output_dir, CHECKPOINT)
     units = list(model.unit_names)
@@ -564,6 +566,9 @@ def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sa
                     if env.distributed:  # other ranks' unreadable files, before the checkpoint
                         note_bad(set().union(*env.all_gather_object(sorted(bad))))
                     checkpoint(epoch + 1)
+                    if knn is not None and knn.due(epoch + 1):
+                        logger.log(knn(model.encoder, step, epoch + 1))
+                        model.train()
                 elif cfg.RUN.CHECKPOINT_PERIOD and step % cfg.RUN.CHECKPOINT_PERIOD == 0:
                     checkpoint(epoch)
                 if stop_after_steps is not None and step - start_step >= stop_after_steps:
