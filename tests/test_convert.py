@@ -805,3 +805,42 @@ def test_bad_input_real_process_nan(tmp_path, two_resnets):
     assert re.fullmatch(r"error: .*nan\.pth: non-finite \(NaN/Inf\) values in 1 encoder tensor: "
                         r"bn1\.weight \(64 of 64\).*\n", stderr), stderr
     assert sorted(os.listdir(tmp_path)) == ["nan.pth"]
+
+
+def test_real_lightning_checkpoint(tmp_path):
+    """A checkpoint written by PyTorch Lightning itself (Trainer.fit, one step, then
+    save_checkpoint) converts with --verify, and the values are the trained backbone's."""
+    import pytorch_lightning as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self, lr=0.01, arch="resnet18"):
+            super().__init__()
+            self.save_hyperparameters()
+            self.backbone = randomised_resnet(18, seed=21)
+            self.backbone.fc = torch.nn.Identity()
+            self.projector = torch.nn.Linear(512, 16)
+
+        def training_step(self, batch, _):
+            return self.projector(self.backbone(batch[0])).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32))
+    module = Module()
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+    src = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(str(src))
+    result = conv.convert(src, tmp_path / "pl.pkl", verify=True, verify_image_size=64)
+    assert result.layout == "PyTorch Lightning" and result.prefix == "state_dict.backbone."
+    assert result.verify_error <= 1e-4
+    assert "state_dict.projector.weight" in result.dropped
+    trained = module.backbone.state_dict()
+    data = safe_load_pkl(tmp_path / "pl.pkl")["model"]
+    for key, value in trained.items():
+        np.testing.assert_array_equal(data[conv.rename_key(key)], value.numpy(), err_msg=key)
+    print(f"Lightning {pl.__version__}: placeholders {result.placeholders}, "
+          f"verify {result.verify_error:.2e}")

@@ -435,8 +435,10 @@ def layout_name(obj, path, tensors):
     if "base_encoder" in _components(path):
         return "MoCo v3 (base encoder)"
     if "pytorch-lightning_version" in top or ("state_dict" in top and "global_step" in top):
-        solo = any(k.startswith("state_dict.momentum_backbone.") or k.startswith("state_dict.projector.")
-                   for k in tensors)
+        # solo-learn's methods all keep an online `classifier` beside the `projector`, and the
+        # momentum ones a `momentum_backbone`.
+        heads = {k.split(".")[1] for k in tensors if k.startswith("state_dict.") and "." in k[11:]}
+        solo = "momentum_backbone" in heads or {"projector", "classifier"} <= heads
         return "solo-learn (PyTorch Lightning)" if solo else "PyTorch Lightning"
     if first == "state_dict" and isinstance(top.get("meta"), dict) and "backbone" in _components(path):
         return "MMPretrain / mmselfsup (mmengine)"
