@@ -527,6 +527,14 @@ def build_layout(name, sd, other, path):
         model.load_state_dict(sd)
         torch.save(model, path)
         return {}, "pickled model object"
+    if name == "mmselfsup-0.x":  # mmcv era: encoder_q = Sequential(backbone, neck), saved twice
+        shared = prefixed(sd, "", drop_fc=True)
+        torch.save({"meta": {"mmcv_version": "1.3.8", "epoch": 200},
+                    "state_dict": {**prefixed(shared, "backbone."), **prefixed(shared, "encoder_q.0."),
+                                   **prefixed(prefixed(other, "", drop_fc=True), "encoder_k.0."),
+                                   **_heads("encoder_q.1.mlp.", "0.weight"), "queue": torch.zeros(4, 8)},
+                    "optimizer": {"state": {}, "param_groups": []}}, path)
+        return {}, "MMPretrain / mmselfsup"
     if name == "legacy-serialization":  # torch < 1.6 files (the original MoCo releases)
         state_dict = {**prefixed(prefixed(sd, "", drop_fc=True), "module.encoder_q."),
                       **prefixed(prefixed(other, "", drop_fc=True), "module.encoder_k."),
@@ -542,7 +550,7 @@ def build_layout(name, sd, other, path):
 
 
 LAYOUTS = ["torchvision", "timm", "timm-safetensors", "timm-train", "lightning", "solo-learn",
-           "mmselfsup", "vissl", "moco-v2", "moco-v3", "dino-teacher", "dino-student", "ibot",
+           "mmselfsup", "mmselfsup-0.x", "vissl", "moco-v2", "moco-v3", "dino-teacher", "dino-student", "ibot",
            "swav", "byol", "loco_det", "torch-compile-ddp", "sequential-children",
            "byol-online-target", "pickled-module", "legacy-serialization", "half-precision"]
 
@@ -706,7 +714,8 @@ def _bad_case(name, root, sd):
         return argv, (r"nan\.pth: non-finite \(NaN/Inf\) values in 2 encoder tensors: "
                       r"layer2\.0\.bn1\.running_var \(3 of 128\), layer4\.1\.conv2\.weight \(1 of 2359296\)")
     if name == "two unrelated encoders":
-        torch.save({**prefixed(sd, "net_a."), **prefixed(sd, "net_b.")}, root / "two.pth")
+        shifted = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+        torch.save({**prefixed(sd, "net_a."), **prefixed(shifted, "net_b.")}, root / "two.pth")
         return [root / "two.pth", out], r"two\.pth holds 2 candidate encoders: .*--take net_a or --take net_b"
     if name == "--take names nothing":
         torch.save({"teacher": sd, "student": sd}, root / "ts.pth")
@@ -724,6 +733,13 @@ def _bad_case(name, root, sd):
     if name == "hostile pickle (eval)":
         torch.save({"state_dict": sd, "x": _HostileEval()}, root / "evil2.pth")
         return [root / "evil2.pth", out], r"refusing to load .*evil2\.pth: it asks to import __builtin__\.eval"
+    if name == "torchscript archive":
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(root / "ts.pt"))
+        return [root / "ts.pt", out], r"ts\.pt is a TorchScript archive .*state_dict\(\)"
+    if name == "caffe2 blobs pickle":
+        with open(root / "R-50.pkl", "wb") as f:
+            pickle.dump({"blobs": {"conv1_w": np.zeros((64, 3, 7, 7), np.float32)}}, f, protocol=2)
+        return [root / "R-50.pkl", out], r"R-50\.pkl is already in Detectron2's weights format"
     if name == "corrupt safetensors":
         (root / "bad.safetensors").write_bytes((40).to_bytes(8, "little") + b"{" + b"x" * 20)
         return [root / "bad.safetensors", out], r"bad\.safetensors: corrupt safetensors file"
@@ -742,7 +758,7 @@ BAD_CASES = ["missing input", "input is a directory", "empty input", "truncated 
              "detectron2 model_final", "nan weights", "inf weights --verify",
              "two unrelated encoders", "--take names nothing", "--prefix names nothing",
              "--prefix incomplete resnet", "--take with --prefix", "hostile pickle (os.system)", "hostile pickle (eval)",
-             "corrupt safetensors"]
+             "torchscript archive", "caffe2 blobs pickle", "corrupt safetensors"]
 
 
 def _snapshot(root):
