@@ -527,6 +527,14 @@ def build_layout(name, sd, other, path):
         model.load_state_dict(sd)
         torch.save(model, path)
         return {}, "pickled model object"
+    if name == "mmselfsup-0.x":  # mmcv era: encoder_q = Sequential(backbone, neck), saved twice
+        shared = prefixed(sd, "", drop_fc=True)
+        torch.save({"meta": {"mmcv_version": "1.3.8", "epoch": 200},
+                    "state_dict": {**prefixed(shared, "backbone."), **prefixed(shared, "encoder_q.0."),
+                                   **prefixed(prefixed(other, "", drop_fc=True), "encoder_k.0."),
+                                   **_heads("encoder_q.1.mlp.", "0.weight"), "queue": torch.zeros(4, 8)},
+                    "optimizer": {"state": {}, "param_groups": []}}, path)
+        return {}, "MMPretrain / mmselfsup"
     if name == "legacy-serialization":  # torch < 1.6 files (the original MoCo releases)
         state_dict = {**prefixed(prefixed(sd, "", drop_fc=True), "module.encoder_q."),
                       **prefixed(prefixed(other, "", drop_fc=True), "module.encoder_k."),
@@ -542,7 +550,7 @@ def build_layout(name, sd, other, path):
 
 
 LAYOUTS = ["torchvision", "timm", "timm-safetensors", "timm-train", "lightning", "solo-learn",
-           "mmselfsup", "vissl", "moco-v2", "moco-v3", "dino-teacher", "dino-student", "ibot",
+           "mmselfsup", "mmselfsup-0.x", "vissl", "moco-v2", "moco-v3", "dino-teacher", "dino-student", "ibot",
            "swav", "byol", "loco_det", "torch-compile-ddp", "sequential-children",
            "byol-online-target", "pickled-module", "legacy-serialization", "half-precision"]
 
@@ -706,7 +714,8 @@ def _bad_case(name, root, sd):
         return argv, (r"nan\.pth: non-finite \(NaN/Inf\) values in 2 encoder tensors: "
                       r"layer2\.0\.bn1\.running_var \(3 of 128\), layer4\.1\.conv2\.weight \(1 of 2359296\)")
     if name == "two unrelated encoders":
-        torch.save({**prefixed(sd, "net_a."), **prefixed(sd, "net_b.")}, root / "two.pth")
+        shifted = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+        torch.save({**prefixed(sd, "net_a."), **prefixed(shifted, "net_b.")}, root / "two.pth")
         return [root / "two.pth", out], r"two\.pth holds 2 candidate encoders: .*--take net_a or --take net_b"
     if name == "--take names nothing":
         torch.save({"teacher": sd, "student": sd}, root / "ts.pth")
@@ -724,6 +733,13 @@ def _bad_case(name, root, sd):
     if name == "hostile pickle (eval)":
         torch.save({"state_dict": sd, "x": _HostileEval()}, root / "evil2.pth")
         return [root / "evil2.pth", out], r"refusing to load .*evil2\.pth: it asks to import __builtin__\.eval"
+    if name == "torchscript archive":
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(root / "ts.pt"))
+        return [root / "ts.pt", out], r"ts\.pt is a TorchScript archive .*state_dict\(\)"
+    if name == "caffe2 blobs pickle":
+        with open(root / "R-50.pkl", "wb") as f:
+            pickle.dump({"blobs": {"conv1_w": np.zeros((64, 3, 7, 7), np.float32)}}, f, protocol=2)
+        return [root / "R-50.pkl", out], r"R-50\.pkl is already in Detectron2's weights format"
     if name == "corrupt safetensors":
         (root / "bad.safetensors").write_bytes((40).to_bytes(8, "little") + b"{" + b"x" * 20)
         return [root / "bad.safetensors", out], r"bad\.safetensors: corrupt safetensors file"
@@ -742,7 +758,7 @@ BAD_CASES = ["missing input", "input is a directory", "empty input", "truncated 
              "detectron2 model_final", "nan weights", "inf weights --verify",
              "two unrelated encoders", "--take names nothing", "--prefix names nothing",
              "--prefix incomplete resnet", "--take with --prefix", "hostile pickle (os.system)", "hostile pickle (eval)",
-             "corrupt safetensors"]
+             "torchscript archive", "caffe2 blobs pickle", "corrupt safetensors"]
 
 
 def _snapshot(root):
@@ -805,3 +821,42 @@ def test_bad_input_real_process_nan(tmp_path, two_resnets):
     assert re.fullmatch(r"error: .*nan\.pth: non-finite \(NaN/Inf\) values in 1 encoder tensor: "
                         r"bn1\.weight \(64 of 64\).*\n", stderr), stderr
     assert sorted(os.listdir(tmp_path)) == ["nan.pth"]
+
+
+def test_real_lightning_checkpoint(tmp_path):
+    """A checkpoint written by PyTorch Lightning itself (Trainer.fit, one step, then
+    save_checkpoint) converts with --verify, and the values are the trained backbone's."""
+    import pytorch_lightning as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self, lr=0.01, arch="resnet18"):
+            super().__init__()
+            self.save_hyperparameters()
+            self.backbone = randomised_resnet(18, seed=21)
+            self.backbone.fc = torch.nn.Identity()
+            self.projector = torch.nn.Linear(512, 16)
+
+        def training_step(self, batch, _):
+            return self.projector(self.backbone(batch[0])).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32))
+    module = Module()
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+    src = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(str(src))
+    result = conv.convert(src, tmp_path / "pl.pkl", verify=True, verify_image_size=64)
+    assert result.layout == "PyTorch Lightning" and result.prefix == "state_dict.backbone."
+    assert result.verify_error <= 1e-4
+    assert "state_dict.projector.weight" in result.dropped
+    trained = module.backbone.state_dict()
+    data = safe_load_pkl(tmp_path / "pl.pkl")["model"]
+    for key, value in trained.items():
+        np.testing.assert_array_equal(data[conv.rename_key(key)], value.numpy(), err_msg=key)
+    print(f"Lightning {pl.__version__}: placeholders {result.placeholders}, "
+          f"verify {result.verify_error:.2e}")
