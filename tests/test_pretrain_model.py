@@ -207,3 +207,71 @@ def test_autocast_bf16_runs_and_keeps_float32_grads():
     for name, p in model.named_parameters():
         if p.grad is not None:
             assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
+# ---- the supervised rule ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("supervised_views", [1, 2])
+def test_supervised_equals_torchvision_classifier(arch, supervised_views):
+    """The supervised rule is exactly a torchvision classifier (its fc = our linear head)
+    trained with cross-entropy on the views it uses: same loss, same gradients, same BN."""
+    torch.manual_seed(0)
+    model = build_model("supervised", arch, num_classes=5, supervised_views=supervised_views)
+    ref = getattr(torchvision.models, arch)(num_classes=5)
+    state = dict(model.encoder.state_dict())
+    state.update({f"fc.{k}": v for k, v in model.decoders[0].fc.state_dict().items()})
+    ref.load_state_dict(state, strict=True)
+    v1, v2 = views()
+    labels = torch.tensor([0, 4, 2, 2])
+    losses = model.forward_backward(v1, v2, labels)
+    x = torch.cat([v1, v2]) if supervised_views == 2 else v1
+    y = torch.cat([labels, labels]) if supervised_views == 2 else labels
+    ref_loss = torch.nn.functional.cross_entropy(ref(x), y)
+    ref_loss.backward()
+    assert list(losses) == ["unit1"] and losses["unit1"] == pytest.approx(ref_loss.item(), rel=1e-5)
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    ours = {f"encoder.{n}": g for n, g in ref_grads.items() if not n.startswith("fc.")}
+    ours.update({f"decoders.0.{n}": g for n, g in ref_grads.items() if n.startswith("fc.")})
+    mine = grads(model)
+    assert all(mine[n] is None for n in mine if n.startswith("encoder.fc."))
+    assert_same_grads({n: mine[n] for n in ours}, ours)
+    for (name, a), b in zip(model.encoder.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+def test_supervised_is_global_and_uses_labels():
+    """One loss at the top: a change in layer4 reaches layer1; the labels change the gradient."""
+    def layer1_grad(labels, perturb=False):
+        torch.manual_seed(0)
+        model = build_model("supervised", "resnet18", num_classes=3)
+        if perturb:
+            with torch.no_grad():
+                for p in model.encoder.layer4.parameters():
+                    p.mul_(1.5).add_(0.1)
+        model.forward_backward(*views(), torch.tensor(labels))
+        return torch.cat([p.grad.flatten() for p in model.encoder.layer1.parameters()])
+
+    base = layer1_grad([0, 1, 2, 0])
+    assert not torch.allclose(base, layer1_grad([0, 1, 2, 0], perturb=True))
+    assert not torch.allclose(base, layer1_grad([2, 2, 1, 1]))
+
+
+@pytest.mark.parametrize("kwargs,word", [
+    (dict(conv_blocks=1), "decoder options .*conv_blocks"),
+    (dict(mlp_layers=4), "decoder options .*mlp_layers"),
+    (dict(num_classes=None), "num_classes >= 2"),
+    (dict(num_classes=1), "num_classes >= 2"),
+    (dict(supervised_views=3), "supervised_views 3"),
+])
+def test_supervised_bad_arguments(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        build_model("supervised", "resnet18", **{"num_classes": 4, **kwargs})
+
+
+def test_supervised_needs_one_label_per_image():
+    model = build_model("supervised", "resnet18", num_classes=4)
+    with pytest.raises(ValueError, match="needs 4 labels, got None"):
+        model.forward_backward(*views())
+    with pytest.raises(ValueError, match=r"needs 4 labels, got \(3,\)"):
+        model.forward_backward(*views(), torch.tensor([0, 1, 2]))

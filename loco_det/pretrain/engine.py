@@ -203,7 +203,7 @@ def describe_checkpoint(ckpt):
             f"epoch {ckpt.get('epoch')}, step {ckpt.get('step')}")
 
 
-def check_resume_compatible(path, ckpt, cfg, steps_per_epoch):
+def check_resume_compatible(path, ckpt, cfg, steps_per_epoch, num_classes=None):
     """One clear line when the checkpoint cannot continue under this config: every key outside
     the run-only list (loco_det/fingerprint.py) that differs from the checkpoint's config is
     named with both values; then the data must give the same number of steps per epoch."""
@@ -220,6 +220,11 @@ def check_resume_compatible(path, ckpt, cfg, steps_per_epoch):
             f"{path}: checkpoint has {ckpt['steps_per_epoch']} steps per epoch, this config "
             f"gives {steps_per_epoch} (OPTIM.BATCH_SIZE={cfg.OPTIM.BATCH_SIZE}, DATA.ROOT, "
             f"DATA.MAX_IMAGES must match the run being resumed)")
+    classifier = ckpt["decoders"].get("0.fc.weight")
+    if cfg.MODEL.METHOD == "supervised" and classifier is not None \
+            and classifier.shape[0] != num_classes:
+        raise LocoError(f"{path}: checkpoint's classifier has {classifier.shape[0]} classes, "
+                        f"DATA.ROOT={cfg.DATA.ROOT} has {num_classes}")
 
 
 def encoder_state(model):
@@ -318,13 +323,16 @@ def with_seed(cfg, seed):
     return cfg
 
 
-def setup_model(cfg, env):
+def setup_model(cfg, env, num_classes=None):
+    """The model of `cfg`; `num_classes` (the ImageFolder's) sizes the supervised classifier."""
     from .model import build_model
 
     d = cfg.MODEL.DECODER
     model = build_model(cfg.MODEL.METHOD, cfg.MODEL.ARCH, conv_blocks=d.CONV_BLOCKS,
                         mlp_layers=d.MLP_LAYERS, proj_dim=d.PROJ_DIM, hidden_dim=d.HIDDEN_DIM,
-                        temperature=cfg.LOSS.TEMPERATURE, loco_schedule=cfg.MODEL.LOCO_SCHEDULE)
+                        temperature=cfg.LOSS.TEMPERATURE, loco_schedule=cfg.MODEL.LOCO_SCHEDULE,
+                        num_classes=num_classes if cfg.MODEL.METHOD == "supervised" else None,
+                        supervised_views=cfg.LOSS.SUPERVISED_VIEWS)
     if cfg.MODEL.SYNC_BN:
         if not env.distributed:
             notice(env, "MODEL.SYNC_BN has no effect on a single process")
@@ -395,10 +403,10 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
     dataset, sampler, loader = build_loader(cfg, env.rank, env.world_size, seed)
     steps_per_epoch = sampler.batches_per_epoch
     if ckpt is not None:
-        check_resume_compatible(ckpt_path, ckpt, cfg, steps_per_epoch)
+        check_resume_compatible(ckpt_path, ckpt, cfg, steps_per_epoch, len(dataset.classes))
 
     seed_everything(seed)  # same on every rank: identical initial weights
-    model = setup_model(cfg, env)
+    model = setup_model(cfg, env, num_classes=len(dataset.classes))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
@@ -498,12 +506,14 @@ def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sa
         logger.log(record)
         return record
 
-    def train_step(view1, view2):
-        """One optimizer step on a batch of view pairs; returns (lr used, unit losses)."""
+    def train_step(view1, view2, labels):
+        """One optimizer step on a batch of view pairs (and their ImageFolder labels, used by
+        the supervised rule); returns (lr used, unit losses)."""
         view1 = view1.to(env.device, non_blocking=True).contiguous(memory_format=memory_format)
         view2 = view2.to(env.device, non_blocking=True).contiguous(memory_format=memory_format)
+        labels = labels.to(env.device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        losses = model.forward_backward(view1, view2)
+        losses = model.forward_backward(view1, view2, labels)
         if not all(math.isfinite(v) for v in losses.values()):
             raise LocoError(f"non-finite loss at step {step + 1} ({losses}); lower "
                             f"OPTIM.BASE_LR or check the data")
@@ -530,9 +540,10 @@ def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sa
                    disable=not env.main, dynamic_ncols=True,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
         try:  # the bar is closed before an error propagates: its line starts clean
-            for batch_idx, (view1, view2, _, bad_idx) in enumerate(loader, start=first_batch):
+            for batch_idx, (view1, view2, labels, bad_idx) in enumerate(loader,
+                                                                        start=first_batch):
                 note_bad(bad_idx.tolist())
-                lr, losses = train_step(view1, view2)
+                lr, losses = train_step(view1, view2, labels)
                 step += 1
                 bar.update(1)
                 end_of_epoch = batch_idx + 1 == steps_per_epoch

@@ -1,4 +1,5 @@
-"""One torchvision ResNet trained by one of three learning rules: e2e (SimCLR), GIM or LoCo.
+"""One torchvision ResNet trained by one of four learning rules: e2e (SimCLR), GIM, LoCo or
+supervised (the labelled baseline in the same harness).
 
 The encoder is split into four stages (REFERENCE.md section 1):
 
@@ -10,8 +11,12 @@ and trained by units, each a run of consecutive stages with its own decoder and 
     e2e : {S1..S4}                  one loss at the top
     gim : {S1} {S2} {S3} {S4}       each unit's input detached
     loco: {S1,S2} {S2,S3} {S3,S4}   each unit's input detached; S2 and S3 shared by two units
+    supervised: {S1..S4}            cross-entropy on the ImageFolder labels; the "decoder" is one
+                                    linear classifier on the globally pooled res5 features
+                                    (torchvision's own head, so the trained network *is* a
+                                    torchvision classifier)
 
-`PretrainModel.forward_backward(view1, view2)` runs one step's forward and backward and leaves
+`PretrainModel.forward_backward(view1, view2, labels)` runs one step's forward and backward and leaves
 the gradients in `.grad` (no optimizer step, no zero_grad). The encoder stays a plain torchvision
 ResNet (its unused `fc` included) so that `encoder.state_dict()` loads with `strict=True` into
 `torchvision.models.resnetXX()`.
@@ -62,7 +67,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from .losses import nt_xent
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
-METHODS = ("e2e", "gim", "loco")
+METHODS = ("e2e", "gim", "loco", "supervised")
 LOCO_SCHEDULES = ("fused", "recompute", "hybrid", "fused_stem", "hybrid_stem")
 NUM_STAGES = 4
 
@@ -71,6 +76,7 @@ UNITS = {
     "e2e": ((0, 1, 2, 3),),
     "gim": ((0,), (1,), (2,), (3,)),
     "loco": ((0, 1), (1, 2), (2, 3)),
+    "supervised": ((0, 1, 2, 3),),
 }
 # Per shared stage (1 = S2, 2 = S3): keep its graph ("fused") or recompute its forward; "stem":
 # whether the stem's forward is recomputed in S1's backward instead of keeping its activations.
@@ -169,6 +175,22 @@ class Decoder(nn.Module):
         return self.mlp(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class LinearClassifier(nn.Module):
+    """Decoder of the supervised rule: global average pooling -> one Linear layer to the class
+    logits (torchvision ResNet's `avgpool` + `fc`)."""
+
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+# Decoder options of the contrastive rules; the supervised rule has none (one linear layer).
+DECODER_DEFAULTS = {"conv_blocks": 0, "mlp_layers": 2, "proj_dim": 128, "hidden_dim": 0}
+
+
 @contextlib.contextmanager
 def frozen_bn_stats(module):
     """Run a forward without moving BatchNorm running statistics: a recomputed forward must not
@@ -191,10 +213,23 @@ class PretrainModel(nn.Module):
     """Encoder + one decoder per unit; `forward_backward` is one training step's gradients."""
 
     def __init__(self, method, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_dim=0,
-                 temperature=0.1, loco_schedule="fused_stem"):
+                 temperature=0.1, loco_schedule="fused_stem", num_classes=None,
+                 supervised_views=2):
         super().__init__()
         _check_choice("method", method, METHODS)
         _check_choice("loco_schedule", loco_schedule, LOCO_SCHEDULES)
+        if method == "supervised":
+            given = {"conv_blocks": conv_blocks, "mlp_layers": mlp_layers, "proj_dim": proj_dim,
+                     "hidden_dim": hidden_dim}
+            extra = {k: v for k, v in given.items() if v != DECODER_DEFAULTS[k]}
+            if extra:
+                raise ValueError(f"decoder options {extra} do not apply to method 'supervised' "
+                                 f"(one linear classifier on pooled res5)")
+            if not isinstance(num_classes, int) or num_classes < 2:
+                raise ValueError(f"method 'supervised' needs num_classes >= 2, got {num_classes!r}")
+            _check_choice("supervised_views", supervised_views, (1, 2))
+        self.num_classes = num_classes
+        self.supervised_views = supervised_views
         self.method, self.arch = method, arch
         self.temperature = temperature
         self.loco_schedule = loco_schedule
@@ -204,10 +239,13 @@ class PretrainModel(nn.Module):
         channels = stage_channels(self.encoder)
         self.units = UNITS[method]
         self.unit_names = [f"unit{k + 1}" for k in range(len(self.units))]
-        self.decoders = nn.ModuleList(
-            Decoder(channels[unit[-1]], conv_blocks, mlp_layers, proj_dim, hidden_dim,
-                    block_type=type(self.encoder.layer1[0]))
-            for unit in self.units)
+        if method == "supervised":
+            self.decoders = nn.ModuleList([LinearClassifier(channels[-1], num_classes)])
+        else:
+            self.decoders = nn.ModuleList(
+                Decoder(channels[unit[-1]], conv_blocks, mlp_layers, proj_dim, hidden_dim,
+                        block_type=type(self.encoder.layer1[0]))
+                for unit in self.units)
 
     # -- helpers -------------------------------------------------------------------------------
     def _autocast(self, x):
@@ -241,15 +279,22 @@ class PretrainModel(nn.Module):
         return feats
 
     # -- one step ------------------------------------------------------------------------------
-    def forward_backward(self, view1, view2):
+    def forward_backward(self, view1, view2, labels=None):
         """Compute every unit's loss on two batches of views of the same images, accumulate all
         gradients into `.grad`, and return {"unit1": loss, ...} as floats.
 
-        Both views go through the encoder as one 2N batch, so BatchNorm sees both (SimCLR)."""
+        Both views go through the encoder as one 2N batch, so BatchNorm sees both (SimCLR).
+        `labels` (N class indices) are used by the supervised rule only."""
         if view1.shape != view2.shape:
             raise ValueError(f"views differ in shape: {tuple(view1.shape)} vs {tuple(view2.shape)}")
-        x = torch.cat([view1, view2], dim=0)
         n = view1.shape[0]
+        if self.method == "supervised":
+            if labels is None or labels.shape != (n,):
+                raise ValueError(f"method 'supervised' needs {n} labels, got "
+                                 f"{None if labels is None else tuple(labels.shape)}")
+            losses = self._supervised_step(view1, view2, labels.to(view1.device))
+            return {name: float(loss) for name, loss in zip(self.unit_names, losses)}
+        x = torch.cat([view1, view2], dim=0)
         if self.method == "e2e":
             losses = self._e2e_step(x, n)
         elif self.method == "gim":
@@ -263,6 +308,23 @@ class PretrainModel(nn.Module):
         for stage in range(NUM_STAGES):
             h = self._stage(stage, h)
         loss = self._unit_loss(0, h, n)
+        loss.backward()
+        return [loss.detach()]
+
+    def _supervised_step(self, view1, view2, labels):
+        """Cross-entropy of the linear classifier on pooled res5, mean over the views used: both
+        (each image's label twice; the same crops and BN batch as the contrastive rules) or,
+        with supervised_views=1, view1 only (one crop per image, torchvision's recipe)."""
+        if self.supervised_views == 2:
+            x, y = torch.cat([view1, view2], dim=0), torch.cat([labels, labels], dim=0)
+        else:
+            x, y = view1, labels
+        h = x
+        for stage in range(NUM_STAGES):
+            h = self._stage(stage, h)
+        with self._autocast(h):
+            logits = self.decoders[0](h)
+        loss = nn.functional.cross_entropy(logits.float(), y)
         loss.backward()
         return [loss.detach()]
 
@@ -364,10 +426,13 @@ class PretrainModel(nn.Module):
 
 
 def build_model(method, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_dim=0,
-                temperature=0.1, loco_schedule="fused_stem"):
+                temperature=0.1, loco_schedule="fused_stem", num_classes=None,
+                supervised_views=2):
     """Encoder (torchvision `arch`) + per-unit decoders for learning rule `method`.
 
-    method: "e2e" | "gim" | "loco"; arch: resnet18 | resnet34 | resnet50 | resnet101.
+    method: "e2e" | "gim" | "loco" | "supervised"; arch: resnet18 | resnet34 | resnet50 |
+    resnet101. "supervised" takes no decoder options, needs num_classes (the ImageFolder's
+    classes) and trains on both views (supervised_views=2) or view1 only (1).
     Decoder options apply to every unit (e2e included, for a fair baseline): conv_blocks 0/1/2
     stride-2 residual blocks, an MLP of mlp_layers (2 or 4) Linear layers, hidden width
     hidden_dim (0: the unit's output channels), output proj_dim. loco_schedule (LoCo only): see
@@ -376,4 +441,5 @@ def build_model(method, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_
     """
     return PretrainModel(method, arch, conv_blocks=conv_blocks, mlp_layers=mlp_layers,
                          proj_dim=proj_dim, hidden_dim=hidden_dim, temperature=temperature,
-                         loco_schedule=loco_schedule)
+                         loco_schedule=loco_schedule, num_classes=num_classes,
+                         supervised_views=supervised_views)
