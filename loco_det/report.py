@@ -42,7 +42,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFEST = "benchmark.json"
 STAGES = ("res2", "res3", "res4", "res5")
 DET_METRICS = (("APbb", "bbox", "AP"), ("APmk", "segm", "AP"), ("APbb50", "bbox", "AP50"),
-               ("APbb75", "bbox", "AP75"), ("APmk50", "segm", "AP50"), ("APmk75", "segm", "AP75"))
+               ("APbb75", "bbox", "AP75"), ("APmk50", "segm", "AP50"), ("APmk75", "segm", "AP75"),
+               ("mIoU", "sem_seg", "mIoU"), ("iIoU", "sem_seg", "iIoU"))
+# Benchmarks that are not Mask R-CNN: their own tables (other metrics), not in the AP plot.
+# VOC: Faster R-CNN box AP by PascalVOCDetectionEvaluator; sem seg: cityscapesscripts mIoU.
+OTHER_TASKS = {"voc": ("VOC detection (Faster R-CNN), measured",
+                       "AP in % by Detectron2's PascalVOCDetectionEvaluator (VOC07 11-point AP "
+                       "on a 2007 test set); MoCo's protocol reports the mean of 5 trials.",
+                       ("APbb50", "APbb", "APbb75")),
+               "cityscapes_sem_seg": ("Cityscapes semantic segmentation, measured",
+                                      "mIoU / iIoU in % by cityscapesscripts' pixel-level "
+                                      "evaluation (CityscapesSemSegEvaluator).",
+                                      ("mIoU", "iIoU"))}
+KNN_KS = (20, 200)
 PLOTS = {"pretrain": "plots/pretrain_loss.png", "readout": "plots/readout_top1.png",
          "detection": "plots/detection_ap.png"}
 
@@ -373,6 +385,7 @@ def _read_readout(d):
     for stage in STAGES:
         if isinstance(top1.get(stage), (int, float)):
             run.metrics[f"top1/{stage}"] = float(top1[stage])
+    _read_knn(d, run)
     seed = r.get("checkpoint_seed")
     if seed is None:
         seed = _get(pre_cfg, "SEED")
@@ -386,6 +399,23 @@ def _read_readout(d):
                                          fp.readout_identity(p, ckpt_fp).items()
                                          if k != "checkpoint"})
     return run
+
+
+def _read_knn(d, run):
+    """knn.json beside readout.json (tools/knn_readout.py): top-1 per k and stage as metrics
+    "knn/k20/res5", ..., and its protocol as run.protocol["knn"] (kNN rows group by it)."""
+    path = os.path.join(d, "knn.json")
+    if not os.path.isfile(path):
+        return
+    r = _read_json(path)
+    p = r.get("protocol") or {}
+    run.protocol["knn"] = (f"T {p.get('temperature', '?')}, {p.get('image_size', '?')} px, "
+                           f"{p.get('train_images', '?')} train / {p.get('val_images', '?')} val")
+    for kk, per in (r.get("top1") or {}).items():
+        for stage in STAGES:
+            value = (per or {}).get(stage)
+            if isinstance(value, (int, float)):
+                run.metrics[f"knn/{kk}/{stage}"] = float(value)
 
 
 def _train_set(datasets):
@@ -422,9 +452,11 @@ def _read_detection(d, files):
     config = p.get("config_name") or _get(cfg, "LOCO_DET.CONFIG_NAME") or \
         _stem(_argv_value(argv, "--config-file")) or "?"
     max_iter = p.get("max_iter", _get(cfg, "SOLVER.MAX_ITER"))
+    test_sets = str(_get(cfg, "DATASETS.TEST", ""))
     benchmark = p.get("benchmark") or _get(cfg, "LOCO_DET.BENCHMARK") or (
-        "cityscapes" if "cityscapes" in str(_get(cfg, "DATASETS.TEST", "")) else
-        "coco" if cfg else "?")
+        "voc" if "voc_" in test_sets else
+        "cityscapes_sem_seg" if "cityscapes" in test_sets and "sem_seg" in test_sets else
+        "cityscapes" if "cityscapes" in test_sets else "coco" if cfg else "?")
     res = results or {}
     from_scratch = p.get("from_scratch", _get(cfg, "LOCO_DET.FROM_SCRATCH"))
     weights_fp = (res.get("weights_fingerprint") or _get(cfg, "LOCO_DET.WEIGHTS_FINGERPRINT")
@@ -899,7 +931,7 @@ def render_markdown(rows, runs, plots, run_dirs, problems, reference=DEFAULT_REF
     md += render_paper_differences()
 
     md += ["## Detection (Mask R-CNN), measured", ""]
-    det = rows["detection"]
+    det = [r for r in rows["detection"] if r.protocol.get("benchmark") not in OTHER_TASKS]
     if det:
         md.append("AP in %. APbb: box AP, APmk: mask AP.")
         md.append("")
@@ -928,6 +960,7 @@ def render_markdown(rows, runs, plots, run_dirs, problems, reference=DEFAULT_REF
                    f"Plot: `{plots['readout']}`", ""]
     else:
         md += ["No readout runs found.", ""]
+    md += render_knn(rows["readout"]) + render_other_tasks(rows["detection"])
 
     md += ["## Pretraining, measured", ""]
     pre = rows["pretrain"]
@@ -970,6 +1003,44 @@ def render_markdown(rows, runs, plots, run_dirs, problems, reference=DEFAULT_REF
         md.append("No plots (no finished runs).")
     md.append("")
     return "\n".join(md)
+
+
+def render_knn(readout_rows):
+    """Weighted kNN top-1 per stage (knn.json), one row per readout row and kNN protocol."""
+    body = []
+    for row in readout_rows:
+        groups = {}
+        for run in row.runs:
+            if "knn" in run.protocol:
+                groups.setdefault(run.protocol["knn"], []).append(run)
+        for proto, runs in groups.items():
+            sub = Row("readout", row.label, row.protocol, runs=runs)
+            body.append([row.label, str(row.protocol.get("pretraining", "-")),
+                         str(row.protocol.get("arch", "-")), proto]
+                        + [_cell(sub, f"knn/k{k}/{s}") for k in KNN_KS for s in STAGES]
+                        + [str(len(runs)), sub.seeds() or "-"])
+    if not body:
+        return []
+    header = ["method", "pretraining", "arch", "kNN protocol"] + [
+        f"k{k} {s}" for k in KNN_KS for s in STAGES] + ["n", "seeds"]
+    return ["## kNN readout, measured (top-1 %, frozen encoder, per stage)", "",
+            "Weighted kNN (InstDisc / DINO): L2-normalised pooled features, k nearest training "
+            "images vote with exp(cos / T).", "", _md_table(header, body), ""]
+
+
+def render_other_tasks(det_rows):
+    """VOC detection and semantic-segmentation rows, each benchmark in its own table."""
+    md = []
+    for bench, (title, note, metrics) in OTHER_TASKS.items():
+        brows = [r for r in det_rows if r.protocol.get("benchmark") == bench]
+        if not brows:
+            continue
+        header = ["method"] + _protocol_header("detection") + list(metrics) + [
+            "n", "seeds", "status"]
+        body = [[r.label] + _protocol_cells(r) + [_cell(r, m) for m in metrics]
+                + [_n_cell(r), r.seeds() or "-", r.status()] for r in brows]
+        md += [f"## {title}", "", note, "", _md_table(header, body), ""]
+    return md
 
 
 CSV_FIELDS = ["section", "method", "metric", "mean", "std", "n", "seeds", "repeats", "status",
@@ -1139,7 +1210,8 @@ def make_plots(rows, out_dir):
         plt.close(fig)
         written["readout"] = PLOTS["readout"]
 
-    groups = _by_protocol(rows["detection"])
+    groups = _by_protocol([r for r in rows["detection"]
+                           if r.protocol.get("benchmark") not in OTHER_TASKS])
     if groups:
         fig, axes = _subplots(plt, len(groups))
         for ax, (proto, grows) in zip(axes, groups.items()):

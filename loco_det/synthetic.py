@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw
 from .utils import LocoError, atomic_write
 
 GENERATOR = "loco_det.synthetic"
-FORMAT_VERSION = 2  # 2: a main object per scene
+FORMAT_VERSION = 3  # 2: a main object per scene; 3: + VOC view and labelTrainIds
 
 # (shape, Cityscapes label name, Cityscapes label id). Ids are those of
 # cityscapesscripts.helpers.labels (checked by the tests); only classes that have instances and
@@ -52,6 +52,14 @@ CATEGORIES = (
 # Cityscapes instance evaluation ignores predictions that fall on void pixels, which would hide
 # false positives on the background.
 BACKGROUND_LABEL = ("road", 7)
+# Cityscapes label id -> train id (19-class semantic segmentation, 255 = ignore) of the labels
+# above, as `cityscapesscripts.helpers.labels` defines them (checked by the tests): what its own
+# createTrainIdLabelImgs tool writes into *_gtFine_labelTrainIds.png.
+CITYSCAPES_TRAIN_IDS = {7: 0, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16}
+# PASCAL VOC view: one VOC<year> folder holding both splits (ImageSets/Main/{train,val}.txt).
+# 2007 makes Detectron2's PascalVOCDetectionEvaluator use the VOC07 11-point AP, as on
+# voc_2007_test.
+VOC_YEAR = 2007
 # Typical surface of a main object per category (see DEFAULT_PARAMS); two kinds are shared, so
 # the surface alone never tells the category.
 TYPICAL_TEXTURE = {"ellipse": "noise", "triangle": "stripes", "rectangle": "checker",
@@ -87,6 +95,30 @@ def categories():
     """Category records as written to meta.json and COCO (ids 1..K)."""
     return [{"id": i + 1, "name": shape, "cityscapes_name": cs_name, "cityscapes_id": cs_id}
             for i, (shape, cs_name, cs_id) in enumerate(CATEGORIES)]
+
+
+def voc_id(split, index):
+    """VOC file id: both splits share JPEGImages/ and Annotations/, so the split is in the id."""
+    return f"{split}_{index:06d}"
+
+
+def voc_annotation(file_id, height, width, insts, cats):
+    """PASCAL VOC XML: 1-based inclusive pixel boxes (VOC's convention; Detectron2's loader
+    subtracts 1 from xmin/ymin), truncated = the visible mask touches the image border."""
+    objects = []
+    for inst in insts:
+        x, y, w, h = inst["bbox"]
+        truncated = int(x == 0 or y == 0 or x + w == width or y + h == height)
+        objects.append(
+            f"  <object>\n    <name>{cats[inst['category']]['name']}</name>\n"
+            f"    <pose>Unspecified</pose>\n    <truncated>{truncated}</truncated>\n"
+            f"    <difficult>0</difficult>\n    <bndbox>\n      <xmin>{x + 1}</xmin>\n"
+            f"      <ymin>{y + 1}</ymin>\n      <xmax>{x + w}</xmax>\n"
+            f"      <ymax>{y + h}</ymax>\n    </bndbox>\n  </object>\n")
+    return (f"<annotation>\n  <folder>VOC{VOC_YEAR}</folder>\n"
+            f"  <filename>{file_id}.jpg</filename>\n  <size>\n    <width>{width}</width>\n"
+            f"    <height>{height}</height>\n    <depth>3</depth>\n  </size>\n"
+            f"  <segmented>0</segmented>\n" + "".join(objects) + "</annotation>\n")
 
 
 def image_stem(index):
@@ -434,10 +466,13 @@ def _write_split(tmp, split, n, seed, height, width, params, progress):
     coco_dir = os.path.join(tmp, "coco", split)
     cs_img_dir = os.path.join(tmp, "cityscapes", "leftImg8bit", split, CITY)
     cs_gt_dir = os.path.join(tmp, "cityscapes", "gtFine", split, CITY)
+    voc_dir = os.path.join(tmp, "voc", f"VOC{VOC_YEAR}")
     for d in [coco_dir, cs_img_dir, cs_gt_dir] + [
+            os.path.join(voc_dir, sub) for sub in ("JPEGImages", "Annotations",
+                                                   os.path.join("ImageSets", "Main"))] + [
             os.path.join(tmp, "imagefolder", split, c["name"]) for c in cats]:
         os.makedirs(d, exist_ok=True)
-    images, annotations = [], []
+    images, annotations, voc_ids = [], [], []
     per_cat = {c["name"]: 0 for c in cats}
     per_label = {c["name"]: 0 for c in cats}
     for index in range(n):
@@ -468,6 +503,14 @@ def _write_split(tmp, split, n, seed, height, width, params, progress):
         per_label[label] += 1
         _link_or_copy(img_path, os.path.join(tmp, "imagefolder", split, label, stem + ".png"))
 
+        # VOC view (JPEG, as VOC's JPEGImages; quality 95)
+        file_id = voc_id(split, index)
+        voc_ids.append(file_id)
+        Image.fromarray(image).save(os.path.join(voc_dir, "JPEGImages", file_id + ".jpg"),
+                                    format="JPEG", quality=95)
+        with open(os.path.join(voc_dir, "Annotations", file_id + ".xml"), "w") as f:
+            f.write(voc_annotation(file_id, height, width, insts, cats))
+
         # Cityscapes view
         cs_stem = cityscapes_stem(index)
         _link_or_copy(img_path, os.path.join(cs_img_dir, cs_stem + "_leftImg8bit.png"))
@@ -490,11 +533,19 @@ def _write_split(tmp, split, n, seed, height, width, params, progress):
             os.path.join(cs_gt_dir, cs_stem + "_gtFine_instanceIds.png"), format="PNG")
         Image.fromarray(label_img, "L").save(
             os.path.join(cs_gt_dir, cs_stem + "_gtFine_labelIds.png"), format="PNG")
+        train_ids = np.full(256, 255, np.uint8)  # every other id: ignore, as cityscapesscripts
+        for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
+            train_ids[label_id] = train_id
+        Image.fromarray(train_ids[label_img], "L").save(
+            os.path.join(cs_gt_dir, cs_stem + "_gtFine_labelTrainIds.png"), format="PNG")
         # plain write: the whole dataset folder is moved into place atomically at the end
         with open(os.path.join(cs_gt_dir, cs_stem + "_gtFine_polygons.json"), "w") as f:
             json.dump({"imgHeight": height, "imgWidth": width, "objects": objects}, f)
         if progress is not None:
             progress(split, index)
+
+    with open(os.path.join(voc_dir, "ImageSets", "Main", split + ".txt"), "w") as f:
+        f.write("".join(i + "\n" for i in voc_ids))
 
     coco = {
         "info": {"description": "loco_det synthetic shapes", "version": str(FORMAT_VERSION)},
@@ -544,7 +595,8 @@ def request(seed, n_train, n_val, height, width, params=None):
             "height": int(height), "width": int(width), "params": p,
             "categories": categories(),
             "cityscapes_background": {"name": BACKGROUND_LABEL[0], "id": BACKGROUND_LABEL[1]},
-            "city": CITY}
+            "cityscapes_train_ids": {str(k): v for k, v in CITYSCAPES_TRAIN_IDS.items()},
+            "voc_year": VOC_YEAR, "city": CITY}
 
 
 def read_meta(out):

@@ -25,7 +25,15 @@ EXPECTED = {
     "coco_R50_C4_2x_moco.yaml",
     "cpu_synth_coco_R18_FPN_frozen.yaml", "cpu_synth_coco_R18_FPN_finetune.yaml",
     "cpu_synth_cityscapes_R18_FPN_frozen.yaml", "cpu_synth_cityscapes_R18_FPN_finetune.yaml",
+    "voc0712_R50_C4_24k_moco.yaml", "voc0712_R50_C4_24k_frozen.yaml",
+    "cpu_synth_voc_R18_FPN_frozen.yaml", "cpu_synth_voc_R18_FPN_finetune.yaml",
+    "cityscapes_sem_seg_R50_FPN_frozen.yaml", "cityscapes_sem_seg_R50_FPN_finetune.yaml",
+    "cpu_synth_cityscapes_sem_seg_R18_FPN_frozen.yaml",
+    "cpu_synth_cityscapes_sem_seg_R18_FPN_finetune.yaml",
 }
+# Recipes of other tasks than Mask R-CNN: Faster R-CNN on VOC, semantic segmentation.
+VOC = [c for c in RECIPES if "voc" in os.path.basename(c)]
+SEM_SEG = [c for c in RECIPES if "sem_seg" in os.path.basename(c)]
 
 
 def _name(path):
@@ -54,7 +62,7 @@ def test_config_loads_with_ssl_conventions(path):
     assert list(cfg.MODEL.PIXEL_MEAN) == pytest.approx([123.675, 116.28, 103.53])
     assert list(cfg.MODEL.PIXEL_STD) == pytest.approx([58.395, 57.12, 57.375])
     assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
-    assert cfg.MODEL.MASK_ON
+    assert cfg.MODEL.MASK_ON == (path not in VOC + SEM_SEG)
     assert "LOCO_DET" in cfg
     with open(path) as f:
         text = f.read()
@@ -67,6 +75,8 @@ def test_config_loads_with_ssl_conventions(path):
 def test_recipe_facts(path):
     cfg = setup_cfg(path, [])
     name = _name(path)
+    if path in VOC + SEM_SEG:
+        return  # test_voc_and_sem_seg_recipe_facts
     if "frozen" in name:
         assert cfg.MODEL.BACKBONE.FREEZE_AT == 5
         assert cfg.MODEL.ROI_BOX_HEAD.NUM_CONV == 4 and cfg.MODEL.ROI_BOX_HEAD.NUM_FC == 1
@@ -112,7 +122,11 @@ def test_recipe_builds_in_one_process(path):
     cfg = setup_cfg(path, [])
     model = _build(cfg)
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-    if "frozen" in _name(path):
+    if "frozen" in _name(path) and "voc0712" in _name(path):
+        # C4: the whole backbone (stem..res4) is frozen; res5 is the trained box head
+        assert not any(p.requires_grad for p in model.backbone.parameters())
+        assert all(p.requires_grad for p in model.roi_heads.res5.parameters())
+    elif "frozen" in _name(path):
         bottom_up = model.backbone.bottom_up
         assert "res5" in dict(bottom_up.named_children())
         assert not any(p.requires_grad for p in bottom_up.parameters())
@@ -121,6 +135,43 @@ def test_recipe_builds_in_one_process(path):
     if "moco" in _name(path):
         assert isinstance(model.roi_heads.res5.norm, torch.nn.BatchNorm2d)
         assert type(model.roi_heads).__name__ == "Res5ROIHeadsExtraNorm"
+
+
+@pytest.mark.parametrize("path", VOC + SEM_SEG, ids=_name)
+def test_voc_and_sem_seg_recipe_facts(path):
+    cfg = setup_cfg(path, [])
+    name = _name(path)
+    frozen = "frozen" in name
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == (5 if frozen else 0 if "sem_seg" in name or
+                                            "moco" in name else 2)
+    assert cfg.MODEL.RESNETS.NORM == ("FrozenBN" if frozen else "SyncBN")
+    if name.startswith("cpu_"):
+        assert cfg.MODEL.RESNETS.DEPTH == 18 and cfg.SOLVER.MAX_ITER <= 500
+        assert all(d.startswith("loco_synth_") for d in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+    if path in VOC:
+        assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"
+        assert all("voc" in d for d in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+    if name.startswith("voc0712"):  # MoCo's protocol
+        assert cfg.MODEL.ROI_HEADS.NAME == "Res5ROIHeadsExtraNorm"
+        assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 20
+        assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (24000, (18000, 22000))
+        assert (cfg.SOLVER.BASE_LR, cfg.SOLVER.IMS_PER_BATCH) == (0.02, 16)
+        assert (min(cfg.INPUT.MIN_SIZE_TRAIN), max(cfg.INPUT.MIN_SIZE_TRAIN)) == (480, 800)
+        assert cfg.INPUT.MIN_SIZE_TEST == 800 and cfg.TEST.PRECISE_BN.ENABLED
+        assert tuple(cfg.DATASETS.TRAIN) == ("voc_2007_trainval", "voc_2012_trainval")
+        assert tuple(cfg.DATASETS.TEST) == ("voc_2007_test",)
+    if path in SEM_SEG:
+        assert cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor"
+        assert cfg.MODEL.SEM_SEG_HEAD.NAME == "SemSegFPNHead"
+        assert (cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE) == (19,
+                                                                                           255)
+        assert all("sem_seg" in d and "cityscapes" in d
+                   for d in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+    if name.startswith("cityscapes_sem_seg"):  # MoCo's Cityscapes semantic-segmentation recipe
+        assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (90000, (63000, 81000))
+        assert (cfg.SOLVER.BASE_LR, cfg.SOLVER.IMS_PER_BATCH) == (0.01, 16)
+        assert cfg.INPUT.CROP.ENABLED and tuple(cfg.INPUT.CROP.SIZE) == (769, 769)
+        assert tuple(cfg.DATASETS.TEST) == ("cityscapes_fine_sem_seg_val",)
 
 
 def test_freeze_at_5_freezes_res5_and_bn_even_from_syncbn():
@@ -179,7 +230,7 @@ def test_unknown_key_in_overrides_and_bad_values(tmp_path):
     with pytest.raises(ConfigError, match="odd number"):
         setup_cfg(path, ["SOLVER.MAX_ITER"])
     with pytest.raises(ConfigError, match="LOCO_DET.BENCHMARK"):
-        setup_cfg(path, ["LOCO_DET.BENCHMARK", "voc"])
+        setup_cfg(path, ["LOCO_DET.BENCHMARK", "ade20k"])
 
 
 def test_missing_files_are_named(tmp_path):

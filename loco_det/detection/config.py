@@ -21,7 +21,7 @@ logger = logging.getLogger("loco_det.detection")
 # Norm names that need one process per device to mean anything. In a single process Detectron2's
 # SyncBN is PyTorch's SyncBatchNorm (CUDA-only in training); the naive variants degenerate to BN.
 SYNC_NORMS = ("SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N")
-BENCHMARKS = ("coco", "cityscapes")
+BENCHMARKS = ("coco", "cityscapes", "voc", "cityscapes_sem_seg")
 
 
 def add_loco_config(cfg):
@@ -36,8 +36,10 @@ def add_loco_config(cfg):
     # Method label written to results.json ("loco", "simclr", "supervised", ...). "" takes it
     # from the converted weights' metadata ("random" when FROM_SCRATCH).
     cfg.LOCO_DET.LABEL = ""
-    # "coco" or "cityscapes": which evaluator and which report table the run belongs to.
-    # "" infers it from DATASETS.TEST[0] (a name containing "cityscapes" means cityscapes).
+    # "coco", "cityscapes" (instances), "voc" (PASCAL VOC boxes) or "cityscapes_sem_seg":
+    # which evaluator and which report table the run belongs to. "" infers it from
+    # DATASETS.TEST[0]: a name with "voc" means voc; with "cityscapes" and "sem_seg",
+    # cityscapes_sem_seg; with "cityscapes", cityscapes; anything else coco.
     cfg.LOCO_DET.BENCHMARK = ""
     # Name of the recipe for results.json; "" means the --config-file's name without ".yaml".
     # train_net writes the resolved name into OUTPUT_DIR/config.yaml, so a reloaded run keeps it.
@@ -174,8 +176,13 @@ def apply_single_process_norm(cfg, world_size):
 
 
 def infer_benchmark(cfg):
-    """'coco' or 'cityscapes' for results.json and the evaluator choice."""
+    """One of BENCHMARKS, for results.json and the evaluator choice."""
     if cfg.LOCO_DET.BENCHMARK:
         return cfg.LOCO_DET.BENCHMARK
     names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
-    return "cityscapes" if names and "cityscapes" in names[0].lower() else "coco"
+    name = names[0].lower() if names else ""
+    if "voc" in name.split("_"):
+        return "voc"
+    if "cityscapes" in name:
+        return "cityscapes_sem_seg" if "sem_seg" in name else "cityscapes"
+    return "coco"

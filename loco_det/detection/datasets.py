@@ -8,12 +8,21 @@ Registered names (root = $DETECTRON2_DATASETS, default "datasets", read when `re
   loaded by Detectron2's own `load_cityscapes_instances(from_json=True, to_polygons=True)` with
   the metadata of Detectron2's builtin Cityscapes registration (thing_classes, gt_dir,
   evaluator_type "cityscapes_instance"), so the official `cityscapesscripts` evaluation runs.
+- `loco_synth_cityscapes_sem_seg_{train,val}`: the same Cityscapes view for 19-class semantic
+  segmentation, loaded by Detectron2's own `load_cityscapes_semantic` (`*_labelTrainIds.png`)
+  with the metadata of Detectron2's builtin `cityscapes_fine_sem_seg_*` (evaluator_type
+  "cityscapes_sem_seg", ignore_label 255): `CityscapesSemSegEvaluator`, i.e. cityscapesscripts'
+  pixel-level evaluation, scores it.
+- `loco_synth_voc_{train,val}`: PASCAL VOC view (root/loco_synth/voc/VOC2007), registered by
+  Detectron2's own `register_pascal_voc` with the six shape classes (evaluator_type
+  "pascal_voc", so `PascalVOCDetectionEvaluator` scores it with the VOC07 11-point AP).
 - `coco_2017_train_{label}_seed{S}`: one per subset file
   root/coco/annotations/instances_train2017_{N}_seed{S}.json present when `register_all` runs
   (see `loco_det.coco_subset` for the naming), images from root/coco/train2017.
 
-Real COCO and Cityscapes keep Detectron2's builtin names (`coco_2017_train`,
-`cityscapes_fine_instance_seg_train`, ...), registered by Detectron2 itself.
+Real COCO, Cityscapes and VOC keep Detectron2's builtin names (`coco_2017_train`,
+`cityscapes_fine_instance_seg_train`, `cityscapes_fine_sem_seg_train`, `voc_2007_trainval`,
+`voc_2012_trainval`, `voc_2007_test`, ...), registered by Detectron2 itself.
 
 Registration is lazy: it only records paths, so importing loco_det works without any data. The
 loaders check their paths when a dataset is actually loaded and raise `LocoError` naming the
@@ -81,6 +90,58 @@ def load_cityscapes_checked(image_dir, gt_dir):
     return load_cityscapes_instances(image_dir, gt_dir, from_json=True, to_polygons=True)
 
 
+def load_cityscapes_semantic_checked(image_dir, gt_dir):
+    """Detectron2's own `load_cityscapes_semantic`, after checking the files it needs (its own
+    check is a bare assertion)."""
+    from detectron2.data.datasets.cityscapes import load_cityscapes_semantic
+
+    _require_dir(image_dir, "Cityscapes image (leftImg8bit)")
+    _require_dir(gt_dir, "Cityscapes annotation (gtFine)")
+    images = sorted(glob.glob(os.path.join(image_dir, "*", "*_leftImg8bit.png")))
+    if not images:
+        raise LocoError(f"no <city>/*_leftImg8bit.png images in {image_dir}")
+    city = os.path.basename(os.path.dirname(images[0]))
+    stem = os.path.basename(images[0])[: -len("leftImg8bit.png")]
+    for suffix in ("gtFine_labelTrainIds.png", "gtFine_labelIds.png", "gtFine_polygons.json"):
+        _require_file(os.path.join(gt_dir, city, stem + suffix),
+                      "Cityscapes annotation file (labelTrainIds: made by cityscapesscripts' "
+                      "createTrainIdLabelImgs)")
+    return load_cityscapes_semantic(image_dir, gt_dir)
+
+
+def load_voc_checked(dirname, split, class_names):
+    """Detectron2's own `load_voc_instances`, after checking the split file and folders."""
+    import numpy as np
+    from detectron2.data.datasets.pascal_voc import load_voc_instances
+
+    if "str" not in np.__dict__:  # v0.6 calls np.loadtxt(dtype=np.str): removed in numpy 1.24,
+        np.str = str              # always the builtin (train.py restores the others)
+
+    _require_dir(dirname, "PASCAL VOC")
+    _require_file(os.path.join(dirname, "ImageSets", "Main", split + ".txt"), "VOC split file")
+    for sub in ("JPEGImages", "Annotations"):
+        _require_dir(os.path.join(dirname, sub), f"VOC {sub}")
+    return load_voc_instances(dirname, split, class_names)
+
+
+def _register_voc(name, dirname, split, year, class_names):
+    """Detectron2's own `register_pascal_voc` (with our checked loader in place of its bare
+    one), unless already registered by us for the same folder."""
+    from detectron2.data.datasets.pascal_voc import register_pascal_voc
+
+    signature = ("voc", dirname, split, year, tuple(class_names))
+    if _REGISTERED.get(name) == signature and name in DatasetCatalog.list():
+        return
+    for catalog in (DatasetCatalog, MetadataCatalog):
+        if name in catalog.list():
+            catalog.remove(name)
+    register_pascal_voc(name, dirname, split, year, class_names)
+    DatasetCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: load_voc_checked(dirname, split, class_names))
+    MetadataCatalog.get(name).evaluator_type = "pascal_voc"
+    _REGISTERED[name] = signature
+
+
 def _cityscapes_metadata():
     try:
         from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
@@ -140,6 +201,17 @@ def register_synthetic(root):
                   dict(image_dir=image_dir, gt_dir=gt_dir, evaluator_type="cityscapes_instance",
                        **_cityscapes_metadata()),
                   ("cityscapes", image_dir, gt_dir))
+
+        name = f"loco_synth_cityscapes_sem_seg_{split}"
+        _register(name,
+                  lambda x=image_dir, y=gt_dir: load_cityscapes_semantic_checked(x, y),
+                  dict(image_dir=image_dir, gt_dir=gt_dir, evaluator_type="cityscapes_sem_seg",
+                       ignore_label=255, **_cityscapes_metadata()),
+                  ("cityscapes_sem_seg", image_dir, gt_dir))
+
+        _register_voc(f"loco_synth_voc_{split}",
+                      os.path.join(synth, "voc", f"VOC{synthetic.VOC_YEAR}"), split,
+                      synthetic.VOC_YEAR, [c["name"] for c in synthetic.categories()])
 
 
 def register_coco_subsets(root):

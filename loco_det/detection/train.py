@@ -12,7 +12,9 @@ What this adds to Detectron2's `tools/train_net.py` recipe, and why:
   asked for on a machine without one becomes the CPU, also logged.
 - Which parameters train is logged (names and counts): "frozen" is a claim worth checking.
 - Evaluation: COCO's evaluator (fast C++ path only when compiled ops exist), or for Cityscapes the
-  official `cityscapesscripts` instance evaluator for mask AP plus COCO-style box AP.
+  official `cityscapesscripts` instance evaluator for mask AP plus COCO-style box AP; for PASCAL
+  VOC Detectron2's `PascalVOCDetectionEvaluator` (AP, AP50, AP75); for Cityscapes semantic
+  segmentation `CityscapesSemSegEvaluator` (cityscapesscripts' pixel-level mIoU).
 - OUTPUT_DIR/results.json (docs/formats.md, "Detection run") is written atomically at the end, next
   to Detectron2's metrics.json; run_info.json and config.yaml at the start.
 
@@ -24,6 +26,7 @@ import logging
 import math
 import os
 import random
+import sys
 import weakref
 from collections import OrderedDict
 
@@ -37,8 +40,10 @@ from detectron2.engine.defaults import create_ddp_model
 from detectron2.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import (
     CityscapesInstanceEvaluator,
+    CityscapesSemSegEvaluator,
     COCOEvaluator,
     DatasetEvaluator,
+    PascalVOCDetectionEvaluator,
 )
 from detectron2.modeling import build_model
 from detectron2.utils import comm
@@ -46,10 +51,11 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from .. import fingerprint
-from ..utils import LocoError, run_info, write_json
+from ..utils import LocoError, atomic_write, check_output_dir, run_info, write_json
 from .checkpoint import (
     LocoCheckpointer,
     backbone_state_keys,
+    check_unconverted_weights,
     check_weights_metadata,
     read_weights_metadata,
 )
@@ -57,21 +63,27 @@ from .config import apply_single_process_norm, infer_benchmark, setup_cfg
 
 logger = logging.getLogger("loco_det.detection")
 
-
-def _numpy_aliases():
-    """Detectron2 v0.6 uses `np.bool` / `np.int` / `np.float` (removed in numpy 1.24) on the
-    training path (polygon masks, the class histogram). They were always the builtins, so
-    restoring them changes nothing else. Belongs in `compat` (which should make this a no-op);
-    applied here only when still missing."""
-    import numpy as np
-
-    for name, value in (("bool", bool), ("int", int), ("float", float), ("object", object),
-                        ("str", str)):
-        if name not in np.__dict__:
-            setattr(np, name, value)
+# `logger.info(..., extra=FILE_ONLY)`: the record goes to log.txt, not the console (the model
+# printout: hundreds of lines that say nothing about whether the run is going well).
+FILE_ONLY = {"loco_det_file_only": True}
 
 
-_numpy_aliases()
+# Loggers whose every record is detail for log.txt (Detectron2's table of matched weight names).
+_FILE_ONLY_LOGGERS = ("detectron2.checkpoint.c2_model_loading",)
+
+
+def _console_filter(record):
+    return not (getattr(record, "loco_det_file_only", False)
+                or record.name in _FILE_ONLY_LOGGERS)
+
+
+def _quiet_console(*names):
+    """Keep FILE_ONLY records off the console handlers Detectron2's setup_logger installed."""
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            console = getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
+            if console and _console_filter not in handler.filters:
+                handler.addFilter(_console_filter)
 
 
 def _register_datasets():
@@ -95,7 +107,7 @@ def _check_datasets(cfg, names):
             hint = f" (registered with that prefix: {', '.join(similar)})" if similar else ""
             raise LocoError(f"dataset {name!r} is not registered{hint}")
         meta = MetadataCatalog.get(name)
-        for attr in ("json_file", "image_root", "image_dir", "gt_dir"):
+        for attr in ("json_file", "image_root", "image_dir", "gt_dir", "dirname"):
             path = meta.get(attr, None)
             if path and "://" not in str(path) and not os.path.exists(path):
                 raise LocoError(
@@ -108,10 +120,29 @@ def _has_last_checkpoint(output_dir):
     return bool(output_dir) and os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
 
 
+def check_output_dir_use(output_dir, *, eval_only, resume):
+    """Refuse to train into an OUTPUT_DIR that holds another run's records: a finished run
+    (results.json or model_final.pth) or an unfinished one (last_checkpoint), unless --resume
+    (continue it) or --eval-only (evaluate; writes *_eval files beside the run's own) says so."""
+    if not output_dir:
+        return
+    check_output_dir(output_dir, what="OUTPUT_DIR")
+    if eval_only or resume:
+        return
+    for name, state in (("results.json", "a finished run"), ("model_final.pth", "a finished run"),
+                        ("last_checkpoint", "an unfinished run")):
+        if os.path.exists(os.path.join(output_dir, name)):
+            what = "--resume continues it" if name == "last_checkpoint" else (
+                "--eval-only evaluates it again")
+            raise LocoError(f"OUTPUT_DIR {output_dir} holds {state} ({name}); refusing to write "
+                            f"over its records: {what}, or choose another OUTPUT_DIR")
+
+
 def preflight(cfg, *, eval_only, resume):
     """Check everything that can be checked without building the model or writing files.
 
     Returns the converter metadata of MODEL.WEIGHTS (or None)."""
+    check_output_dir_use(cfg.OUTPUT_DIR, eval_only=eval_only, resume=resume)
     components.check_compiled_ops(cfg)
     if cfg.TEST.AUG.ENABLED:
         raise LocoError("TEST.AUG (test-time augmentation) is not supported by loco_det's trainer")
@@ -139,6 +170,7 @@ def preflight(cfg, *, eval_only, resume):
         if "://" not in weights and not os.path.isfile(weights):
             raise LocoError(f"MODEL.WEIGHTS not found: {weights}")
         meta = read_weights_metadata(weights)  # safe unpickler: refuses code before it runs
+        check_unconverted_weights(weights)
         check_weights_metadata(cfg, meta, weights)
     names = list(cfg.DATASETS.TEST) + ([] if eval_only else list(cfg.DATASETS.TRAIN))
     _check_datasets(cfg, names)
@@ -232,6 +264,7 @@ def setup(args):
     setup_logger(output_dir, distributed_rank=rank, name="fvcore")
     setup_logger(output_dir, distributed_rank=rank, name="loco_det", abbrev_name="loco")
     setup_logger(output_dir, distributed_rank=rank)
+    _quiet_console("fvcore", "loco_det", "detectron2")
     logger.info(f"Rank {rank} of world size {world}; arguments: {args}")
 
     cfg.defrost()
@@ -253,7 +286,7 @@ def setup(args):
 
     if comm.is_main_process() and output_dir:
         cfg_path = _output_name(output_dir, "config.yaml", eval_only)
-        with open(cfg_path, "w") as f:  # Detectron2 writes it the same way (not a result file)
+        with atomic_write(cfg_path, "w") as f:
             f.write(cfg.dump())
         logger.info(f"Full config saved to {cfg_path}")
         write_json(_output_name(output_dir, "run_info.json", eval_only),
@@ -362,8 +395,10 @@ def log_trainable(model):
     n_frozen = sum(g[1] for g in groups.values())
     rows = "\n".join(f"  {k:<32} trainable {a:>10,}  frozen {b:>10,}" for k, (a, b) in groups.items())
     logger.info(f"Trainable parameters: {len(trainable)} tensors, {n_train:,} values; frozen: "
-                f"{n_frozen:,} values; backbone frozen: {backbone_is_frozen(model)}\n{rows}")
-    logger.info("Trainable parameter list:\n  " + "\n  ".join(trainable))
+                f"{n_frozen:,} values; backbone frozen: {backbone_is_frozen(model)} (per module "
+                "and by name in log.txt)")
+    logger.info(f"Trainable / frozen values per module:\n{rows}", extra=FILE_ONLY)
+    logger.info("Trainable parameter list:\n  " + "\n  ".join(trainable), extra=FILE_ONLY)
     return trainable
 
 
@@ -394,7 +429,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_model(cls, cfg):
         model = build_model(cfg)
-        logger.debug(f"Model:\n{model}")
+        logger.info(f"Model:\n{model}", extra=FILE_ONLY)
         log_trainable(model)
         if cfg.MODEL.BACKBONE.FREEZE_AT >= 5 and not backbone_is_frozen(model):
             logger.warning("FREEZE_AT >= 5 but part of the ResNet trains: in C4 models res5 lives "
@@ -404,8 +439,13 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        if infer_benchmark(cfg) == "cityscapes":
+        benchmark = infer_benchmark(cfg)
+        if benchmark == "cityscapes":
             evaluator = CityscapesBoxAndMaskEvaluator(dataset_name, output_folder)
+        elif benchmark == "voc":
+            evaluator = PascalVOCDetectionEvaluator(dataset_name)
+        elif benchmark == "cityscapes_sem_seg":
+            evaluator = CityscapesSemSegEvaluator(dataset_name)
         else:
             evaluator = COCOEvaluator(dataset_name, output_dir=output_folder,
                                       use_fast_impl=compat.has_compiled_ops())
@@ -450,6 +490,26 @@ def _headline(metrics, task, notes, dataset):
     return out
 
 
+# What each benchmark's headline reports: box/mask AP for instance tasks, mIoU for semantic
+# segmentation (CityscapesSemSegEvaluator's "IoU" is the class-averaged IoU, i.e. mIoU).
+HEADLINE_TASKS = {"coco": ("bbox", "segm"), "cityscapes": ("bbox", "segm"), "voc": ("bbox",),
+                  "cityscapes_sem_seg": ()}
+EVALUATORS = {"coco": {"bbox": "coco", "segm": "coco"},
+              "cityscapes": {"bbox": "coco", "segm": "cityscapes"},
+              "voc": {"bbox": "pascal_voc"},
+              "cityscapes_sem_seg": {"sem_seg": "cityscapes"}}
+
+
+def _sem_seg_headline(metrics, notes, dataset):
+    res = metrics.get("sem_seg") or {}
+    out = {"mIoU": res.get("IoU"), "iIoU": res.get("iIoU"), "mIoU_categories": res.get("IoU_sup")}
+    out = {k: None if v is None or not math.isfinite(float(v)) else float(v)
+           for k, v in out.items()}
+    if out["mIoU"] is None:
+        notes.append(f"{dataset}: no sem_seg result")
+    return out
+
+
 def build_results(cfg, eval_results, *, model, method, eval_only, iteration=None):
     """The results.json record (docs/formats.md, "Detection run")."""
     names = list(cfg.DATASETS.TEST)
@@ -458,11 +518,14 @@ def build_results(cfg, eval_results, *, model, method, eval_only, iteration=None
     eval_results = eval_results or {}
     benchmark = infer_benchmark(cfg)
     notes = []
-    bbox = segm = None
+    bbox = segm = sem_seg = None
     if names and names[0] in eval_results:
         first = eval_results[names[0]]
-        bbox = _headline(first, "bbox", notes, names[0])
-        segm = _headline(first, "segm", notes, names[0])
+        tasks = HEADLINE_TASKS[benchmark]
+        bbox = _headline(first, "bbox", notes, names[0]) if "bbox" in tasks else None
+        segm = _headline(first, "segm", notes, names[0]) if "segm" in tasks else None
+        if benchmark == "cityscapes_sem_seg":
+            sem_seg = _sem_seg_headline(first, notes, names[0])
     record = {
         "kind": "detection",
         "finished": True,
@@ -470,8 +533,7 @@ def build_results(cfg, eval_results, *, model, method, eval_only, iteration=None
         "bbox": bbox,
         "segm": segm,
         "headline_dataset": names[0] if names else None,
-        "evaluators": ({"bbox": "coco", "segm": "cityscapes"} if benchmark == "cityscapes"
-                       else {"bbox": "coco", "segm": "coco"}),
+        "evaluators": EVALUATORS[benchmark],
         "metrics": _clean({k: v for k, v in eval_results.items()}),
         "method": method,
         "protocol": {
@@ -495,6 +557,8 @@ def build_results(cfg, eval_results, *, model, method, eval_only, iteration=None
         "weights_seed": None if cfg.LOCO_DET.WEIGHTS_SEED < 0 else int(cfg.LOCO_DET.WEIGHTS_SEED),
         "weights_source": cfg.LOCO_DET.WEIGHTS_SOURCE or None,
     }
+    if benchmark == "cityscapes_sem_seg":
+        record["sem_seg"] = sem_seg
     if iteration is not None:
         record["iteration"] = int(iteration)
     if notes:
@@ -510,8 +574,10 @@ def _write_results(cfg, results, *, model, eval_only, iteration=None):
     path = os.path.join(cfg.OUTPUT_DIR, "results.json")
     write_json(path, record)
     bb, sg = record["bbox"] or {}, record["segm"] or {}
-    logger.info(f"results.json written to {path}: box AP {bb.get('AP')}, mask AP {sg.get('AP')} "
-                f"(method {record['method']}, frozen {record['protocol']['frozen']})")
+    ss = record.get("sem_seg") or {}
+    miou = f", mIoU {ss.get('mIoU')}" if "sem_seg" in record else ""
+    logger.info(f"results.json written to {path}: box AP {bb.get('AP')}, mask AP {sg.get('AP')}"
+                f"{miou} (method {record['method']}, frozen {record['protocol']['frozen']})")
     return record
 
 

@@ -109,6 +109,14 @@ _C.RUN.CHANNELS_LAST = True
 _C.RUN.LOG_PERIOD = 10
 # Besides every epoch, write checkpoint_last.pth every this many steps (0: epochs only).
 _C.RUN.CHECKPOINT_PERIOD = 0
+# Weighted kNN readout per stage (k 20/200, T 0.07; loco_det/pretrain/knn.py) every this many
+# epochs on rank 0, into metrics.jsonl and TensorBoard as knn/k20/res5 etc. (0: off).
+_C.RUN.KNN_PERIOD = 0
+# Folder with train/ (memory bank) and held-out val/ (queries) ImageFolder splits; empty: the
+# parent of DATA.ROOT (the embedded data's imagefolder/, ImageNet's root).
+_C.RUN.KNN_DATA = ""
+# Memory bank size: at most this many train/ images, evenly spaced over classes (0: all).
+_C.RUN.KNN_MAX_TRAIN_IMAGES = 0
 
 
 def get_cfg():

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -30,8 +31,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..fingerprint import PRETRAIN_RUN_ONLY, changed_keys, pretrain_fingerprint, pretrain_identity
-from ..utils import ConfigError, LocoError, atomic_write, run_info, write_json
+from ..utils import (ConfigError, LocoError, atomic_write, check_output_dir, run_info,
+                     write_json)
 from .data import build_loader
+from .knn import PeriodicKnn
 from .optim import build_optimizer, build_scheduler
 
 CHECKPOINT = "checkpoint_last.pth"
@@ -190,6 +193,10 @@ def load_checkpoint(path):
     """The checkpoint dict, or LocoError naming `path` if it cannot be read."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise LocoError(f"{path}: cannot read checkpoint (not a file written by torch.save, or "
+                        "it holds objects other than tensors and containers, which loco_det "
+                        "does not unpickle)") from None
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         raise LocoError(f"{path}: cannot read checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -274,8 +281,9 @@ class MetricLogger:
         records = []
         if resume and os.path.exists(self.path):
             # Drop what a killed run logged after its last checkpoint: those steps run again.
+            # A line without its newline is what a SIGKILL during the append left: drop it.
             with open(self.path) as f:
-                records = [line for line in f if line.strip()
+                records = [line for line in f if line.strip() and line.endswith("\n")
                            and json.loads(line).get("step", 0) <= start_step]
         with atomic_write(self.path, "w") as f:
             f.writelines(records)
@@ -375,6 +383,7 @@ def train(cfg, output_dir, resume=False, stop_after_steps=None, config_file=None
     Returns the summary dict on rank 0 when the run has finished, else None.
     """
     env = DistEnv()
+    check_output_dir(output_dir)
     if cfg.OPTIM.BATCH_SIZE % env.world_size:  # before joining: fails fast on every rank
         raise ConfigError(f"OPTIM.BATCH_SIZE={cfg.OPTIM.BATCH_SIZE} does not divide by the "
                           f"world size {env.world_size}: batch sizes are global, choose a "
@@ -401,6 +410,7 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
     seed = resolve_seed(cfg, env, ckpt)
     cfg = with_seed(cfg, seed)
     dataset, sampler, loader = build_loader(cfg, env.rank, env.world_size, seed)
+    knn = PeriodicKnn.build(cfg, env)
     steps_per_epoch = sampler.batches_per_epoch
     if ckpt is not None:
         check_resume_compatible(ckpt_path, ckpt, cfg, steps_per_epoch, len(dataset.classes))
@@ -453,14 +463,14 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
     try:
         return _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sampler,
                      loader, logger, start_step, steps_per_epoch, total_steps, bad, wall_before,
-                     t_start, stop_after_steps)
+                     t_start, stop_after_steps, knn)
     finally:
         logger.close()
 
 
 def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sampler, loader,
           logger, start_step, steps_per_epoch, total_steps, bad, wall_before, t_start,
-          stop_after_steps):
+          stop_after_steps, knn=None):
     epochs = cfg.OPTIM.EPOCHS
     ckpt_path = os.path.join(output_dir, CHECKPOINT)
     units = list(model.unit_names)
@@ -556,6 +566,9 @@ def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sa
                     if env.distributed:  # other ranks' unreadable files, before the checkpoint
                         note_bad(set().union(*env.all_gather_object(sorted(bad))))
                     checkpoint(epoch + 1)
+                    if knn is not None and knn.due(epoch + 1):
+                        logger.log(knn(model.encoder, step, epoch + 1))
+                        model.train()
                 elif cfg.RUN.CHECKPOINT_PERIOD and step % cfg.RUN.CHECKPOINT_PERIOD == 0:
                     checkpoint(epoch)
                 if stop_after_steps is not None and step - start_step >= stop_after_steps:

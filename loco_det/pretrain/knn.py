@@ -1,0 +1,208 @@
+"""Weighted kNN readout per stage: a readout with no training, cheap enough to watch during
+pretraining.
+
+The protocol of InstDisc (Wu et al. 2018) as used by DINO (Caron et al. 2021): every image of
+the train split and of the validation split goes through the frozen encoder (BN in eval mode,
+resize + center crop, no augmentation); each stage's output (res2..res5) is globally
+average-pooled and L2-normalised. A validation image votes with its k most cosine-similar
+training images, neighbour i with weight exp(s_i / T) for its class; the class with the largest
+summed weight is the prediction. k = 20 and 200, T = 0.07.
+
+Memory: features are kept in float16 on the host ((res2..res5 = 3840 dims for ResNet-50) x 1.28M
+ImageNet images is ~9.8 GB), and the similarity is computed for a chunk of queries against a
+chunk of the training features at a time on the device, keeping a running top-k, so neither the
+full similarity matrix nor all training features need to fit on the GPU.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from ..utils import LocoError, write_json
+from .data import find_images
+from .readout import (SMALL_MAX_IMAGES, STAGE_NAMES, LabeledImages, default_data_dir,
+                      eval_transform, load_encoder, make_loader, majority_top1, pooled_features)
+
+KS = (20, 200)
+TEMPERATURE = 0.07
+
+
+def knn_predict(train_feats, train_labels, query_feats, num_classes, ks=KS,
+                temperature=TEMPERATURE, query_chunk=1024, train_chunk=65536, device=None):
+    """Weighted kNN class predictions for every k in `ks`.
+
+    train_feats (N, D) and query_feats (Q, D): L2-normalised features (any float dtype, any
+    device); train_labels (N,) int64 in [0, num_classes). Similarity s = cosine; neighbour weight
+    exp(s / temperature); score_c = sum of the weights of the k nearest neighbours of class c.
+    k larger than N uses all N. Ties between equal similarities go to the lower training index
+    (torch.topk order). Returns {k: (Q,) int64 predictions on the CPU}."""
+    device = torch.device(device) if device is not None else query_feats.device
+    n = train_feats.shape[0]
+    kmax = min(max(ks), n)
+    labels = train_labels.to(device)
+    preds = {k: [] for k in ks}
+    for q0 in range(0, query_feats.shape[0], query_chunk):
+        q = query_feats[q0:q0 + query_chunk].to(device, torch.float32)
+        best_s = torch.full((q.shape[0], 0), -math.inf, device=device)
+        best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=device)
+        for t0 in range(0, n, train_chunk):
+            t = train_feats[t0:t0 + train_chunk].to(device, torch.float32)
+            s = q @ t.T
+            cand_s = torch.cat([best_s, s], dim=1)
+            cand_i = torch.cat([best_i, torch.arange(t0, t0 + t.shape[0], device=device)
+                                .expand(q.shape[0], -1)], dim=1)
+            # Stable merge: equal similarities keep the lower training index first.
+            order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, :kmax]
+            best_s, best_i = cand_s.gather(1, order), cand_i.gather(1, order)
+        weights = (best_s / temperature).exp()
+        neighbour_labels = labels[best_i]
+        for k in ks:
+            kk = min(k, n)
+            scores = torch.zeros(q.shape[0], num_classes, device=device)
+            scores.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
+            preds[k].append(scores.argmax(1).cpu())
+    return {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for k, v in preds.items()}
+
+
+@torch.no_grad()
+def extract_normalised(encoder, loader, n, device, desc, progress):
+    """L2-normalised pooled features of every stage as float16 CPU tensors (n, D_stage), plus
+    labels; preallocated so that a 1.28M-image split never holds two copies."""
+    feats, labels, pos = None, torch.zeros(n, dtype=torch.long), 0
+    for images, y in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
+        out = pooled_features(encoder, images.to(device, non_blocking=True))
+        if feats is None:
+            feats = [torch.empty(n, f.shape[1], dtype=torch.float16) for f in out]
+        for k, f in enumerate(out):
+            feats[k][pos:pos + len(y)] = F.normalize(f, dim=1).half().cpu()
+        labels[pos:pos + len(y)] = y
+        pos += len(y)
+    return feats, labels
+
+
+def knn_eval(encoder, train_set, val_set, device, ks=KS, temperature=TEMPERATURE, batch_size=256,
+             workers=2, seed=0, progress=True):
+    """Top-1 (%) per k and stage: {"k20": {"res2": ..}, "k200": {..}} (encoder in eval mode,
+    no gradients; the caller restores its mode)."""
+    encoder.eval()
+    train_feats, train_y = extract_normalised(
+        encoder, make_loader(train_set, batch_size, False, workers, seed), len(train_set), device,
+        "knn train features", progress)
+    val_feats, val_y = extract_normalised(
+        encoder, make_loader(val_set, batch_size, False, workers, seed), len(val_set), device,
+        "knn val features", progress)
+    num_classes = len(train_set.classes)
+    top1 = {f"k{k}": {} for k in ks}
+    for stage, tf, vf in zip(STAGE_NAMES, train_feats, val_feats):
+        preds = knn_predict(tf, train_y, vf, num_classes, ks, temperature, device=device)
+        for k in ks:
+            top1[f"k{k}"][stage] = 100.0 * (preds[k] == val_y).float().mean().item()
+    return top1
+
+
+def knn_splits(data_dir, image_size):
+    """(train_set, val_set) of an ImageFolder split root; labels follow train's classes."""
+    train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
+    _, classes = find_images(train_dir)  # one clear error for a missing split
+    find_images(val_dir)
+    transform = eval_transform(image_size)
+    return (LabeledImages(train_dir, transform, classes),
+            LabeledImages(val_dir, transform, classes))
+
+
+def run_knn(output_dir, checkpoint=None, arch=None, data_dir=None, image_size=None, ks=KS,
+            temperature=TEMPERATURE, batch_size=256, workers=2, seed=-1, progress=True,
+            device=None):
+    """kNN readout of every stage; writes output_dir/knn.json (docs/formats.md), returns it."""
+    if seed is None or seed < 0:
+        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    if not ks or any(k < 1 for k in ks):
+        raise LocoError(f"--k {list(ks)}: every k must be a positive integer")
+    if not temperature > 0:
+        raise LocoError(f"--temperature {temperature}: must be positive")
+    ckpt, pre_cfg = None, {}
+    if checkpoint is not None:
+        from .engine import load_checkpoint
+        ckpt = load_checkpoint(checkpoint)
+        pre_cfg = yaml.safe_load(ckpt["config"])
+    encoder, method, arch = load_encoder(ckpt, arch, seed, checkpoint)
+    del ckpt
+    data_dir = data_dir or default_data_dir(pre_cfg.get("DATA", {}).get("ROOT"))
+    if image_size is None:  # read out at the trained scale, else as the linear readout does
+        n_train = len(find_images(os.path.join(data_dir, "train"))[0])
+        image_size = pre_cfg.get("DATA", {}).get(
+            "IMAGE_SIZE", 64 if n_train <= SMALL_MAX_IMAGES else 224)
+    train_set, val_set = knn_splits(data_dir, image_size)
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise LocoError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:N)") from None
+    encoder.to(device)
+    top1 = knn_eval(encoder, train_set, val_set, device, ks, temperature, batch_size, workers,
+                    seed, progress)
+    n_val = len(val_set)
+    result = {
+        "kind": "knn", "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
+        "method": method, "arch": arch, "top1": top1,
+        # Binomial standard error of each top-1 in percentage points.
+        "top1_stderr": {kk: {s: 100.0 * math.sqrt(a / 100 * (1 - a / 100) / n_val)
+                             for s, a in per.items()} for kk, per in top1.items()},
+        "protocol": {"name": "weighted_knn", "ks": list(ks), "temperature": temperature,
+                     "features": "global average pool, L2-normalised, frozen encoder (eval BN)",
+                     "image_size": image_size, "train_images": len(train_set),
+                     "val_images": n_val, "classes": len(train_set.classes), "seed": seed,
+                     "data_dir": data_dir, "majority_val_top1": majority_top1(val_set)},
+    }
+    os.makedirs(output_dir, exist_ok=True)
+    write_json(os.path.join(output_dir, "knn.json"), result)
+    return result
+
+
+
+class PeriodicKnn:
+    """RUN.KNN_PERIOD: the kNN readout of the encoder being trained, every KNN_PERIOD epochs,
+    on rank 0 (memory bank: the split root's train/, queries: its held-out val/). The other
+    ranks wait at their next collective for exactly as long as the evaluation takes."""
+
+    def __init__(self, cfg, env):
+        self.period = cfg.RUN.KNN_PERIOD
+        root = cfg.RUN.KNN_DATA or os.path.dirname(os.path.normpath(cfg.DATA.ROOT))
+        # Cheap checks on every rank, so that a bad path stops all of them before training.
+        for split in ("train", "val"):
+            if not os.path.isdir(os.path.join(root, split)):
+                raise LocoError(f"RUN.KNN_PERIOD={self.period}: {os.path.join(root, split)} not "
+                                f"found (RUN.KNN_DATA names a folder with train/ and val/; "
+                                f"empty: the parent of DATA.ROOT)")
+        self.root, self.device, self.main = root, env.device, env.main
+        self.workers = cfg.DATA.NUM_WORKERS
+        if self.main:
+            self.train_set, self.val_set = knn_splits(root, cfg.DATA.IMAGE_SIZE)
+            keep = cfg.RUN.KNN_MAX_TRAIN_IMAGES
+            if keep and keep < len(self.train_set.samples):
+                # Evenly spaced, so every class keeps its share.
+                idx = np.linspace(0, len(self.train_set.samples) - 1, keep).round().astype(int)
+                self.train_set.samples = [self.train_set.samples[i] for i in idx]
+
+    @classmethod
+    def build(cls, cfg, env):
+        if cfg.RUN.KNN_PERIOD < 0:
+            raise LocoError(f"RUN.KNN_PERIOD={cfg.RUN.KNN_PERIOD}: epochs between kNN readouts "
+                            f"must be >= 0 (0: off)")
+        return cls(cfg, env) if cfg.RUN.KNN_PERIOD else None
+
+    def due(self, done_epochs):
+        return self.main and done_epochs % self.period == 0
+
+    def __call__(self, encoder, step, done_epochs):
+        """A metrics.jsonl record {"step", "epoch", "knn/k20/res5": top-1 %, ...}; leaves the
+        encoder in eval mode (the caller switches back to train)."""
+        top1 = knn_eval(encoder, self.train_set, self.val_set, self.device,
+                        workers=self.workers, progress=False)
+        record = {"step": step, "epoch": done_epochs}
+        record.update({f"knn/{kk}/{stage}": v for kk, per in top1.items()
+                       for stage, v in per.items()})
+        return record
