@@ -112,7 +112,7 @@ PROTOCOL_FIELDS = {
 COMPARE_FREE = {"pretrain": ("decoder",), "readout": ("pretraining", "decoder"),
                 "detection": ("weights", "decoder", "backbone")}
 # The metrics compared between methods, per kind (higher is better).
-COMPARED = {"detection": ("APbb", "APmk"), "readout": ("top1/res5",)}
+COMPARED = {"detection": ("APbb", "APmk", "mIoU"), "readout": ("top1/res5",)}
 DEFAULT_REFERENCE = "e2e"
 RANDOM_LABELS = ("random", "random init")
 
