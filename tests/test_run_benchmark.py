@@ -66,14 +66,15 @@ def _with(commands, *tokens):
 def test_paper_grid_counts(paper):
     # data: 5 COCO-10K + 5 COCO-1K splits; pretrain: 3 methods x {100, 800} ep; readout: 6 +
     # random init; convert: 6 + supervised; detection: (6 methods + random + supervised) x
-    # (COCO frozen + Cityscapes frozen + 5 COCO-10K splits + 5 COCO-1K splits); report.
-    assert paper["lines"][-1] == ("# 127 jobs: 10 data, 6 pretrain, 7 readout, 7 convert, "
-                                  "96 detection, 1 report")
-    assert len(paper["commands"]) == 127
+    # (COCO frozen + Cityscapes frozen + 5 COCO-10K splits + 5 COCO-1K splits + 2 x 5 VOC
+    # trials + 2 semantic segmentation); a kNN readout per readout; report.
+    assert paper["lines"][-1] == ("# 230 jobs: 10 data, 6 pretrain, 7 readout, 7 knn, "
+                                  "7 convert, 192 detection, 1 report")
+    assert len(paper["commands"]) == 230
     cmds = paper["commands"]
-    assert len(_with(cmds, "tools/train_net.py")) == 96
-    assert len(_with(cmds, "LOCO_DET.FROM_SCRATCH", "True")) == 12   # random init everywhere
-    assert len(_with(cmds, "LOCO_DET.LABEL", "supervised")) == 12
+    assert len(_with(cmds, "tools/train_net.py")) == 192
+    assert len(_with(cmds, "LOCO_DET.FROM_SCRATCH", "True")) == 24   # random init everywhere
+    assert len(_with(cmds, "LOCO_DET.LABEL", "supervised")) == 24
     for config, n in (("coco_R50_FPN_1x_frozen", 8), ("cityscapes_R50_FPN_frozen", 8),
                       ("coco10k_R50_FPN_finetune", 40), ("coco1k_R50_FPN_finetune", 40)):
         assert len(_with(cmds, f"det_configs/{config}.yaml")) == n
@@ -100,7 +101,7 @@ def test_paper_grid_commands(paper):
             assert _with(cmds, "tools/linear_readout.py", f"{run}/checkpoint_last.pth")
             det = _with(cmds, "tools/train_net.py",
                         f"runs/paper/weights/{method}_r50_{ep}ep_seed0.pkl")
-            assert len(det) == 12
+            assert len(det) == 24
             assert all(c[c.index("LOCO_DET.LABEL") + 1] == f"{method}_r50_{ep}ep" for c in det)
             assert all(c[c.index("--num-gpus") + 1] == "8" for c in det)
     (sup,) = _with(cmds, "tools/convert_to_detectron2.py", "weights/resnet50-0676ba61.pth")
