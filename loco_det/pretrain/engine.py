@@ -58,7 +58,7 @@ class DistEnv:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels
-        if self.world_size > 1 and not dist.is_initialized():
+        if self.distributed and not dist.is_initialized():
             if self.device.type == "cuda":
                 dist.init_process_group("nccl", device_id=self.device)
             else:
@@ -67,7 +67,9 @@ class DistEnv:
 
     @property
     def distributed(self):
-        return self.world_size > 1
+        """In a process group: several processes, or one started by torchrun (MASTER_ADDR set),
+        which then takes the same nccl / gloo and SyncBN paths as a multi-process run."""
+        return self.world_size > 1 or "MASTER_ADDR" in os.environ
 
     @property
     def main(self):
