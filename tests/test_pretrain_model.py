@@ -273,5 +273,5 @@ def test_supervised_needs_one_label_per_image():
     model = build_model("supervised", "resnet18", num_classes=4)
     with pytest.raises(ValueError, match="needs 4 labels, got None"):
         model.forward_backward(*views())
-    with pytest.raises(ValueError, match=r"needs 4 labels, got \(3,\)"):
+    with pytest.raises(ValueError, match=r"need 4 labels, got \(3,\)"):
         model.forward_backward(*views(), torch.tensor([0, 1, 2]))
