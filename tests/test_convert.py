@@ -438,7 +438,8 @@ def build_layout(name, sd, other, path):
                       **_heads("projector.", "0.weight", "3.weight"),
                       **_heads("momentum_projector.", "0.weight"),
                       **_heads("classifier.", "weight", "bias")}
-        torch.save(_lightning(state_dict, {"cfg": {"method": "byol", "backbone": {"name": "resnet18"}}}), path)
+        hparams = {"cfg": {"method": "byol", "backbone": {"name": "resnet18"}}}
+        torch.save(_lightning(state_dict, hparams), path)
         return {}, "solo-learn"
     if name == "mmselfsup":
         def make(c):
@@ -550,9 +551,11 @@ def build_layout(name, sd, other, path):
 
 
 LAYOUTS = ["torchvision", "timm", "timm-safetensors", "timm-train", "lightning", "solo-learn",
-           "mmselfsup", "mmselfsup-0.x", "vissl", "moco-v2", "moco-v3", "dino-teacher", "dino-student", "ibot",
-           "swav", "byol", "loco_det", "torch-compile-ddp", "sequential-children",
-           "byol-online-target", "pickled-module", "legacy-serialization", "half-precision"]
+           "mmselfsup", "mmselfsup-0.x", "vissl", "moco-v2", "moco-v3", "dino-teacher",
+           "dino-student", "ibot", "swav", "byol", "loco_det",
+           # further variants, not one library's layout
+           "torch-compile-ddp", "sequential-children", "byol-online-target", "pickled-module",
+           "legacy-serialization", "half-precision"]
 
 
 @pytest.fixture(scope="module")
@@ -605,11 +608,13 @@ def test_dino_teacher_by_default_student_on_request(two_resnets, tmp_path):
     build_layout("dino-teacher", sd, other, src)
     obj, _ = conv.load_checkpoint(str(src))
     state, dropped, info = conv.extract_encoder(obj, "dino")
-    assert info["prefix"] == "teacher.module.backbone." and torch.equal(state["conv1.weight"], sd["conv1.weight"])
+    assert info["prefix"] == "teacher.module.backbone."
+    assert torch.equal(state["conv1.weight"], sd["conv1.weight"])
     assert "student.module.backbone.* (another ResNet, 120 tensors)" in dropped
     assert "args" not in " ".join(dropped)  # the Namespace holds no tensors
     state, _, info = conv.extract_encoder(obj, "dino", take="student")
-    assert info["prefix"] == "student.module.backbone." and torch.equal(state["conv1.weight"], other["conv1.weight"])
+    assert info["prefix"] == "student.module.backbone."
+    assert torch.equal(state["conv1.weight"], other["conv1.weight"])
 
 
 def test_timm_ema_is_ambiguous_without_take(two_resnets, tmp_path):
@@ -719,7 +724,8 @@ def _bad_case(name, root, sd):
         return [root / "two.pth", out], r"two\.pth holds 2 candidate encoders: .*--take net_a or --take net_b"
     if name == "--take names nothing":
         torch.save({"teacher": sd, "student": sd}, root / "ts.pth")
-        return [root / "ts.pth", out, "--take ema"], r"--take ema: none of the encoders in .*ts\.pth .*--take student or --take teacher"
+        return [root / "ts.pth", out, "--take ema"], (r"--take ema: none of the encoders in .*ts\.pth "
+                                                      r".*--take student or --take teacher")
     if name == "--prefix names nothing":
         return [good, out, "--prefix", "nope."], r"no key in .*good\.pth starts with prefix 'nope\.'"
     if name == "--prefix incomplete resnet":
@@ -732,7 +738,8 @@ def _bad_case(name, root, sd):
         return [root / "evil.pth", out], r"refusing to load .*evil\.pth: it asks to import posix\.system"
     if name == "hostile pickle (eval)":
         torch.save({"state_dict": sd, "x": _HostileEval()}, root / "evil2.pth")
-        return [root / "evil2.pth", out], r"refusing to load .*evil2\.pth: it asks to import __builtin__\.eval"
+        return [root / "evil2.pth", out], (r"refusing to load .*evil2\.pth: it asks to import "
+                                           r"__builtin__\.eval")
     if name == "torchscript archive":
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(root / "ts.pt"))
         return [root / "ts.pt", out], r"ts\.pt is a TorchScript archive .*state_dict\(\)"
@@ -757,8 +764,9 @@ BAD_CASES = ["missing input", "input is a directory", "empty input", "truncated 
              "output is a directory", "output parent is a file", "already converted",
              "detectron2 model_final", "nan weights", "inf weights --verify",
              "two unrelated encoders", "--take names nothing", "--prefix names nothing",
-             "--prefix incomplete resnet", "--take with --prefix", "hostile pickle (os.system)", "hostile pickle (eval)",
-             "torchscript archive", "caffe2 blobs pickle", "corrupt safetensors"]
+             "--prefix incomplete resnet", "--take with --prefix", "hostile pickle (os.system)",
+             "hostile pickle (eval)", "torchscript archive", "caffe2 blobs pickle",
+             "corrupt safetensors"]
 
 
 def _snapshot(root):
