@@ -304,6 +304,25 @@ def test_cli_help_has_examples():
     assert rc == 0 and "examples:" in out and "--verify" in out and "--prefix" in out
 
 
+def test_conversion_is_byte_identical_when_repeated(tmp_path):
+    """Same input -> same bytes (what a resumed or repeated conversion must give)."""
+    src = tmp_path / "r18.pth"
+    torch.save(randomised_resnet(18, seed=5).state_dict(), src)
+    conv.convert(src, tmp_path / "a.pkl")
+    conv.convert(src, tmp_path / "b.pkl")
+    assert (tmp_path / "a.pkl").read_bytes() == (tmp_path / "b.pkl").read_bytes()
+
+
+def test_overflowing_weights_are_not_blamed_on_the_conversion(tmp_path):
+    state = randomised_resnet(18, seed=6).state_dict()
+    state["layer3.0.conv1.weight"] = torch.full_like(state["layer3.0.conv1.weight"], 3e38)
+    src = tmp_path / "huge.pth"
+    torch.save(state, src)
+    with pytest.raises(LocoError, match="torchvision's own ResNet gives non-finite layer3 features"):
+        conv.convert(src, tmp_path / "o.pkl", verify=True, verify_image_size=64)
+    assert not (tmp_path / "o.pkl").exists()
+
+
 def test_failed_verify_leaves_existing_output(tmp_path, monkeypatch):
     model = randomised_resnet(18, seed=2)
     src, out = tmp_path / "r18.pth", tmp_path / "out.pkl"
