@@ -611,6 +611,21 @@ def test_layout_converts_and_verifies(name, two_resnets, tmp_path):
     print(f"{name}: {result.layout}, encoder {result.prefix!r}, verify {result.verify_error:.2e}")
 
 
+@pytest.mark.parametrize("name", ["vissl", "dino-teacher"])
+def test_layout_r50(name, r50, tmp_path):
+    """The same for ResNet-50 (bottleneck blocks, stride in the 3x3 conv) in two nested layouts."""
+    sd = r50["model"].state_dict()
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+    src = tmp_path / "ckpt.pth"
+    kwargs, layout = build_layout(name, sd, other, src)
+    result = conv.convert(src, tmp_path / "o.pkl", verify=True, verify_image_size=64, **kwargs)
+    assert layout in result.layout and result.depth == 50 and result.verify_error <= 1e-4
+    data = safe_load_pkl(tmp_path / "o.pkl")["model"]
+    np.testing.assert_array_equal(data["res5.2.conv3.norm.running_var"],
+                                  sd["layer4.2.bn3.running_var"].numpy())
+    print(f"R50 {name}: verify {result.verify_error:.2e} {result.stage_errors}")
+
+
 def test_lightning_hparams_never_imported(two_resnets, tmp_path):
     """The file names classes (Lightning's AttributeDict) that do not exist here: torch's
     weights-only load refuses, the placeholder load reads the weights without importing them."""
