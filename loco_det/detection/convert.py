@@ -826,6 +826,11 @@ def stage_errors(d2_features, tv_model, images):
             if ours.shape != x.shape:
                 raise LocoError(f"{name} has shape {tuple(ours.shape)} in Detectron2 but "
                                 f"{tuple(x.shape)} in torchvision")
+            if not bool(torch.isfinite(x).all()):
+                # The weights themselves overflow (finite but huge): not a conversion error.
+                raise LocoError(f"torchvision's own ResNet gives non-finite layer{i} features "
+                                "with these weights on random input: the weights are broken, "
+                                "not the conversion")
             errors[name] = float((ours - x).abs().max() / x.abs().max().clamp_min(1e-12))
     return errors
 
