@@ -217,3 +217,13 @@ def test_cpu_recipes_of_the_new_rules():
         model = build_model(method, cfg.MODEL.ARCH, unit_length=cfg.MODEL.LOCO_BLOCKS.UNIT_LENGTH,
                             overlap=cfg.MODEL.LOCO_BLOCKS.OVERLAP)
         assert len(model.units) == units
+
+
+def test_loss_must_be_a_scalar_with_gradient():
+    bad = Rule("bad", (Unit((0, 1, 2, 3)),), loss=lambda z, labels: z.sum(dim=1))
+    from loco_det.pretrain.model import PretrainModel
+
+    model = PretrainModel(bad, "resnet18")
+    with pytest.raises(RuleError, match=r"unit 1 returned Tensor\(8,\), not a scalar"):
+        model.forward_backward(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+

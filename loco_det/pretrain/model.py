@@ -72,7 +72,7 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .rules import RULES
+from .rules import RULES, RuleError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 METHODS = tuple(RULES)  # the registered rules; others come by import path or entry point
@@ -382,7 +382,13 @@ class PretrainModel(nn.Module):
     def _loss(self, k, h, labels):
         with self._autocast(h):
             z = self.decoders[k](h)
-        return self.rule.loss(z, labels)
+        loss = self.rule.loss(z, labels)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
+            raise RuleError(f"method {self.method!r}: the loss of unit {k + 1} returned "
+                            f"{type(loss).__name__}"
+                            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}, "
+                            f"not a scalar tensor with a gradient")
+        return loss
 
     def forward(self, x):
         """Features of the four stages (res2..res5) for a batch of images."""
