@@ -227,3 +227,13 @@ def test_loss_must_be_a_scalar_with_gradient():
     with pytest.raises(RuleError, match=r"unit 1 returned Tensor\(8,\), not a scalar"):
         model.forward_backward(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
 
+
+def test_bad_decoders_one_line():
+    from loco_det.pretrain.model import PretrainModel
+
+    for decoder, words in (({"conv_blocks": 3}, "unit 1's decoder: unknown conv_blocks 3"),
+                           (lambda channels, block_type: "head", "returned str, not an nn.Module")):
+        rule = Rule("bad", (Unit((0, 1, 2, 3), decoder=decoder),), contrastive_loss(0.1))
+        with pytest.raises(RuleError, match=words):
+            PretrainModel(rule, "resnet18")
+

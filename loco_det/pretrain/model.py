@@ -348,13 +348,21 @@ class PretrainModel(nn.Module):
                 raise ValueError(f"decoder options {extra} do not apply to method "
                                  f"{self.method!r} (its units bring their own heads)")
         decoders = []
-        for unit in rule.units:
+        for k, unit in enumerate(rule.units):
             channels = atom_channels(self.encoder, pieces[unit.pieces[-1]][-1])
             if callable(unit.decoder):
-                decoders.append(unit.decoder(channels, block_type))
+                decoder = unit.decoder(channels, block_type)
+                if not isinstance(decoder, nn.Module):
+                    raise RuleError(f"method {self.method!r}: unit {k + 1}'s decoder factory "
+                                    f"returned {type(decoder).__name__}, not an nn.Module")
             else:
-                decoders.append(Decoder(channels, **{**defaults, **(unit.decoder or {})},
-                                        block_type=block_type))
+                options = {**defaults, **(unit.decoder or {})}
+                try:
+                    decoder = Decoder(channels, **options, block_type=block_type)
+                except ValueError as e:
+                    raise RuleError(f"method {self.method!r}: unit {k + 1}'s decoder: {e}") \
+                        from None
+            decoders.append(decoder)
         self.decoders = nn.ModuleList(decoders)
 
     # -- helpers -------------------------------------------------------------------------------
