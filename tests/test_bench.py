@@ -122,3 +122,23 @@ def test_target_checks_pick_the_best_schedule():
     assert checks["loco:fused step time / e2e"] and checks["loco:recompute peak memory / e2e"]
     assert not checks["loco:fused meets both loco targets"]
     assert checks["gim peak memory / e2e"] and checks["e2e step time / bare torchvision"]
+
+
+def test_reference_checkout_rows_interleave(monkeypatch):
+    """$LOCO_DET_BENCH_REFERENCE adds a "ref:" row per e2e/gim/loco row, built by that
+    checkout's own code (here this checkout itself, imported under another package name)."""
+    import os
+    import sys
+
+    import torch
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv(bench.REFERENCE_ENV, repo)
+    assert bench.variants(["fused"]) == ["e2e", "ref:e2e", "gim", "ref:gim", "loco:fused",
+                                         "ref:loco:fused", "bare"]
+    ref = bench.build_variant("ref:loco:fused", "resnet18", 0, {})
+    own = bench.build_variant("loco:fused", "resnet18", 0, {})
+    assert type(ref).__module__ == "loco_det_reference.pretrain.model"
+    for (n, a), b in zip(own.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), n
+    sys.modules.pop("loco_det_reference", None)

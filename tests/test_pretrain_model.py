@@ -455,3 +455,28 @@ def test_locality_random_rules(arch, seed):
                     for _ in range(4)})
     pairs += [(u.pieces[0], u.pieces[-1]) for u in rule.units if len(u.pieces) > 1][:1]
     check_locality(lambda: rule_model(rule, arch, "hybrid_stem"), None, pairs)
+
+
+@pytest.mark.parametrize("method,kwargs", [("loco", {}), ("loco_overlap2", {}),
+                                           ("loco_blocks", dict(unit_length=3, overlap=2)),
+                                           ("e2e", {}), ("gim", {})])
+def test_each_forward_once_each_weight_gradient_once(method, kwargs):
+    """With the "fused" schedule every residual block runs its forward once, and every encoder
+    parameter's gradient is computed exactly once per step, however many units share it."""
+    torch.manual_seed(0)
+    model = build_model(method, "resnet18", loco_schedule="fused", **kwargs)
+    enc = model.encoder
+    forwards, weight_grads = {}, {}
+    blocks = [(f"layer{s}.{i}", b) for s in range(1, 5)
+              for i, b in enumerate(getattr(enc, f"layer{s}"))] + [("conv1", enc.conv1)]
+    for name, block in blocks:
+        block.register_forward_hook(
+            lambda m, i, o, name=name: forwards.__setitem__(name, forwards.get(name, 0) + 1))
+    for name, p in enc.named_parameters():
+        if not name.startswith("fc."):
+            p.register_hook(lambda g, name=name: weight_grads.__setitem__(
+                name, weight_grads.get(name, 0) + 1))
+    model.forward_backward(*views())
+    assert set(forwards.values()) == {1} and len(forwards) == len(blocks)
+    assert set(weight_grads.values()) == {1}
+    assert len(weight_grads) == sum(1 for n, _ in enc.named_parameters() if not n.startswith("fc."))

@@ -22,29 +22,18 @@ TOOLS = os.path.join(REPO, "tools")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# The README's example, verbatim in spirit: a plug-in module outside loco_det.
-PLUGIN = textwrap.dedent('''
-    """Rules defined outside loco_det."""
-    import torch.nn.functional as F
-
-    from loco_det.pretrain.rules import Rule, Unit, contrastive_loss
 
 
-    def two_halves(ctx):
-        """S1+S2 with one conv block in its decoder, then S2..S4: one shared stage."""
-        return Rule("two_halves",
-                    units=(Unit((0, 1), decoder={"conv_blocks": 1}), Unit((1, 2, 3))),
-                    loss=contrastive_loss(ctx.temperature))
+def readme_example():
+    """The README's complete plug-in example (the module `my_rules`), as written there."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    start = text.index("```python\n# my_rules.py\n") + len("```python\n")
+    return text[start:text.index("```", start)]
 
 
-    def _align(z, labels):
-        """Negative cosine similarity of the two views (no negatives): a custom loss."""
-        n = z.shape[0] // 2
-        return -F.cosine_similarity(z[:n], z[n:]).mean()
-
-
-    blocks_align = Rule("blocks_align", units=(Unit((0, 1, 2)), Unit((2, 3, 4, 5, 6, 7, 8))),
-                        loss=_align, granularity="block")
+# Added to the README's module for the error cases.
+BROKEN = textwrap.dedent('''
 
     not_a_rule = 42
 
@@ -59,7 +48,7 @@ def plugin_dir(tmp_path_factory):
     """A directory with module `my_rules` and an installed-distribution record declaring the
     entry point `two_halves_ep = my_rules:two_halves` in group loco_det.rules."""
     d = tmp_path_factory.mktemp("plugin")
-    (d / "my_rules.py").write_text(PLUGIN)
+    (d / "my_rules.py").write_text(readme_example() + BROKEN)
     info = d / "my_rules-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: my-rules\nVersion: 0.1\n")
@@ -218,3 +207,33 @@ def test_entry_point_from_the_command_line_and_bad_method(plugin_dir, synth_root
     assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in proc.stderr
     assert "MODEL.METHOD" in errors[0] and "returned dict" in errors[0]
     assert not (tmp_path / "bad").exists()
+
+
+def test_cpu_recipes_of_the_new_rules():
+    for name, method, units in (("cpu_loco_overlap2", "loco_overlap2", 2),
+                                ("cpu_loco_blocks", "loco_blocks", 8)):
+        cfg = load_config(os.path.join(REPO, "pretrain", f"{name}.yaml"))
+        assert (cfg.MODEL.METHOD, cfg.MODEL.ARCH) == (method, "resnet18")
+        model = build_model(method, cfg.MODEL.ARCH, unit_length=cfg.MODEL.LOCO_BLOCKS.UNIT_LENGTH,
+                            overlap=cfg.MODEL.LOCO_BLOCKS.OVERLAP)
+        assert len(model.units) == units
+
+
+def test_loss_must_be_a_scalar_with_gradient():
+    bad = Rule("bad", (Unit((0, 1, 2, 3)),), loss=lambda z, labels: z.sum(dim=1))
+    from loco_det.pretrain.model import PretrainModel
+
+    model = PretrainModel(bad, "resnet18")
+    with pytest.raises(RuleError, match=r"unit 1 returned Tensor\(8,\), not a scalar"):
+        model.forward_backward(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+
+
+def test_bad_decoders_one_line():
+    from loco_det.pretrain.model import PretrainModel
+
+    for decoder, words in (({"conv_blocks": 3}, "unit 1's decoder: unknown conv_blocks 3"),
+                           (lambda channels, block_type: "head", "returned str, not an nn.Module")):
+        rule = Rule("bad", (Unit((0, 1, 2, 3), decoder=decoder),), contrastive_loss(0.1))
+        with pytest.raises(RuleError, match=words):
+            PretrainModel(rule, "resnet18")
+

@@ -15,8 +15,12 @@ step, minus that of a baseline process that builds the same and runs no step; on
 loss): the floor that e2e's decoder and loss are measured against.
 """
 import contextlib
+import importlib
+import importlib.util
 import multiprocessing
+import os
 import statistics
+import sys
 import time
 
 import torch
@@ -34,10 +38,36 @@ TARGETS = (("loco", "time", 1.25), ("loco", "memory", 0.85), ("gim", "memory", 0
            ("e2e/bare", "time", 1.10))
 
 
+# A second loco_det checkout (e.g. the commit before a change of the engine): when this
+# environment variable names one, every e2e/gim/loco row also runs from that checkout as
+# "ref:<row>", interleaved with its own row, so that before and after come from one run.
+REFERENCE_ENV = "LOCO_DET_BENCH_REFERENCE"
+
+
 def variants(loco_schedules):
-    """Names of the rows to measure: e2e, gim, one loco row per schedule, bare."""
-    loco = [f"loco:{s}" for s in loco_schedules]
-    return ["e2e", "gim", *loco, "bare"]
+    """Names of the rows to measure: e2e, gim, one loco row per schedule, bare (each but bare
+    followed by its "ref:" row when $LOCO_DET_BENCH_REFERENCE names a checkout)."""
+    rows = ["e2e", "gim", *[f"loco:{s}" for s in loco_schedules]]
+    if os.environ.get(REFERENCE_ENV):
+        rows = [r for row in rows for r in (row, f"ref:{row}")]
+    return [*rows, "bare"]
+
+
+def reference_build_model():
+    """build_model of the checkout named by $LOCO_DET_BENCH_REFERENCE, imported as the package
+    `loco_det_reference` (loco_det's imports are relative, so it uses its own modules)."""
+    root = os.path.join(os.environ[REFERENCE_ENV], "loco_det")
+    name = "loco_det_reference"
+    if name not in sys.modules:
+        init = os.path.join(root, "__init__.py")
+        if not os.path.isfile(init):
+            raise FileNotFoundError(f"{REFERENCE_ENV}: {init} not found")
+        spec = importlib.util.spec_from_file_location(name, init,
+                                                      submodule_search_locations=[root])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{name}.pretrain.model").build_model
 
 
 def make_inputs(batch, image_size, seed, device="cpu"):
@@ -77,10 +107,13 @@ def build_variant(name, arch, seed, decoder_options):
     torch.manual_seed(seed)
     if name == "bare":
         return BareStep(arch)
+    build = build_model
+    if name.startswith("ref:"):
+        build, name = reference_build_model(), name[len("ref:"):]
     method, _, schedule = name.partition(":")
     if schedule:
         decoder_options = dict(decoder_options, loco_schedule=schedule)
-    return build_model(method, arch, **decoder_options)
+    return build(method, arch, **decoder_options)
 
 
 def zero_grads(model):

@@ -72,7 +72,7 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .rules import RULES
+from .rules import RULES, RuleError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 METHODS = tuple(RULES)  # the registered rules; others come by import path or entry point
@@ -348,13 +348,21 @@ class PretrainModel(nn.Module):
                 raise ValueError(f"decoder options {extra} do not apply to method "
                                  f"{self.method!r} (its units bring their own heads)")
         decoders = []
-        for unit in rule.units:
+        for k, unit in enumerate(rule.units):
             channels = atom_channels(self.encoder, pieces[unit.pieces[-1]][-1])
             if callable(unit.decoder):
-                decoders.append(unit.decoder(channels, block_type))
+                decoder = unit.decoder(channels, block_type)
+                if not isinstance(decoder, nn.Module):
+                    raise RuleError(f"method {self.method!r}: unit {k + 1}'s decoder factory "
+                                    f"returned {type(decoder).__name__}, not an nn.Module")
             else:
-                decoders.append(Decoder(channels, **{**defaults, **(unit.decoder or {})},
-                                        block_type=block_type))
+                options = {**defaults, **(unit.decoder or {})}
+                try:
+                    decoder = Decoder(channels, **options, block_type=block_type)
+                except ValueError as e:
+                    raise RuleError(f"method {self.method!r}: unit {k + 1}'s decoder: {e}") \
+                        from None
+            decoders.append(decoder)
         self.decoders = nn.ModuleList(decoders)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -382,7 +390,13 @@ class PretrainModel(nn.Module):
     def _loss(self, k, h, labels):
         with self._autocast(h):
             z = self.decoders[k](h)
-        return self.rule.loss(z, labels)
+        loss = self.rule.loss(z, labels)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
+            raise RuleError(f"method {self.method!r}: the loss of unit {k + 1} returned "
+                            f"{type(loss).__name__}"
+                            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}, "
+                            f"not a scalar tensor with a gradient")
+        return loss
 
     def forward(self, x):
         """Features of the four stages (res2..res5) for a batch of images."""

@@ -27,6 +27,7 @@ import importlib
 import importlib.metadata
 from typing import Callable, Optional, Tuple, Union
 
+from ..utils import LocoError
 from .losses import nt_xent
 
 GRANULARITIES = ("stage", "block")
@@ -37,8 +38,9 @@ BLOCKS_PER_STAGE = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3),
 DECODER_KEYS = ("conv_blocks", "mlp_layers", "proj_dim", "hidden_dim")
 
 
-class RuleError(ValueError):
-    """A rule that cannot be loaded or is malformed; the message is one line."""
+class RuleError(LocoError, ValueError):
+    """A rule that cannot be loaded or is malformed; the message is one line (the tools print
+    it as `error: ...`)."""
 
 
 @dataclasses.dataclass(frozen=True)
