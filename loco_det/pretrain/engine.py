@@ -215,7 +215,13 @@ def describe_checkpoint(ckpt):
 def check_resume_compatible(path, ckpt, cfg, steps_per_epoch, num_classes=None):
     """One clear line when the checkpoint cannot continue under this config: every key outside
     the run-only list (loco_det/fingerprint.py) that differs from the checkpoint's config is
-    named with both values; then the data must give the same number of steps per epoch."""
+    named with both values; then the data must give the same number of steps per epoch. The
+    data-derived checks come first: they name the more specific cause."""
+    classifier = ckpt["decoders"].get("0.fc.weight")
+    if cfg.MODEL.METHOD == "supervised" and classifier is not None \
+            and classifier.shape[0] != num_classes:
+        raise LocoError(f"{path}: checkpoint's classifier has {classifier.shape[0]} classes, "
+                        f"DATA.ROOT={cfg.DATA.ROOT} has {num_classes}")
     changed = changed_keys(pretrain_identity(ckpt["config"]), pretrain_identity(cfg),
                            PRETRAIN_RUN_ONLY)
     if changed:
@@ -229,11 +235,6 @@ def check_resume_compatible(path, ckpt, cfg, steps_per_epoch, num_classes=None):
             f"{path}: checkpoint has {ckpt['steps_per_epoch']} steps per epoch, this config "
             f"gives {steps_per_epoch} (OPTIM.BATCH_SIZE={cfg.OPTIM.BATCH_SIZE}, DATA.ROOT, "
             f"DATA.MAX_IMAGES must match the run being resumed)")
-    classifier = ckpt["decoders"].get("0.fc.weight")
-    if cfg.MODEL.METHOD == "supervised" and classifier is not None \
-            and classifier.shape[0] != num_classes:
-        raise LocoError(f"{path}: checkpoint's classifier has {classifier.shape[0]} classes, "
-                        f"DATA.ROOT={cfg.DATA.ROOT} has {num_classes}")
 
 
 def encoder_state(model):
