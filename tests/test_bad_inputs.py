@@ -17,7 +17,6 @@ import os
 import pickle
 import re
 
-import numpy as np
 import pytest
 import torch
 
@@ -58,6 +57,11 @@ def ws(tmp_path_factory, synth_root):
     torch.save({"encoder": tv, "method": "loco", "arch": "resnet18"}, w / "checkpoint_last.pth")
     convert.convert(str(w / "checkpoint_last.pth"), str(w / "loco_r18.pkl"))
     (w / "garbage.pkl").write_bytes(b"\x80\x04garbage")
+    with open(w / "loco_r18.pkl", "rb") as f:
+        converted = pickle.load(f)  # our own file
+    converted["model"] = {k: v for k, v in converted["model"].items() if not k.startswith("res5")}
+    with open(w / "no_res5.pkl", "wb") as f:
+        pickle.dump(converted, f)
     finished = w / "det_finished"
     finished.mkdir()
     (finished / "config.yaml").write_text("MODEL:\n  WEIGHTS: loco_r18.pkl\nSEED: 7\n")
@@ -198,6 +202,9 @@ CASES = [
     ("det-scratch-and-weights", "train_net", "--config-file "
      "{d}/cpu_synth_coco_R18_FPN_frozen.yaml LOCO_DET.FROM_SCRATCH True MODEL.WEIGHTS "
      "{w}/loco_r18.pkl OUTPUT_DIR {w}/d", 1, r"LOCO_DET\.FROM_SCRATCH is True but MODEL\.WEIGHTS"),
+    ("det-weights-do-not-fit", "train_net", "--config-file "
+     "{d}/cpu_synth_coco_R18_FPN_frozen.yaml MODEL.WEIGHTS {w}/no_res5.pkl OUTPUT_DIR {w}/d", 1,
+     r"backbone parameter backbone\.bottom_up\.res5\S* .*is missing from \S*no_res5\.pkl"),
     ("det-config-mismatch", "train_net", "--config-file {d}/cpu_synth_coco_R18_FPN_frozen.yaml "
      "MODEL.WEIGHTS {w}/loco_r18.pkl INPUT.FORMAT BGR OUTPUT_DIR {w}/d", 1,
      r"INPUT\.FORMAT is 'BGR' in the config but 'RGB'.*Base-loco-SSL\.yaml"),

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import weakref
 from collections import OrderedDict
@@ -209,6 +210,7 @@ def setup(args):
 
     rank, world = comm.get_rank(), comm.get_world_size()
     output_dir = cfg.OUTPUT_DIR
+    args.loco_det_created_output_dir = bool(output_dir) and not os.path.exists(output_dir)
     if comm.is_main_process() and output_dir:
         os.makedirs(output_dir, exist_ok=True)
     setup_logger(output_dir, distributed_rank=rank, name="fvcore")
@@ -495,6 +497,14 @@ def _write_results(cfg, results, *, model, eval_only, iteration=None):
 
 # ----------------------------------------------------------------------------- entry point
 
+def _remove_unstarted_run(output_dir, created):
+    """A run that failed before its first iteration (weights that do not fit, ...) leaves no
+    half-made run folder: an OUTPUT_DIR this process created holds only what it wrote (start
+    records, an empty metrics.json and event file), so it is removed. Folders that existed
+    before are left alone."""
+    if created and comm.is_main_process() and output_dir and os.path.isdir(output_dir):
+        shutil.rmtree(output_dir)
+
 def main(args):
     """One process' work (Detectron2's launcher calls it once per GPU). Returns the eval results."""
     _register_datasets()
@@ -508,8 +518,12 @@ def main(args):
         _write_results(cfg, results, model=model, eval_only=True)
         return results
 
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
+    try:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+    except (LocoError, compat.CompiledOpsMissing):
+        _remove_unstarted_run(cfg.OUTPUT_DIR, getattr(args, "loco_det_created_output_dir", False))
+        raise
     trainer.train()
     results = getattr(trainer, "_last_eval_results", None)
     _write_results(cfg, results, model=trainer.model, eval_only=False,
