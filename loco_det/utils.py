@@ -208,6 +208,18 @@ def interruptible():
             signal.signal(s, h)
 
 
+def die_with_parent():
+    """`preexec_fn` for a child process: Linux sends it SIGTERM when its parent dies (even by
+    SIGKILL), so that no orphaned job keeps writing into a run a rerun is about to resume.
+    Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 def signal_name(exc):
     return signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
 
