@@ -238,6 +238,17 @@ def resume_command(argv, flag="--resume", script=None, insert_at=None):
     return " ".join(shlex.quote(a) for a in ["python", script or sys.argv[0]] + args)
 
 
+def run_tool(main):
+    """`sys.exit(run_tool(main))` in a tool: an interruption the tool does not handle itself
+    (Ctrl-C while torch is still importing, or in a short tool) also ends with one line."""
+    try:
+        return main()
+    except KeyboardInterrupt as e:
+        print(f"interrupted by {signal_name(e)}; files are written whole or not at all; rerun "
+              "the same command", file=sys.stderr)
+        return exit_code(e)
+
+
 def interrupted_line(exc, kept, argv, flag="--resume", script=None, insert_at=None):
     """`interrupted by SIGTERM; kept ...; resume with: ...` (one line)."""
     return (f"interrupted by {signal_name(exc)}; {kept}; resume with: "
