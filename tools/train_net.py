@@ -68,7 +68,7 @@ def _run(args):
         from detectron2.utils import comm
 
         if comm.is_main_process():
-            argv = sys.argv[1:]
+            argv = getattr(args, "loco_det_argv", None) or sys.argv[1:]
             at = len(argv) - len(args.opts) if args.opts else None
             out = _output_dir_of(args)
             print(interrupted_line(e, _kept(out), argv, insert_at=at, script=sys.argv[0]),
@@ -106,6 +106,7 @@ def main(argv=None):
     parser = default_argument_parser(epilog=EXAMPLES)
     parser.description = __doc__.split("\n\n")[0]
     args = parser.parse_args(argv)
+    args.loco_det_argv = list(sys.argv[1:] if argv is None else argv)  # for the resume hint
     misplaced = [o for o in args.opts if o.split("=")[0] in _OPTIONS]
     if misplaced:
         print(f"error: {misplaced[0]} comes after the KEY VALUE config overrides; options go "

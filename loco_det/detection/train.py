@@ -193,7 +193,7 @@ def resolve_method(cfg, meta, *, reuse_recorded):
 
 def _output_name(output_dir, name, eval_only):
     """An --eval-only run in a training run's folder keeps that run's records: it writes
-    `<name>_eval.<ext>` instead of overwriting config.yaml / run_info.json."""
+    `<name>_eval.<ext>` instead of overwriting config.yaml / run_info.json / results.json."""
     path = os.path.join(output_dir, name)
     if eval_only and os.path.exists(path):
         stem, ext = os.path.splitext(name)
@@ -487,7 +487,8 @@ def _write_results(cfg, results, *, model, eval_only, iteration=None):
         return None
     record = build_results(cfg, results, model=model, method=cfg.LOCO_DET.RESOLVED_METHOD,
                            eval_only=eval_only, iteration=iteration)
-    path = os.path.join(cfg.OUTPUT_DIR, "results.json")
+    # --eval-only inside a finished run's folder keeps that run's results.json
+    path = _output_name(cfg.OUTPUT_DIR, "results.json", eval_only)
     write_json(path, record)
     bb, sg = record["bbox"] or {}, record["segm"] or {}
     logger.info(f"results.json written to {path}: box AP {bb.get('AP')}, mask AP {sg.get('AP')} "
