@@ -72,6 +72,7 @@ def ws(tmp_path_factory, synth_root):
     unfinished.mkdir()
     (unfinished / "last_checkpoint").write_text("model_0000009.pth")
     (unfinished / "model_0000009.pth").write_bytes(b"weights")
+    (unfinished / "config.yaml").write_text(f"MODEL:\n  WEIGHTS: {w / 'loco_r18.pkl'}\nSEED: 7\n")
     pre = w / "pretrain_run"
     pre.mkdir()
     torch.save({"encoder": {}, "method": "loco", "arch": "resnet18", "epoch": 1, "step": 2},
@@ -175,6 +176,12 @@ CASES = [
     ("det-unfinished-output-dir", "train_net", "--config-file {d}/cpu_synth_coco_R18_FPN_frozen.yaml "
      "MODEL.WEIGHTS {w}/loco_r18.pkl OUTPUT_DIR {w}/det_unfinished", 1,
      r"det_unfinished holds an unfinished run \(last_checkpoint\).*--resume"),
+    ("det-resume-other-seed", "train_net", "--config-file {d}/cpu_synth_coco_R18_FPN_frozen.yaml "
+     "--resume MODEL.WEIGHTS {w}/loco_r18.pkl OUTPUT_DIR {w}/det_unfinished SEED 3", 1,
+     r"--resume: SEED is 3 here but 7 in the run's \S*det_unfinished/config\.yaml"),
+    ("det-resume-other-weights", "train_net", "--config-file "
+     "{d}/cpu_synth_coco_R18_FPN_frozen.yaml --resume MODEL.WEIGHTS {w}/no_res5.pkl "
+     "OUTPUT_DIR {w}/det_unfinished", 1, r"--resume: MODEL\.WEIGHTS is '\S*no_res5\.pkl' here"),
     ("det-unconverted-torchvision", "train_net", "--config-file "
      "{d}/cpu_synth_coco_R18_FPN_frozen.yaml MODEL.WEIGHTS {w}/torchvision_r18.pth OUTPUT_DIR "
      "{w}/d", 1, r"torchvision_r18\.pth is a torchvision ResNet state dict .*convert it first"),

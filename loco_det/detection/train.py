@@ -115,13 +115,53 @@ def _has_last_checkpoint(output_dir):
     return bool(output_dir) and os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
 
 
-def check_output_dir_use(output_dir, *, eval_only, resume):
+# Keys a resumed run must share with the run it continues: they name what was trained on what,
+# and config.yaml / results.json would otherwise claim the new values for the old run. Others
+# (SOLVER.MAX_ITER to train longer, logging periods) may change.
+RESUME_FIXED_KEYS = ("MODEL.WEIGHTS", "SEED", "DATASETS.TRAIN", "DATASETS.TEST",
+                     "LOCO_DET.FROM_SCRATCH", "LOCO_DET.LABEL")
+
+
+def _check_resume_matches_record(cfg, output_dir):
+    """--resume with a checkpoint: refuse values of RESUME_FIXED_KEYS that differ from the
+    run's own config.yaml (SEED -1 means "the run's seed")."""
+    recorded_path = os.path.join(output_dir, "config.yaml")
+    if not (_has_last_checkpoint(output_dir) and os.path.isfile(recorded_path)):
+        return
+    import yaml
+
+    try:
+        with open(recorded_path) as f:
+            recorded = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise LocoError(f"--resume: cannot read the run's {recorded_path}: {e}") from None
+    for key in RESUME_FIXED_KEYS:
+        node = recorded
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        new = cfg
+        for part in key.split("."):
+            new = new[part]
+        if key == "SEED" and new < 0:
+            continue
+        if isinstance(new, (list, tuple)):  # the dumped config holds lists, cfg tuples
+            new = list(new)
+            node = list(node) if isinstance(node, (list, tuple)) else node
+        if node is not None and node != new:
+            raise LocoError(f"--resume: {key} is {new!r} here but {node!r} in the run's "
+                            f"{recorded_path}; resume with the run's own config "
+                            f"(--config-file {recorded_path}) or choose another OUTPUT_DIR")
+
+
+def check_output_dir_use(cfg, output_dir, *, eval_only, resume):
     """Refuse to train into an OUTPUT_DIR that holds another run's records: a finished run
     (results.json or model_final.pth) or an unfinished one (last_checkpoint), unless --resume
     (continue it) or --eval-only (evaluate; writes *_eval files beside the run's own) says so."""
     if not output_dir:
         return
     check_output_dir(output_dir, what="OUTPUT_DIR")
+    if resume and not eval_only:
+        _check_resume_matches_record(cfg, output_dir)
     if eval_only or resume:
         return
     for name, state in (("results.json", "a finished run"), ("model_final.pth", "a finished run"),
@@ -137,7 +177,7 @@ def preflight(cfg, *, eval_only, resume):
     """Check everything that can be checked without building the model or writing files.
 
     Returns the converter metadata of MODEL.WEIGHTS (or None)."""
-    check_output_dir_use(cfg.OUTPUT_DIR, eval_only=eval_only, resume=resume)
+    check_output_dir_use(cfg, cfg.OUTPUT_DIR, eval_only=eval_only, resume=resume)
     components.check_compiled_ops(cfg)
     if cfg.TEST.AUG.ENABLED:
         raise LocoError("TEST.AUG (test-time augmentation) is not supported by loco_det's trainer")
