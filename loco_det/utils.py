@@ -180,8 +180,12 @@ def signals_deferred():
     _deferred["depth"] += 1
     try:
         yield
-    finally:
+    except BaseException:  # the block failed anyway: that error ends the tool, not the signal
         _deferred["depth"] -= 1
+        if not _deferred["depth"]:
+            _deferred["pending"].clear()
+        raise
+    _deferred["depth"] -= 1
     if not _deferred["depth"] and _deferred["pending"]:
         signum = _deferred["pending"][0]
         _deferred["pending"].clear()
