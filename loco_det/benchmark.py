@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .utils import LocoError, write_json
+from .utils import LocoError, die_with_parent, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("data", "pretrain", "readout", "knn", "convert", "detection", "report")
@@ -540,7 +540,7 @@ def _run_command(job, out, quiet):
         f.write(f"$ {shlex.join(job.command())}\n".encode())
         f.flush()
         proc = subprocess.Popen(job.command(), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         try:
             while True:
                 chunk = os.read(proc.stdout.fileno(), 65536)

@@ -180,8 +180,12 @@ def signals_deferred():
     _deferred["depth"] += 1
     try:
         yield
-    finally:
+    except BaseException:  # the block failed anyway: that error ends the tool, not the signal
         _deferred["depth"] -= 1
+        if not _deferred["depth"]:
+            _deferred["pending"].clear()
+        raise
+    _deferred["depth"] -= 1
     if not _deferred["depth"] and _deferred["pending"]:
         signum = _deferred["pending"][0]
         _deferred["pending"].clear()
@@ -208,6 +212,18 @@ def interruptible():
             signal.signal(s, h)
 
 
+def die_with_parent():
+    """`preexec_fn` for a child process: Linux sends it SIGTERM when its parent dies (even by
+    SIGKILL), so that no orphaned job keeps writing into a run a rerun is about to resume.
+    Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 def signal_name(exc):
     return signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
 
@@ -224,6 +240,17 @@ def resume_command(argv, flag="--resume", script=None, insert_at=None):
     if flag and flag not in args:
         args.insert(len(args) if insert_at is None else insert_at, flag)
     return " ".join(shlex.quote(a) for a in ["python", script or sys.argv[0]] + args)
+
+
+def run_tool(main):
+    """`sys.exit(run_tool(main))` in a tool: an interruption the tool does not handle itself
+    (Ctrl-C while torch is still importing, or in a short tool) also ends with one line."""
+    try:
+        return main()
+    except KeyboardInterrupt as e:
+        print(f"interrupted by {signal_name(e)}; files are written whole or not at all; rerun "
+              "the same command", file=sys.stderr)
+        return exit_code(e)
 
 
 def interrupted_line(exc, kept, argv, flag="--resume", script=None, insert_at=None):

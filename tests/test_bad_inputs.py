@@ -17,7 +17,6 @@ import os
 import pickle
 import re
 
-import numpy as np
 import pytest
 import torch
 
@@ -58,6 +57,11 @@ def ws(tmp_path_factory, synth_root):
     torch.save({"encoder": tv, "method": "loco", "arch": "resnet18"}, w / "checkpoint_last.pth")
     convert.convert(str(w / "checkpoint_last.pth"), str(w / "loco_r18.pkl"))
     (w / "garbage.pkl").write_bytes(b"\x80\x04garbage")
+    with open(w / "loco_r18.pkl", "rb") as f:
+        converted = pickle.load(f)  # our own file
+    converted["model"] = {k: v for k, v in converted["model"].items() if not k.startswith("res5")}
+    with open(w / "no_res5.pkl", "wb") as f:
+        pickle.dump(converted, f)
     finished = w / "det_finished"
     finished.mkdir()
     (finished / "config.yaml").write_text("MODEL:\n  WEIGHTS: loco_r18.pkl\nSEED: 7\n")
@@ -68,6 +72,7 @@ def ws(tmp_path_factory, synth_root):
     unfinished.mkdir()
     (unfinished / "last_checkpoint").write_text("model_0000009.pth")
     (unfinished / "model_0000009.pth").write_bytes(b"weights")
+    (unfinished / "config.yaml").write_text(f"MODEL:\n  WEIGHTS: {w / 'loco_r18.pkl'}\nSEED: 7\n")
     pre = w / "pretrain_run"
     pre.mkdir()
     torch.save({"encoder": {}, "method": "loco", "arch": "resnet18", "epoch": 1, "step": 2},
@@ -171,6 +176,12 @@ CASES = [
     ("det-unfinished-output-dir", "train_net", "--config-file {d}/cpu_synth_coco_R18_FPN_frozen.yaml "
      "MODEL.WEIGHTS {w}/loco_r18.pkl OUTPUT_DIR {w}/det_unfinished", 1,
      r"det_unfinished holds an unfinished run \(last_checkpoint\).*--resume"),
+    ("det-resume-other-seed", "train_net", "--config-file {d}/cpu_synth_coco_R18_FPN_frozen.yaml "
+     "--resume MODEL.WEIGHTS {w}/loco_r18.pkl OUTPUT_DIR {w}/det_unfinished SEED 3", 1,
+     r"--resume: SEED is 3 here but 7 in the run's \S*det_unfinished/config\.yaml"),
+    ("det-resume-other-weights", "train_net", "--config-file "
+     "{d}/cpu_synth_coco_R18_FPN_frozen.yaml --resume MODEL.WEIGHTS {w}/no_res5.pkl "
+     "OUTPUT_DIR {w}/det_unfinished", 1, r"--resume: MODEL\.WEIGHTS is '\S*no_res5\.pkl' here"),
     ("det-unconverted-torchvision", "train_net", "--config-file "
      "{d}/cpu_synth_coco_R18_FPN_frozen.yaml MODEL.WEIGHTS {w}/torchvision_r18.pth OUTPUT_DIR "
      "{w}/d", 1, r"torchvision_r18\.pth is a torchvision ResNet state dict .*convert it first"),
@@ -198,6 +209,9 @@ CASES = [
     ("det-scratch-and-weights", "train_net", "--config-file "
      "{d}/cpu_synth_coco_R18_FPN_frozen.yaml LOCO_DET.FROM_SCRATCH True MODEL.WEIGHTS "
      "{w}/loco_r18.pkl OUTPUT_DIR {w}/d", 1, r"LOCO_DET\.FROM_SCRATCH is True but MODEL\.WEIGHTS"),
+    ("det-weights-do-not-fit", "train_net", "--config-file "
+     "{d}/cpu_synth_coco_R18_FPN_frozen.yaml MODEL.WEIGHTS {w}/no_res5.pkl OUTPUT_DIR {w}/d", 1,
+     r"backbone parameter backbone\.bottom_up\.res5\S* .*is missing from \S*no_res5\.pkl"),
     ("det-config-mismatch", "train_net", "--config-file {d}/cpu_synth_coco_R18_FPN_frozen.yaml "
      "MODEL.WEIGHTS {w}/loco_r18.pkl INPUT.FORMAT BGR OUTPUT_DIR {w}/d", 1,
      r"INPUT\.FORMAT is 'BGR' in the config but 'RGB'.*Base-loco-SSL\.yaml"),

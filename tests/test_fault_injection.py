@@ -215,3 +215,75 @@ def test_detection_survives_kills_same_final_state(tmp_path, synth_root):
         torch.load(path, weights_only=True)
     assert (out / (out / "last_checkpoint").read_text().strip()).is_file()
     assert no_temp_files(str(out)) == [], history
+
+
+# ----------------------------------------------------------------------------- benchmark grid
+
+GRID = """\
+name: fault
+vars: {{datasets: "{{out}}/datasets", data: "{{datasets}}/loco_synth"}}
+env: {{DETECTRON2_DATASETS: "{{datasets}}"}}
+data:
+  - name: loco_synth
+    command: [python, tools/make_synthetic_data.py, --out, "{{data}}", --num-train, "16",
+              --num-val, "8", --size, "48x48", --no-progress]
+    creates: "{{data}}/meta.json"
+pretrain:
+  - methods: [loco]
+    recipe: "cpu_{{method}}.yaml"
+    label: "{{method}}"
+    seeds: [0]
+    overrides: ["DATA.ROOT={{data}}/imagefolder/train", OPTIM.EPOCHS=3, OPTIM.BATCH_SIZE=8,
+                DATA.IMAGE_SIZE=32, DATA.NUM_WORKERS=0, RUN.CHECKPOINT_PERIOD=1]
+readout:
+  random_init: {{arch: resnet18}}
+  args: [--data, "{{data}}/imagefolder", --seed, "{{seed}}", --epochs, "3", --workers, "0",
+         --no-progress]
+detection: {{supervised_weights: null, configs: []}}
+"""
+
+
+def _grid_results(out):
+    """What the grid computed: pretraining weights hash, readout accuracies, converted arrays."""
+    summary = json.loads((out / "pretrain" / "loco" / "seed0" / "summary.json").read_text())
+    readouts = {p.parent.name: json.loads(p.read_text())["top1"]
+                for p in sorted(out.glob("readout/**/readout.json"))}
+    from loco_det.detection.checkpoint import safe_load_pkl
+
+    # the converted arrays (its metadata names the source path, which differs between grids)
+    weights = {k: v.tobytes() for k, v in
+               safe_load_pkl(out / "weights" / "loco_seed0.pkl")["model"].items()}
+    return summary["param_sha256"], summary["final_losses"], readouts, weights
+
+
+def test_benchmark_grid_survives_kills_same_results(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID.format())
+    cmd = [sys.executable, os.path.join(TOOLS, "run_benchmark.py"), str(grid), "-q"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    proc = subprocess.run(cmd + ["--out", str(ref)], cwd=REPO, env=_env(), capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    history = []
+    for sig in SIGNALS:
+        # kill the grid runner at a random moment; its running job is stopped with it
+        proc = subprocess.Popen(cmd + ["--out", str(out)], cwd=REPO, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        delay = RNG.uniform(1.0, 25.0)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(sig)
+        err = proc.communicate(timeout=120)[1]
+        history.append((signal.Signals(sig).name, round(delay, 2), proc.returncode))
+        assert "Traceback" not in err, (history, err[-3000:])
+        if proc.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            lines = [l for l in err.splitlines() if l.startswith("interrupted by ")]
+            assert len(lines) == 1 and "resume with:" in lines[0], (history, err[-2000:])
+        time.sleep(0.5)  # a job stopped by its parent's death finishes exiting
+    final = subprocess.run(cmd + ["--out", str(out)], cwd=REPO, env=_env(), capture_output=True,
+                           text=True)
+    assert final.returncode == 0, (history, final.stdout[-3000:] + final.stderr[-3000:])
+    assert _grid_results(ref) == _grid_results(out), history
+    assert (out / "report.md").is_file()
+    assert no_temp_files(str(out)) == [], history

@@ -175,4 +175,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from loco_det.utils import run_tool
+
+    sys.exit(run_tool(main))

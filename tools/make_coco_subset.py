@@ -19,7 +19,7 @@ examples:
   python tools/make_coco_subset.py --size 500 --seed 0 --src my/instances_train2017.json --out sub.json
 
 By default the file is written next to --src as instances_train2017_{N}_seed{S}.json, which
-`import loco_det` registers as the Detectron2 dataset coco_2017_train_{N/1000}k_seed{S}
+`import loco_det.detection` registers as the Detectron2 dataset coco_2017_train_{N/1000}k_seed{S}
 (e.g. coco_2017_train_10k_seed1; sizes that are not multiples of 1000 keep the number:
 coco_2017_train_500_seed0), with images from $DETECTRON2_DATASETS/coco/train2017.
 The same --size and --seed always select the same images from the same source file.
@@ -55,9 +55,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     name = coco_subset.registered_name(out, args.size, args.seed)
+    expected = coco_subset.subset_filename(args.size, args.seed)
     where = (f"dataset name {name}" if name else
              "not registered as a Detectron2 dataset (loco_det registers only "
-             f"$DETECTRON2_DATASETS/coco/annotations/{coco_subset.subset_filename(args.size, args.seed)}"
+             f"$DETECTRON2_DATASETS/coco/annotations/{expected}"
              "; elsewhere, register it with detectron2.data.datasets.register_coco_instances)")
     print(f"wrote {out}: {len(subset['images'])} images, {len(subset['annotations'])} annotations "
           f"(seed {args.seed}); {where}")
@@ -65,4 +66,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from loco_det.utils import run_tool
+
+    sys.exit(run_tool(main))

@@ -11,11 +11,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import loco_det.detection  # noqa: E402,F401  (compat layer, datasets and components first)
-from loco_det.detection import compat  # noqa: E402
 from loco_det.utils import LocoError, interruptible, interrupted_line, exit_code  # noqa: E402
-
-from detectron2.engine import default_argument_parser, launch  # noqa: E402
+# Detectron2 is imported inside the functions, after `import loco_det.detection` (compat layer,
+# datasets and components first), so that a Ctrl-C during those imports is one line too.
 
 EXAMPLES = """
 Examples:
@@ -61,7 +59,7 @@ def _kept(output_dir):
 
 def _run(args):
     """Per-process entry point (module-level so that Detectron2's launcher can pickle it)."""
-    from loco_det.detection import train
+    from loco_det.detection import compat, train
 
     try:
         with interruptible():
@@ -70,7 +68,7 @@ def _run(args):
         from detectron2.utils import comm
 
         if comm.is_main_process():
-            argv = sys.argv[1:]
+            argv = getattr(args, "loco_det_argv", None) or sys.argv[1:]
             at = len(argv) - len(args.opts) if args.opts else None
             out = _output_dir_of(args)
             print(interrupted_line(e, _kept(out), argv, insert_at=at, script=sys.argv[0]),
@@ -102,9 +100,13 @@ _OPTIONS = ("--config-file", "--resume", "--eval-only", "--num-gpus", "--num-mac
 
 
 def main(argv=None):
+    import loco_det.detection  # noqa: F401  (compat layer, datasets and components first)
+    from detectron2.engine import default_argument_parser, launch
+
     parser = default_argument_parser(epilog=EXAMPLES)
     parser.description = __doc__.split("\n\n")[0]
     args = parser.parse_args(argv)
+    args.loco_det_argv = list(sys.argv[1:] if argv is None else argv)  # for the resume hint
     misplaced = [o for o in args.opts if o.split("=")[0] in _OPTIONS]
     if misplaced:
         print(f"error: {misplaced[0]} comes after the KEY VALUE config overrides; options go "
@@ -142,4 +144,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from loco_det.utils import run_tool
+
+    sys.exit(run_tool(main))

@@ -4,8 +4,9 @@ Detectron2 code run after `import loco_det.detection`, and say clearly what it c
 Each fix applies only where the installed stack actually lacks the thing (with an upstream
 source install, real `_C`, an old numpy or a setuptools with pkg_resources, it is a no-op):
 
-- `detectron2._C` (compiled ops) missing: a stand-in module whose every use fails with one line
-  (`CompiledOpsMissing`); deformable conv and rotated boxes need the real thing.
+- `detectron2._C` (compiled ops) missing: a stand-in module whose every op fails with one line
+  (`CompiledOpsMissing`); deformable conv and rotated boxes need the real thing. The build
+  queries of `collect_env_info` (hence `default_setup`) answer "none" instead of failing.
 - COCO evaluation: `COCOEvaluator(use_fast_impl=True)` (its default) and
   `evaluate_predictions_on_coco` use the C++ `COCOeval_opt`; without compiled ops that name
   becomes pycocotools' own `COCOeval` (the official Python path), with a one-time notice.
@@ -94,6 +95,10 @@ def _install_c_stub():
         stub = _MissingCompiledOps("detectron2._C")
         stub.__file__ = None
         stub.LOCO_DET_STUB = True
+        # What `collect_env_info` (called by `default_setup`) asks the build about.
+        stub.get_compiler_version = lambda: "none (Detectron2 installed without compiled ops)"
+        stub.get_cuda_version = lambda: "none (Detectron2 installed without compiled ops)"
+        stub.has_cuda = lambda: False
         sys.modules["detectron2._C"] = stub
         import detectron2
 

@@ -1,7 +1,8 @@
 """Detectron2 components loco_det's configs name, registered when this module is imported.
 
-`import loco_det` imports this module, so a saved config.yaml that names one of these components
-builds anywhere loco_det is importable (registration is by name in Detectron2's registries).
+`import loco_det.detection` imports this module, so a saved config.yaml that names one of these
+components builds wherever that import has run (registration is by name in Detectron2's
+registries).
 
 Also: a one-line error for configs that ask for operations only Detectron2's compiled ops
 provide, instead of a failure deep inside the first forward pass.

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import weakref
 from collections import OrderedDict
@@ -120,13 +121,53 @@ def _has_last_checkpoint(output_dir):
     return bool(output_dir) and os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
 
 
-def check_output_dir_use(output_dir, *, eval_only, resume):
+# Keys a resumed run must share with the run it continues: they name what was trained on what,
+# and config.yaml / results.json would otherwise claim the new values for the old run. Others
+# (SOLVER.MAX_ITER to train longer, logging periods) may change.
+RESUME_FIXED_KEYS = ("MODEL.WEIGHTS", "SEED", "DATASETS.TRAIN", "DATASETS.TEST",
+                     "LOCO_DET.FROM_SCRATCH", "LOCO_DET.LABEL")
+
+
+def _check_resume_matches_record(cfg, output_dir):
+    """--resume with a checkpoint: refuse values of RESUME_FIXED_KEYS that differ from the
+    run's own config.yaml (SEED -1 means "the run's seed")."""
+    recorded_path = os.path.join(output_dir, "config.yaml")
+    if not (_has_last_checkpoint(output_dir) and os.path.isfile(recorded_path)):
+        return
+    import yaml
+
+    try:
+        with open(recorded_path) as f:
+            recorded = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise LocoError(f"--resume: cannot read the run's {recorded_path}: {e}") from None
+    for key in RESUME_FIXED_KEYS:
+        node = recorded
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        new = cfg
+        for part in key.split("."):
+            new = new[part]
+        if key == "SEED" and new < 0:
+            continue
+        if isinstance(new, (list, tuple)):  # the dumped config holds lists, cfg tuples
+            new = list(new)
+            node = list(node) if isinstance(node, (list, tuple)) else node
+        if node is not None and node != new:
+            raise LocoError(f"--resume: {key} is {new!r} here but {node!r} in the run's "
+                            f"{recorded_path}; resume with the run's own config "
+                            f"(--config-file {recorded_path}) or choose another OUTPUT_DIR")
+
+
+def check_output_dir_use(cfg, output_dir, *, eval_only, resume):
     """Refuse to train into an OUTPUT_DIR that holds another run's records: a finished run
     (results.json or model_final.pth) or an unfinished one (last_checkpoint), unless --resume
     (continue it) or --eval-only (evaluate; writes *_eval files beside the run's own) says so."""
     if not output_dir:
         return
     check_output_dir(output_dir, what="OUTPUT_DIR")
+    if resume and not eval_only:
+        _check_resume_matches_record(cfg, output_dir)
     if eval_only or resume:
         return
     for name, state in (("results.json", "a finished run"), ("model_final.pth", "a finished run"),
@@ -142,7 +183,7 @@ def preflight(cfg, *, eval_only, resume):
     """Check everything that can be checked without building the model or writing files.
 
     Returns the converter metadata of MODEL.WEIGHTS (or None)."""
-    check_output_dir_use(cfg.OUTPUT_DIR, eval_only=eval_only, resume=resume)
+    check_output_dir_use(cfg, cfg.OUTPUT_DIR, eval_only=eval_only, resume=resume)
     components.check_compiled_ops(cfg)
     if cfg.TEST.AUG.ENABLED:
         raise LocoError("TEST.AUG (test-time augmentation) is not supported by loco_det's trainer")
@@ -242,7 +283,7 @@ def record_weights_identity(cfg, meta, *, reuse_recorded):
 
 def _output_name(output_dir, name, eval_only):
     """An --eval-only run in a training run's folder keeps that run's records: it writes
-    `<name>_eval.<ext>` instead of overwriting config.yaml / run_info.json."""
+    `<name>_eval.<ext>` instead of overwriting config.yaml / run_info.json / results.json."""
     path = os.path.join(output_dir, name)
     if eval_only and os.path.exists(path):
         stem, ext = os.path.splitext(name)
@@ -259,6 +300,7 @@ def setup(args):
 
     rank, world = comm.get_rank(), comm.get_world_size()
     output_dir = cfg.OUTPUT_DIR
+    args.loco_det_created_output_dir = bool(output_dir) and not os.path.exists(output_dir)
     if comm.is_main_process() and output_dir:
         os.makedirs(output_dir, exist_ok=True)
     setup_logger(output_dir, distributed_rank=rank, name="fvcore")
@@ -571,7 +613,8 @@ def _write_results(cfg, results, *, model, eval_only, iteration=None):
         return None
     record = build_results(cfg, results, model=model, method=cfg.LOCO_DET.RESOLVED_METHOD,
                            eval_only=eval_only, iteration=iteration)
-    path = os.path.join(cfg.OUTPUT_DIR, "results.json")
+    # --eval-only inside a finished run's folder keeps that run's results.json
+    path = _output_name(cfg.OUTPUT_DIR, "results.json", eval_only)
     write_json(path, record)
     bb, sg = record["bbox"] or {}, record["segm"] or {}
     ss = record.get("sem_seg") or {}
@@ -582,6 +625,14 @@ def _write_results(cfg, results, *, model, eval_only, iteration=None):
 
 
 # ----------------------------------------------------------------------------- entry point
+
+def _remove_unstarted_run(output_dir, created):
+    """A run that failed before its first iteration (weights that do not fit, ...) leaves no
+    half-made run folder: an OUTPUT_DIR this process created holds only what it wrote (start
+    records, an empty metrics.json and event file), so it is removed. Folders that existed
+    before are left alone."""
+    if created and comm.is_main_process() and output_dir and os.path.isdir(output_dir):
+        shutil.rmtree(output_dir)
 
 def main(args):
     """One process' work (Detectron2's launcher calls it once per GPU). Returns the eval results."""
@@ -596,8 +647,12 @@ def main(args):
         _write_results(cfg, results, model=model, eval_only=True)
         return results
 
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
+    try:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+    except (LocoError, compat.CompiledOpsMissing):
+        _remove_unstarted_run(cfg.OUTPUT_DIR, getattr(args, "loco_det_created_output_dir", False))
+        raise
     trainer.train()
     results = getattr(trainer, "_last_eval_results", None)
     _write_results(cfg, results, model=trainer.model, eval_only=False,

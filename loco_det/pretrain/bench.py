@@ -348,8 +348,8 @@ def format_benchmark(result):
             row += f"{m[name] / 2**20:>9.0f}{_ratio(m[name], m['e2e']):>8.3f}"
         lines.append(row)
     lines += ["", f"e2e / bare torchvision step time: {result['e2e_over_bare']:.3f}",
-              "", "efficiency targets (step time and peak memory vs e2e; defined for resnet50, 224 px, "
-              "16 images):"]
+              "", "efficiency targets (step time and peak memory vs e2e; defined for resnet50, "
+              "224 px, 16 images):"]
     for label, value, limit, met in target_checks(result):
         if label.endswith("both loco targets"):
             lines.append(f"  {label:<48} {'yes' if met else 'no'}")
