@@ -30,3 +30,13 @@ test: $(STAMP)
 
 clean-demo:
 	rm -rf $(DEMO_OUT)
+
+# GPU check (README, "GPU check"). gpu-wheels runs here (needs PyPI, not .venv); gpu-check runs
+# on the GPU machine with that machine's python3, torch and numpy, from the carried folder.
+GPU_WHEELS ?= .gpu_wheels
+.PHONY: gpu-wheels gpu-check
+gpu-wheels:
+	$(PYTHON) tools/gpu_wheels.py --dest $(GPU_WHEELS)
+
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --wheels $(GPU_WHEELS)

@@ -10,8 +10,12 @@ Why it is built this way:
   a grid after an interruption or a failure only does the work that is left.
 - A failing job does not stop independent jobs; its dependants are reported as blocked and the
   run exits non-zero at the end. The report is written in any case and lists what is missing.
-- The random-initialisation and supervised baselines are part of every detection grid. A grid
-  without supervised weights still lists the supervised runs, as missing with a note.
+- The random-initialisation and supervised baselines are part of every detection grid. Random
+  init means what it says (`random_init_opts`): the whole backbone trains from scratch on a
+  fine-tuning config, it stays frozen on a readout config. Published supervised weights
+  (detection.supervised_weights) are labelled "supervised (published weights)", apart from a
+  `supervised` pretraining run by loco_det; a grid without them still lists those runs, as
+  missing with a note.
 
 Grid format (see det_configs/grids/demo.yaml and paper.yaml for complete, commented examples):
 
@@ -56,6 +60,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("data", "pretrain", "readout", "knn", "convert", "detection", "report")
 DEFAULT_RESOURCES = {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 2, "mem_gb": None,
                      "time_min": 60}
+# Published supervised weights (detection.supervised_weights) get their own label, distinct from
+# a `supervised` pretraining run by loco_det (method supervised, labelled by its grid block).
+PUBLISHED_NAME = "supervised_published"
+PUBLISHED_LABEL = "supervised (published weights)"
 PRETRAIN_PORT = 29500
 DETECTION_PORT = 29501
 
@@ -364,13 +372,14 @@ def expand(grid, out):
     if supervised:
         weights = tpl(str(supervised))   # relative paths: from the repo root, like configs
         if weights.endswith(".pkl"):
-            sources.append(("supervised", "supervised", weights, None))
+            sources.append((PUBLISHED_NAME, PUBLISHED_LABEL, weights, None))
         else:
-            job_id, pkl = path("weights", "supervised.pkl")
+            job_id, pkl = path("weights", PUBLISHED_NAME + ".pkl")
             conv = add(Job(job_id, "convert", _python(
                 ["python", "tools/convert_to_detectron2.py", weights, pkl, "--verify"]), pkl,
-                done_file=pkl, resources=convert_res, label="supervised", requires=[weights]))
-            sources.append(("supervised", "supervised", pkl, conv.id))
+                done_file=pkl, resources=convert_res, label=PUBLISHED_LABEL,
+                requires=[weights]))
+            sources.append((PUBLISHED_NAME, PUBLISHED_LABEL, pkl, conv.id))
     elif det.get("configs"):
         supervised_missing = ("no supervised-ImageNet weights given in the grid "
                               "(detection.supervised_weights): supervised baseline not run")
@@ -396,7 +405,8 @@ def expand(grid, out):
                     opts += [key, str(tpl(str(value), **local))]
                 opts += ["LOCO_DET.LABEL", label]
                 if weights is None:
-                    opts += ["LOCO_DET.FROM_SCRATCH", "True"]
+                    opts += ["LOCO_DET.FROM_SCRATCH", "True"] + random_init_opts(config,
+                                                                                  overrides)
                 opts += ["OUTPUT_DIR", run_dir, "MODEL.WEIGHTS", weights or ""]
                 head = _python(["python", "tools/train_net.py", "--config-file", config,
                                 "--num-gpus", str(max(int(res["gpus_per_node"]), 1))])
@@ -409,14 +419,56 @@ def expand(grid, out):
                         resume_at=len(head), deps=list(data_ids) + ([conv_id] if conv_id else []),
                         resources=res, label=label, config=_stem(config), seed=seed))
             if supervised_missing:
-                missing.append(dict(kind="detection", label="supervised", config=_stem(config),
-                                    seed=seed, note=supervised_missing,
-                                    output=path("det", _stem(config), "supervised",
+                missing.append(dict(kind="detection", label=PUBLISHED_LABEL,
+                                    config=_stem(config), seed=seed, note=supervised_missing,
+                                    output=path("det", _stem(config), PUBLISHED_NAME,
                                                 f"seed{seed}")[0]))
 
     add(Job("report", "report", _python(["python", "tools/report.py", out_rel, "--out", out_rel]),
             os.path.join(out_rel, "report.md"), deps=[j.id for j in jobs]))
     return jobs, notes, missing
+
+
+# Detectron2's defaults for the two keys below (detectron2/config/defaults.py).
+_D2_DEFAULTS = {"MODEL.BACKBONE.FREEZE_AT": 2, "MODEL.RESNETS.NORM": "FrozenBN"}
+TRAINABLE_NORMS = ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "GN")
+
+
+def config_value(config, dotted, overrides=None):
+    """`dotted` as the Detectron2 config file `config` (with its _BASE_ chain) and the grid's
+    overrides resolve it, without importing Detectron2 (dry runs stay fast)."""
+    if overrides and dotted in overrides:
+        return yaml.safe_load(str(overrides[dotted]))
+    path = config if os.path.isabs(config) else os.path.join(REPO, config)
+    seen = set()
+    while path and path not in seen:
+        seen.add(path)
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise LocoError(f"grid: cannot read detection config {config}: {e}") from None
+        node = data
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+        base = data.get("_BASE_")
+        path = os.path.join(os.path.dirname(path), base) if base else None
+    return _D2_DEFAULTS[dotted]
+
+
+def random_init_opts(config, overrides=None):
+    """Overrides that make the random-init baseline mean what it says. On a fine-tuning config
+    (FREEZE_AT < 5) the whole backbone trains from scratch: FREEZE_AT 0, with a norm that can be
+    trained from scratch (the config's if it trains, else SyncBN; BN in one process), as in He et
+    al., "Rethinking ImageNet Pre-training". A frozen readout config (FREEZE_AT >= 5) stays
+    frozen: that is what readout means."""
+    if int(config_value(config, "MODEL.BACKBONE.FREEZE_AT", overrides)) >= 5:
+        return []
+    norm = config_value(config, "MODEL.RESNETS.NORM", overrides)
+    return ["MODEL.BACKBONE.FREEZE_AT", "0", "MODEL.RESNETS.NORM",
+            norm if norm in TRAINABLE_NORMS else "SyncBN"]
 
 
 def _pretrain_launcher(res):

@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from .utils import LocoError, atomic_write
+from .utils import LocoError, atomic_write, check_distinct, check_output_dir
 
 SUBSET_FILE_RE = re.compile(r"^instances_train2017_(\d+)_seed(\d+)\.json$")
 
@@ -80,13 +80,34 @@ def load_coco_file(path):
         raise LocoError(f"cannot read COCO annotation file {path}: {e}") from e
 
 
+def registered_name(out, size, seed):
+    """The Detectron2 dataset name `register_all` will give the file at `out`, or None when it
+    is not where (or not named as) `register_all` looks."""
+    expected = os.path.join(default_coco_root(), "annotations", subset_filename(size, seed))
+    if os.path.abspath(out) == os.path.abspath(expected):
+        return subset_dataset_name(size, seed)
+    return None
+
+
+def check_out_path(src, out):
+    """Preflight of the output file: never the source, never a directory or under a file."""
+    if os.path.isdir(out):
+        raise LocoError(f"--out {out} is a directory; give a file name, e.g. "
+                        f"{os.path.join(out, 'instances_subset.json')}")
+    check_output_dir(os.path.dirname(os.path.abspath(out)), what=f"--out {out}: folder")
+    check_distinct(out, src)
+
+
 def write_subset(src, size, seed, out=None):
     """Read `src`, write the subset atomically (no half-written file is ever visible under the
-    name that `register_all` globs for), return (out path, subset dict)."""
-    coco = load_coco_file(src)
-    subset = make_subset(coco, size, seed)
+    name that `register_all` globs for), return (out path, subset dict). Every check (the
+    output is not the source, not a directory; the source is a COCO file; the size fits) runs
+    before anything is written."""
     if out is None:
         out = os.path.join(os.path.dirname(os.path.abspath(src)), subset_filename(size, seed))
+    check_out_path(src, out)
+    coco = load_coco_file(src)
+    subset = make_subset(coco, size, seed)
     with atomic_write(out, "w") as f:
         json.dump(subset, f)
     return out, subset

@@ -2,9 +2,16 @@
 and PNG plots.
 
 Why it is built this way:
-- Numbers are only ever averaged within one *protocol* (config, schedule, frozen or fine-tuned,
-  world size, global batch, ...). Each row carries its protocol, so two learning rules are never
-  compared across different settings without the reader seeing it.
+- Numbers are only ever averaged within one *computation*: runs are grouped by their fingerprint
+  (loco_det/fingerprint.py: everything that defines what a run computed except the seed), never
+  by label, and by the protocol columns shown. Two different pretrainings never share a row;
+  rows whose labels collide get a suffix naming what differs (`e2e [MODEL.DECODER.CONV_BLOCKS=1]`).
+  n counts distinct seeds (or splits): the same seed run twice is flagged as a repeat and counted
+  once (the mean of its repeats).
+- Every comparison carries its uncertainty: each method against a reference method and against
+  random init, as a mean difference with a 95% t interval (paired over shared seeds or splits,
+  Welch otherwise) and a verdict (loco_det/stats.py). With one run there is no interval and the
+  verdict says "not resolved (1 run)".
 - A run that is missing or unfinished is shown as such, never as 0: a zero in a results table
   reads as a measurement.
 - The paper's numbers (REFERENCE.md section 2) are printed in their own section and file, never
@@ -13,21 +20,22 @@ Why it is built this way:
   (`benchmark.json`) and passes to train_net as LOCO_DET.LABEL; without a manifest it falls back
   to the method named in the run's own files.
 
-Input formats: docs/formats.md. Output: DIR/report.md, DIR/report.csv, DIR/paper_reference.csv,
-DIR/plots/*.png, each written atomically.
+Input formats: docs/formats.md. Output: DIR/report.md, DIR/report.csv, DIR/comparisons.csv,
+DIR/paper_reference.csv, DIR/plots/*.png, each written atomically.
 """
 import csv
 import io
 import json
 import os
 import re
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 
 import yaml
 
+from . import fingerprint as fp
+from . import stats
 from .utils import LocoError, atomic_write
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,11 +61,13 @@ PLOTS = {"pretrain": "plots/pretrain_loss.png", "readout": "plots/readout_top1.p
 # REFERENCE.md section 2, copied as published (LoCo paper, NeurIPS 2020). Cells: top-1 or
 # "APbb / APmk".
 PAPER_TABLES = [
-    {"title": "ImageNet linear readout, top-1 % (800 epochs)",
+    {"short": "ImageNet linear readout",
+     "title": "ImageNet linear readout, top-1 % (800 epochs)",
      "header": ["method", "ResNet-50", "ShuffleNet v2-50"],
      "rows": [["SimCLR (end-to-end)", "69.8", "69.1"], ["GIM", "64.7", "63.5"],
               ["LoCo", "69.5", "69.3"]]},
-    {"title": "Mask R-CNN, frozen pretrained backbone (readout), R50-FPN; COCO 1x, "
+    {"short": "Mask R-CNN, frozen backbone",
+     "title": "Mask R-CNN, frozen pretrained backbone (readout), R50-FPN; COCO 1x, "
               "Cityscapes 64 epochs; APbb / APmk",
      "header": ["pretraining", "method", "COCO", "Cityscapes"],
      "rows": [["supervised", "-", "33.9 / 31.3", "33.2 / 27.1"],
@@ -67,7 +77,8 @@ PAPER_TABLES = [
               ["800 ep", "SimCLR", "34.8 / 32.2", "34.8 / 30.1"],
               ["800 ep", "GIM", "29.3 / 27.0", "30.7 / 26.0"],
               ["800 ep", "LoCo", "34.5 / 32.0", "34.2 / 29.5"]]},
-    {"title": "Mask R-CNN fine-tuned with few COCO labels (R50-FPN, conv1+res2 frozen; COCO-10K "
+    {"short": "Mask R-CNN fine-tuned, few labels",
+     "title": "Mask R-CNN fine-tuned with few COCO labels (R50-FPN, conv1+res2 frozen; COCO-10K "
               "60k it, COCO-1K 15k it; mean of 5 splits); APbb / APmk",
      "header": ["pretraining", "method", "COCO-10K", "COCO-1K"],
      "rows": [["-", "random init", "23.5 / 22.0", "2.5 / 2.5"],
@@ -78,16 +89,32 @@ PAPER_TABLES = [
               ["800 ep", "SimCLR", "27.2 / 25.2", "13.9 / 14.1"],
               ["800 ep", "GIM", "24.4 / 22.4", "11.5 / 11.7"],
               ["800 ep", "LoCo", "27.8 / 25.6", "13.9 / 13.8"]]},
+    {"title": "Decoder-depth ablation, ImageNet linear readout top-1 % (ResNet-50, 100 epochs; "
+              "labels of det_configs/grids/ablation_decoder.yaml)",
+     "header": ["setting", "grid label", "top-1"], "keys": 2,
+     "rows": [["end-to-end (SimCLR)", "e2e", "65.7"], ["GIM", "gim", "60.9"],
+              ["local with one extra conv block", "gim_conv1", "65.1"],
+              ["end-to-end with 2 extra MLP layers", "e2e_mlp4", "67.1"],
+              ["LoCo (local + sharing)", "loco", "66.2"],
+              ["LoCo with 2 extra MLP layers", "loco_mlp4", "67.5"]]},
 ]
 
 # Protocol fields shown in every measured row, per kind (display names).
 PROTOCOL_FIELDS = {
-    "pretrain": ("recipe", "arch", "epochs", "world_size", "global_batch"),
-    "readout": ("pretraining", "arch", "readout", "readout_epochs", "lr", "batch_size",
-                "image_size", "train_images"),
-    "detection": ("benchmark", "config", "train_set", "schedule", "backbone", "world_size",
-                  "global_batch"),
+    "pretrain": ("recipe", "arch", "decoder", "epochs", "world_size", "global_batch"),
+    "readout": ("pretraining", "decoder", "arch", "readout", "readout_epochs", "lr",
+                "batch_size", "image_size", "train_images"),
+    "detection": ("benchmark", "config", "train_set", "schedule", "weights", "decoder",
+                  "backbone", "world_size", "global_batch"),
 }
+# Protocol fields that may differ between the rows being compared (the learning rule, its
+# decoder, and what the baseline protocol prescribes for random init); the others must match.
+COMPARE_FREE = {"pretrain": ("decoder",), "readout": ("pretraining", "decoder"),
+                "detection": ("weights", "decoder", "backbone")}
+# The metrics compared between methods, per kind (higher is better).
+COMPARED = {"detection": ("APbb", "APmk", "mIoU"), "readout": ("top1/res5",)}
+DEFAULT_REFERENCE = "e2e"
+RANDOM_LABELS = ("random", "random init")
 
 
 @dataclass
@@ -102,6 +129,14 @@ class Run:
     metrics: dict = field(default_factory=dict)
     note: str = ""
     curves: dict = field(default_factory=dict)   # pretrain: unit -> ([steps], [losses])
+    fingerprint: str = ""          # run identity without the seed (loco_det/fingerprint.py)
+    identity: dict = field(default_factory=dict)  # flat settings behind it (for label suffixes)
+    method: str = ""               # the learning rule (MODEL.METHOD), when known
+    seed_parts: dict = field(default_factory=dict)  # pretrain / split / seed -> value
+
+    def seed_key(self):
+        """Distinct-repetition identity: the same key twice in one row is a repeat."""
+        return tuple(sorted((k, str(v)) for k, v in self.seed_parts.items() if v is not None))
 
     def match_key(self):
         """What a missing run can be matched on: its label and config/recipe name."""
@@ -118,19 +153,38 @@ class Row:
     runs: list = field(default_factory=list)          # finished runs
     others: list = field(default_factory=list)        # missing / unfinished runs matched here
 
+    def by_seed(self):
+        """{seed key: [runs]} of the finished runs, in seed order."""
+        out = {}
+        for r in sorted(self.runs, key=lambda r: str(r.seed)):
+            out.setdefault(r.seed_key(), []).append(r)
+        return out
+
+    def per_seed(self, metric):
+        """{seed key: value}; repeats of one seed are averaged (they are one repetition)."""
+        out = {}
+        for key, runs in self.by_seed().items():
+            vals = [r.metrics[metric] for r in runs if metric in r.metrics]
+            if vals:
+                out[key] = stats.mean_std(vals)[0]
+        return out
+
     def values(self, metric):
-        return [r.metrics[metric] for r in self.runs if metric in r.metrics]
+        return list(self.per_seed(metric).values())
 
     def stat(self, metric):
-        """(mean, sample std or None, n) over the finished runs; None when no run has it."""
+        """(mean, sample std or None, n distinct seeds); None when no run has the metric."""
         vals = self.values(metric)
-        if not vals:
-            return None
-        std = statistics.stdev(vals) if len(vals) > 1 else None
-        return statistics.fmean(vals), std, len(vals)
+        return stats.mean_std(vals) if vals else None
+
+    def repeats(self):
+        """{seed: count} of seeds that were run more than once."""
+        return {str(runs[0].seed): len(runs) for runs in self.by_seed().values()
+                if len(runs) > 1}
 
     def seeds(self):
-        return ",".join(str(r.seed) for r in sorted(self.runs, key=lambda r: str(r.seed)))
+        """Distinct seeds, comma-separated."""
+        return ",".join(str(runs[0].seed) for runs in self.by_seed().values())
 
     def status(self):
         if not self.runs:
@@ -139,9 +193,11 @@ class Row:
         counts = {}
         for o in self.others:
             counts[o.status] = counts.get(o.status, 0) + 1
-        if not counts:
-            return "ok"
-        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        parts = [", ".join(f"{n} {s}" for s, n in sorted(counts.items()))] if counts else ["ok"]
+        parts += [f"repeat: seed {seed} run {n}x (counted once)"
+                  for seed, n in self.repeats().items()]
+        parts += sorted({r.note for r in self.runs if r.note})
+        return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -188,23 +244,47 @@ def _argv_value(argv, flag):
     return None
 
 
+def _decoder(cfg):
+    """'conv C, mlp M' of a pretraining config's MODEL.DECODER, '?' when not recorded."""
+    conv, mlp = _get(cfg, "MODEL.DECODER.CONV_BLOCKS"), _get(cfg, "MODEL.DECODER.MLP_LAYERS")
+    if conv is None and mlp is None:
+        return "?"
+    return f"conv {'?' if conv is None else conv}, mlp {'?' if mlp is None else mlp}"
+
+
+def _pretrain_identity(d, info, cfg):
+    """(fingerprint, flat identity) of the pretraining run in `d`: the recorded fingerprint,
+    else one computed from its config.yaml; ("", {}) without either."""
+    identity = fp.pretrain_identity(cfg) if cfg else {}
+    recorded = info.get("fingerprint") if isinstance(info, dict) else None
+    if recorded:
+        return str(recorded), identity
+    return (fp.digest(identity) if identity else ""), identity
+
+
 def _read_pretrain(d, files):
     info = _read_json(os.path.join(d, "run_info.json")) if "run_info.json" in files else {}
     cfg = _read_yaml(os.path.join(d, "config.yaml"))
     method = info.get("method") or _get(cfg, "MODEL.METHOD") or "?"
     recipe = _stem(info.get("config_file")) or "?"
     protocol = {"recipe": recipe, "arch": info.get("arch") or _get(cfg, "MODEL.ARCH", "?"),
+                "decoder": _decoder(cfg),
                 "epochs": info.get("epochs", _get(cfg, "OPTIM.EPOCHS", "?")),
                 "world_size": info.get("world_size", "?"),
                 "global_batch": info.get("global_batch", _get(cfg, "OPTIM.BATCH_SIZE", "?"))}
     run = Run("pretrain", d, "unfinished", method, protocol, seed=_get(cfg, "SEED"))
-    run.curves = _read_curves(os.path.join(d, "metrics.jsonl"))
+    run.method = method
+    run.fingerprint, run.identity = _pretrain_identity(d, info, cfg)
+    run.seed_parts = {"seed": run.seed}
+    run.curves, bad, total = _read_curves(os.path.join(d, "metrics.jsonl"))
+    if bad:
+        run.note = f"metrics.jsonl: {bad} of {total} lines unreadable"
     if "summary.json" not in files:
-        run.note = "no summary.json"
+        run.note = "; ".join(filter(None, ["no summary.json", run.note]))
         return run
     summary = _read_json(os.path.join(d, "summary.json"))
     if summary.get("finished") is not True:
-        run.note = "summary.json without finished=true"
+        run.note = "; ".join(filter(None, ["summary.json without finished=true", run.note]))
         return run
     run.status = "finished"
     for unit, loss in sorted((summary.get("final_losses") or {}).items()):
@@ -215,16 +295,24 @@ def _read_pretrain(d, files):
 
 
 def _read_curves(path):
-    """Per-unit loss curves from metrics.jsonl; a torn last line (run killed mid-write) is
-    ignored."""
-    curves = {}
+    """(per-unit loss curves, unreadable lines, lines) from metrics.jsonl. Unreadable lines are
+    counted, never silently dropped: the run's row says how many (a torn last line of a killed
+    run is one)."""
+    curves, bad, total = {}, 0, 0
     if not os.path.isfile(path):
-        return curves
-    with open(path) as f:
+        return curves, bad, total
+    with open(path, errors="replace") as f:
         for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            total += 1
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
+                bad += 1
+                continue
+            if not isinstance(rec, dict):
+                bad += 1
                 continue
             step = rec.get("step", i)
             for key, value in rec.items():
@@ -232,7 +320,7 @@ def _read_curves(path):
                     xs, ys = curves.setdefault(key[5:], ([], []))
                     xs.append(step)
                     ys.append(float(value))
-    return curves
+    return curves, bad, total
 
 
 def _run_dir_of(checkpoint):
@@ -262,12 +350,32 @@ def _pretraining_of(checkpoint):
     return str(checkpoint)
 
 
+def _checkpoint_run(checkpoint):
+    """(run_info, config) of the pretraining run that wrote `checkpoint` ({} where absent)."""
+    if not checkpoint:
+        return {}, {}
+    d = _run_dir_of(checkpoint)
+    info = {}
+    if os.path.isfile(os.path.join(d, "run_info.json")):
+        try:
+            info = _read_json(os.path.join(d, "run_info.json"))
+        except ValueError:
+            info = {}
+    return info, _read_yaml(os.path.join(d, "config.yaml"))
+
+
 def _read_readout(d):
     r = _read_json(os.path.join(d, "readout.json"))
     p = r.get("protocol") or {}
     method = r.get("method") or "?"
+    info, pre_cfg = _checkpoint_run(r.get("checkpoint"))
+    pre_fp, pre_identity = _pretrain_identity(None, info, pre_cfg)
+    ckpt_fp = r.get("checkpoint_fingerprint") or pre_fp or (
+        fp.random_init_fingerprint(r.get("arch")) if method == "random" and not r.get("checkpoint")
+        else "path:" + str(r.get("checkpoint")))
     protocol = {"pretraining": "random init" if method == "random"
                 else _pretraining_of(r.get("checkpoint")),
+                "decoder": "-" if method == "random" else _decoder(pre_cfg),
                 "arch": r.get("arch", "?"), "readout": p.get("name", "?"),
                 "readout_epochs": p.get("epochs", "?"),
                 "lr": p.get("lr", "?"), "batch_size": p.get("batch_size", "?"),
@@ -278,11 +386,18 @@ def _read_readout(d):
         if isinstance(top1.get(stage), (int, float)):
             run.metrics[f"top1/{stage}"] = float(top1[stage])
     _read_knn(d, run)
-    seed = None
-    ckpt_cfg = os.path.join(_run_dir_of(r.get("checkpoint") or ""), "config.yaml")
-    if r.get("checkpoint") and os.path.isfile(ckpt_cfg):
-        seed = _get(_read_yaml(ckpt_cfg), "SEED")
-    run.seed = seed if seed is not None else p.get("seed", "-")   # pretraining seed first
+    seed = r.get("checkpoint_seed")
+    if seed is None:
+        seed = _get(pre_cfg, "SEED")
+    # n counts pretrainings: the seed of a readout is its checkpoint's; two readouts of one
+    # checkpoint are repeats. The random-init encoder's seed is the readout's own.
+    run.seed = seed if seed is not None else p.get("seed", "-")
+    run.seed_parts = {"seed": run.seed}
+    run.method = method
+    run.fingerprint = r.get("fingerprint") or fp.readout_fingerprint(p, ckpt_fp)
+    run.identity = dict(pre_identity, **{f"readout.{k}": v for k, v in
+                                         fp.readout_identity(p, ckpt_fp).items()
+                                         if k != "checkpoint"})
     return run
 
 
@@ -330,8 +445,10 @@ def _read_detection(d, files):
     p = (results or {}).get("protocol") or {}
     freeze_at = p.get("freeze_at", _get(cfg, "MODEL.BACKBONE.FREEZE_AT"))
     frozen = p.get("frozen", None if freeze_at is None else freeze_at >= 5)
+    norm = _get(cfg, "MODEL.RESNETS.NORM")
     backbone = ("?" if frozen is None else "frozen" if frozen else "fine-tuned") + (
-        f" (FREEZE_AT {freeze_at})" if freeze_at is not None else "")
+        f" (FREEZE_AT {freeze_at}" + (f", {norm})" if norm else ")")
+        if freeze_at is not None else "")
     config = p.get("config_name") or _get(cfg, "LOCO_DET.CONFIG_NAME") or \
         _stem(_argv_value(argv, "--config-file")) or "?"
     max_iter = p.get("max_iter", _get(cfg, "SOLVER.MAX_ITER"))
@@ -340,9 +457,26 @@ def _read_detection(d, files):
         "voc" if "voc_" in test_sets else
         "cityscapes_sem_seg" if "cityscapes" in test_sets and "sem_seg" in test_sets else
         "cityscapes" if "cityscapes" in test_sets else "coco" if cfg else "?")
+    res = results or {}
+    from_scratch = p.get("from_scratch", _get(cfg, "LOCO_DET.FROM_SCRATCH"))
+    weights_fp = (res.get("weights_fingerprint") or _get(cfg, "LOCO_DET.WEIGHTS_FINGERPRINT")
+                  or (fp.RANDOM_INIT if from_scratch else ""))
+    source = res.get("weights_source") or _get(cfg, "LOCO_DET.WEIGHTS_SOURCE") or ""
+    pre_info, pre_cfg = _checkpoint_run(source)
+    pre_fp, pre_identity = _pretrain_identity(None, pre_info, pre_cfg)
+    if weights_fp == fp.RANDOM_INIT:
+        weights_col, decoder = "random init", "-"
+    elif pre_cfg or pre_info:
+        weights_col = _stem(pre_info.get("config_file")) or "pretrained here"
+        decoder = _decoder(pre_cfg)
+    elif weights_fp.startswith("sha256:"):
+        weights_col, decoder = "published", "-"
+    else:
+        weights_col, decoder = "?", "?"
     protocol = {"benchmark": benchmark, "config": config,
                 "train_set": _train_set(_get(cfg, "DATASETS.TRAIN")),
                 "schedule": f"{max_iter} it" if max_iter is not None else "?",
+                "weights": weights_col, "decoder": decoder,
                 "backbone": backbone,
                 "world_size": p.get("world_size", info.get("world_size", "?")),
                 "global_batch": p.get("global_batch", _get(cfg, "SOLVER.IMS_PER_BATCH", "?"))}
@@ -350,10 +484,26 @@ def _read_detection(d, files):
              or _get(cfg, "LOCO_DET.RESOLVED_METHOD") or _argv_value(argv, "LOCO_DET.LABEL")
              or "?")
     split = re.search(r"seed(\d+)", str(_get(cfg, "DATASETS.TRAIN", "")))
-    seed = p.get("seed", _get(cfg, "SEED"))
-    if split and str(split.group(1)) != str(seed):
-        seed = f"split{split.group(1)}/seed{seed}"
+    det_seed = p.get("seed", _get(cfg, "SEED"))
+    pre_seed = res.get("weights_seed")
+    if pre_seed is None and _get(cfg, "LOCO_DET.WEIGHTS_SEED", -1) not in (None, -1):
+        pre_seed = _get(cfg, "LOCO_DET.WEIGHTS_SEED")
+    seed = det_seed
+    if split and str(split.group(1)) != str(det_seed):
+        seed = f"split{split.group(1)}/seed{det_seed}"
+    if pre_seed is not None and str(pre_seed) != str(det_seed):
+        seed = f"pre{pre_seed}/{seed}"
     run = Run("detection", d, "unfinished", label, protocol, seed=seed, note=note)
+    run.seed_parts = {"pretrain": pre_seed, "split": split.group(1) if split else None,
+                      "seed": det_seed}
+    if not weights_fp:   # weights of unknown identity: never pooled with other labels' runs
+        weights_fp = f"unidentified:{label}:{p.get('weights', _get(cfg, 'MODEL.WEIGHTS'))}"
+    run.fingerprint = res.get("fingerprint") or (
+        fp.detection_fingerprint(cfg, weights_fp) if cfg else fp.digest(
+            [{k: v for k, v in p.items() if k not in ("seed", "weights")}, weights_fp]))
+    run.identity = dict(pre_identity, **(fp.detection_identity(cfg, weights_fp) if cfg else {}))
+    run.method = str(_get(pre_cfg, "MODEL.METHOD") or pre_info.get("method") or (
+        "random" if weights_fp == fp.RANDOM_INIT else label))
     if results is None:
         run.note = note or "no results.json"
         return run
@@ -390,9 +540,11 @@ def collect(run_dirs):
     expected runs of any benchmark manifest found there that have no finished directory."""
     runs, manifests, problems = [], [], []
     for root in run_dirs:
+        if not os.path.exists(root):
+            raise LocoError(f"{root}: directory does not exist")
         if not os.path.isdir(root):
-            problems.append(f"{root}: not a directory")
-            continue
+            raise LocoError(f"{root}: not a directory")
+    for root in run_dirs:
         for d, subdirs, files in os.walk(root):
             subdirs[:] = sorted(s for s in subdirs if not s.startswith(".") and s != "plots")
             files = set(files)
@@ -447,15 +599,30 @@ def _protocol_key(run):
     return tuple((k, str(run.protocol.get(k, "?"))) for k in PROTOCOL_FIELDS[run.kind])
 
 
+def _display_label(run):
+    """A `supervised` pretraining run by loco_det is labelled apart from published supervised
+    weights (detection.supervised_weights, 'supervised (published weights)')."""
+    if run.label == "supervised" and run.status == "finished" and (
+            run.kind in ("pretrain", "readout") or run.protocol.get("weights") not in (
+                "published", "?", "random init")):
+        return "supervised (trained here)"
+    return run.label
+
+
 def build_rows(runs):
-    """Rows per kind: finished runs grouped by (label, full protocol); missing and unfinished
-    runs are counted in the row of their label and config when exactly one such row exists,
-    else they get a row of their own (with no numbers)."""
+    """Rows per kind: finished runs grouped by (fingerprint, protocol), never by label; missing
+    and unfinished runs are counted in the row of their label and config when exactly one such
+    row exists, else they get a row of their own (with no numbers). Labels that collide within
+    one comparison group get a suffix naming what differs."""
     rows = {}
     for run in runs:
         if run.status == "finished":
-            key = (run.kind, run.label, _protocol_key(run))
-            rows.setdefault(key, Row(run.kind, run.label, dict(run.protocol))).runs.append(run)
+            key = (run.kind, run.fingerprint or ("label", run.label), _protocol_key(run))
+            row = rows.setdefault(key, Row(run.kind, _display_label(run), dict(run.protocol)))
+            row.runs.append(run)
+    for row in rows.values():   # one label per row: the most frequent of its runs
+        labels = [_display_label(r) for r in row.runs]
+        row.label = max(sorted(set(labels)), key=labels.count)
     by_match = {}
     for row in rows.values():
         by_match.setdefault(row.runs[0].match_key(), []).append(row)
@@ -471,9 +638,164 @@ def build_rows(runs):
     out = {kind: [] for kind in PROTOCOL_FIELDS}
     for row in rows.values():
         out[row.kind].append(row)
-    for kind in out:   # config first, so a missing run sits beside its config's measured rows
+    for kind in out:
+        _suffix_colliding_labels(out[kind])
+        # config first, so a missing run sits beside its config's measured rows
         out[kind].sort(key=lambda r: (str(r.protocol.get("config", "")), tuple(
             str(r.protocol.get(k, "")) for k in PROTOCOL_FIELDS[kind]), r.label))
+    return out
+
+
+def group_key(row):
+    """Rows that are compared with each other (and whose labels must not collide): the same
+    protocol except the fields a method or baseline may change (COMPARE_FREE)."""
+    free = COMPARE_FREE.get(row.kind, ())
+    return (row.kind,) + tuple(str(row.protocol.get(k, "")) for k in PROTOCOL_FIELDS[row.kind]
+                               if k not in free)
+
+
+def _fmt_value(value):
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _suffix_colliding_labels(rows, max_keys=3):
+    """`e2e` and `e2e` in one comparison group become `e2e [MODEL.DECODER.CONV_BLOCKS=0]` and
+    `e2e [MODEL.DECODER.CONV_BLOCKS=1]`: the settings whose values differ between them."""
+    groups = {}
+    for row in rows:
+        if row.runs:
+            groups.setdefault((group_key(row), row.label), []).append(row)
+    for same in groups.values():
+        if len(same) < 2:
+            continue
+        idents = [row.runs[0].identity for row in same]
+        keys = sorted(set().union(*idents))
+        differ = [k for k in keys if len({_fmt_value(i.get(k, "-")) for i in idents}) > 1]
+        named = [k for k in differ if k != "weights"] or differ
+        for row, ident in zip(same, idents):
+            if named:
+                shown = ", ".join(f"{k}={_fmt_value(ident.get(k, '-'))}"
+                                  for k in named[:max_keys])
+                more = f", +{len(named) - max_keys} more" if len(named) > max_keys else ""
+                row.label = f"{row.label} [{shown}{more}]"
+            else:
+                row.label = f"{row.label} [run {row.runs[0].fingerprint[:8]}]"
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+def _paired_values(row_a, row_b, metric):
+    """The per-seed values of both rows, keyed so that stats.compare pairs them exactly when
+    every repetition of each row has a partner (same split / seed) in the other."""
+    a, b = row_a.per_seed(metric), row_b.per_seed(metric)
+    parts = lambda row: [dict(k) for k in row.by_seed()]
+    common = sorted(set.intersection(*[set(p) for p in parts(row_a) + parts(row_b)])
+                    if parts(row_a) and parts(row_b) else set())
+    # a shared pretraining seed only pairs pretrained rows; against random init, splits/seeds
+    def reduce(vals):
+        out = {}
+        for key, value in vals.items():
+            k = tuple((c, dict(key).get(c)) for c in common)
+            if k in out:
+                return None
+            out[k] = value
+        return out
+    ra, rb = reduce(a), reduce(b)
+    if common and ra is not None and rb is not None and set(ra) == set(rb):
+        return ra, rb
+    return ({("a", i): v for i, v in enumerate(a.values())},
+            {("b", i): v for i, v in enumerate(b.values())})
+
+
+def _is_random(row):
+    return row.label in RANDOM_LABELS or (row.runs and all(
+        r.method == "random" for r in row.runs))
+
+
+def _matches(row, name):
+    return row.label == name or (row.runs and all(r.method == name for r in row.runs))
+
+
+def comparisons(rows, reference=DEFAULT_REFERENCE):
+    """[dict] one per (group, metric, method, baseline): each measured row against the
+    reference method's rows and against random init in its comparison group."""
+    out = []
+    for kind in COMPARED:
+        groups = {}
+        for row in rows[kind]:
+            if row.runs:
+                groups.setdefault(group_key(row), []).append(row)
+        for gkey, grows in groups.items():
+            refs = [r for r in grows if _matches(r, reference) and not _is_random(r)]
+            randoms = [r for r in grows if _is_random(r)]
+            for metric in COMPARED[kind]:
+                for row in grows:
+                    for base, role in [(b, "reference") for b in refs] + [
+                            (b, "random init") for b in randoms]:
+                        if base is row or (role == "reference" and _is_random(row)):
+                            continue
+                        a, b = _paired_values(row, base, metric)
+                        if not a or not b:
+                            continue
+                        c = stats.compare(a, b)
+                        out.append({"kind": kind, "group": _group_text(row), "metric": metric,
+                                    "method": row.label, "vs": base.label, "role": role,
+                                    "comparison": c})
+    return out
+
+
+def _group_text(row):
+    p = row.protocol
+    if row.kind == "detection":
+        return (f"{p.get('benchmark')}: {p.get('config')}, {p.get('train_set')}, "
+                f"{p.get('schedule')}")
+    return (f"{p.get('readout')} readout, {p.get('readout_epochs')} epochs, lr {p.get('lr')}, "
+            f"{p.get('image_size')} px, {p.get('train_images')} images")
+
+
+def _paper_cell(value, i):
+    """The i-th number of a paper cell ("32.2 / 29.9" -> 32.2 for i=0), or None."""
+    parts = [x.strip() for x in str(value).split("/")]
+    try:
+        return float(parts[i])
+    except (IndexError, ValueError):
+        return None
+
+
+def paper_differences():
+    """The paper's own differences, method - SimCLR (end-to-end), per table, pretraining length
+    and column: what our comparisons can be read beside (never mixed with them)."""
+    out = []
+    for table in PAPER_TABLES:
+        header = table["header"]
+        if header[0] == "pretraining":
+            metric_names = ("APbb", "APmk")
+            for epochs in sorted({r[0] for r in table["rows"] if r[0].endswith("ep")}):
+                base = next((r for r in table["rows"] if r[0] == epochs and r[1] == "SimCLR"),
+                            None)
+                for row in table["rows"]:
+                    if row[0] != epochs or base is None or row is base:
+                        continue
+                    for col in range(2, len(header)):
+                        for i, m in enumerate(metric_names):
+                            a, b = _paper_cell(row[col], i), _paper_cell(base[col], i)
+                            if a is not None and b is not None:
+                                out.append([table["short"], f"{epochs}",
+                                            f"{row[1]} - SimCLR", header[col], m,
+                                            f"{a - b:+.1f}"])
+        elif header[-1] == "top-1":
+            base = next(r for r in table["rows"] if r[1] == "e2e")
+            for row in table["rows"]:
+                if row is not base:
+                    out.append(["Decoder-depth ablation", "100 ep", f"{row[1]} - e2e",
+                                "ImageNet", "top-1", f"{float(row[2]) - float(base[2]):+.1f}"])
+        else:
+            base = table["rows"][0]
+            for row in table["rows"][1:]:
+                for col in range(1, len(header)):
+                    out.append([table["short"], "800 ep",
+                                f"{row[0]} - {base[0]}", header[col], "top-1",
+                                f"{float(row[col]) - float(base[col]):+.1f}"])
     return out
 
 
@@ -513,7 +835,9 @@ def _md_table(header, rows):
 
 
 def _n_cell(row):
-    n = len(row.runs)
+    """Distinct seeds (repeats are not extra n), with the expected total when runs are
+    missing or unfinished."""
+    n = len(row.by_seed())
     return str(n) if not row.others else f"{n} of {n + len(row.others)}"
 
 
@@ -521,7 +845,7 @@ def _protocol_cells(row):
     return [str(row.protocol.get(k, "-")) for k in PROTOCOL_FIELDS[row.kind]]
 
 
-_HEADERS = {"readout": "protocol", "world_size": "world size", "global_batch": "global batch",
+_HEADERS = {"readout": "protocol", "weights": "init", "world_size": "world size", "global_batch": "global batch",
             "readout_epochs": "readout epochs", "batch_size": "batch", "image_size": "image px",
             "train_images": "train images", "train_set": "train set"}
 
@@ -530,7 +854,56 @@ def _protocol_header(kind):
     return [_HEADERS.get(k, k) for k in PROTOCOL_FIELDS[kind]]
 
 
-def render_markdown(rows, runs, plots, run_dirs, problems):
+def _fmt_comparison(c, digits=2):
+    """('+2.00', '[-0.48, 4.48]' or '-', test, verdict) of a stats.Comparison."""
+    diff = f"{c.diff:+.{digits}f}"
+    ci = "-" if c.halfwidth is None else (
+        f"{c.diff:+.{digits}f} ± {c.halfwidth:.{digits}f} [{c.low:+.{digits}f}, "
+        f"{c.high:+.{digits}f}]")
+    df = "-" if c.df is None else (f"{c.df:.0f}" if float(c.df).is_integer() else f"{c.df:.1f}")
+    test = "-" if c.test == "-" else f"{c.test}, df {df}"
+    return diff, ci, test, c.verdict
+
+
+def render_comparisons(comps, reference):
+    md = ["## Comparisons, measured (difference, 95% interval, verdict)", "",
+          f"Each method against the reference method (`{reference}`; `--reference` changes it) "
+          "and against random init, within one protocol (the same benchmark, config, training "
+          "set and schedule; for readout the same readout protocol). Cells: mean difference "
+          "A - B (percentage points; higher is better), its two-sided 95% t interval (paired "
+          "over shared seeds or splits when every run of both rows has a partner, Welch "
+          "otherwise), and a verdict: **better** / **worse** when a one-sided t test at the 5% "
+          "level in that direction says so, else **not resolved**. With a single run on "
+          "either side there is no interval: the verdict is **not resolved (1 run)** and "
+          "the ordering of the means says nothing.", ""]
+    if not comps:
+        md += ["No comparisons (no two measured rows under one protocol).", ""]
+        return md
+    header = ["protocol", "metric", "method (A)", "vs (B)", "A - B", "95% interval", "test",
+              "n (A, B)", "verdict"]
+    body = []
+    for item in comps:
+        c = item["comparison"]
+        diff, ci, test, verdict = _fmt_comparison(c)
+        body.append([item["group"], item["metric"].replace("top1/", "top-1 "), item["method"],
+                     item["vs"], diff, ci, test, f"{c.n_a}, {c.n_b}", verdict])
+    unresolved = sum(1 for item in comps if item["comparison"].verdict.startswith("not"))
+    md += [_md_table(header, body), "",
+           f"{unresolved} of {len(comps)} comparisons are not resolved.", ""]
+    return md
+
+
+def render_paper_differences():
+    md = ["### The paper's differences (not measured here)", "",
+          "The same differences as published in the LoCo paper (full ImageNet/COCO/Cityscapes "
+          "scale, one run each, no interval given there), to read beside ours; never mixed "
+          "into the measured tables.", ""]
+    md += [_md_table(["table", "pretraining", "difference", "benchmark", "metric",
+                      "paper"], paper_differences()), ""]
+    return md
+
+
+def render_markdown(rows, runs, plots, run_dirs, problems, reference=DEFAULT_REFERENCE):
     n_by = {k: sum(1 for r in runs if r.kind == k and r.status == "finished")
             for k in PROTOCOL_FIELDS}
     not_done = [r for r in runs if r.status != "finished"]
@@ -539,15 +912,23 @@ def render_markdown(rows, runs, plots, run_dirs, problems):
           + ", ".join(f"`{d}`" for d in run_dirs) + ".",
           f"Finished runs: {n_by['pretrain']} pretraining, {n_by['readout']} readout, "
           f"{n_by['detection']} detection; missing or unfinished: {len(not_done)}.", "",
-          "Cells are mean ± sample standard deviation (ddof=1) over the n finished runs "
-          "(seeds or random splits) of one method under one protocol; with n=1 the single "
-          "value is shown. Runs under different protocols (config, schedule, frozen or "
-          "fine-tuned, world size, global batch) are never averaged together: each row states "
-          "its protocol. Missing or unfinished runs are marked as such and never count as 0.", ""]
+          "Cells are mean ± sample standard deviation (ddof=1) over the n distinct seeds (or "
+          "random splits) of one computation; with n=1 the single value is shown. A row is one "
+          "run fingerprint (everything that defines what was computed except the seed; "
+          "loco_det/fingerprint.py lists the run-only keys left out) under one protocol, never a "
+          "label: two different pretrainings never share a row, and labels that collide get a "
+          "suffix naming what differs. The same seed run twice is a repeat, counted once and "
+          "flagged in the status column. Missing or unfinished runs are marked as such and "
+          "never count as 0. Random init on a fine-tuning protocol trains the whole backbone "
+          "from scratch (FREEZE_AT 0 with a trainable norm, see the backbone column); on a "
+          "frozen protocol it stays frozen.", ""]
     for p in problems:
         md.append(f"- warning: {p}")
     if problems:
         md.append("")
+
+    md += render_comparisons(comparisons(rows, reference), reference)
+    md += render_paper_differences()
 
     md += ["## Detection (Mask R-CNN), measured", ""]
     det = [r for r in rows["detection"] if r.protocol.get("benchmark") not in OTHER_TASKS]
@@ -662,9 +1043,11 @@ def render_other_tasks(det_rows):
     return md
 
 
-CSV_FIELDS = ["section", "method", "metric", "mean", "std", "n", "seeds", "status",
-              "n_missing", "n_unfinished"] + sorted({f for fs in PROTOCOL_FIELDS.values()
-                                                      for f in fs}) + ["paths"]
+CSV_FIELDS = ["section", "method", "metric", "mean", "std", "n", "seeds", "repeats", "status",
+              "n_missing", "n_unfinished", "fingerprint"] + sorted(
+                  {f for fs in PROTOCOL_FIELDS.values() for f in fs}) + ["paths"]
+COMPARISON_FIELDS = ["kind", "protocol", "metric", "method", "vs", "role", "diff", "ci_low",
+                     "ci_high", "halfwidth", "test", "df", "n_a", "n_b", "verdict"]
 
 
 def render_csv(rows):
@@ -684,6 +1067,8 @@ def render_csv(rows):
                     continue
                 rec = {"section": f"measured_{kind}", "method": row.label, "metric": m,
                        "status": row.status(), "seeds": row.seeds(),
+                       "repeats": ";".join(f"{k}x{v}" for k, v in row.repeats().items()),
+                       "fingerprint": ";".join(sorted({r.fingerprint for r in row.runs})),
                        "n_missing": sum(o.status == "missing" for o in row.others),
                        "n_unfinished": sum(o.status == "unfinished" for o in row.others),
                        "paths": ";".join(r.path for r in row.runs + row.others)}
@@ -697,13 +1082,30 @@ def render_csv(rows):
     return buf.getvalue()
 
 
+def render_comparisons_csv(comps):
+    """comparisons.csv: one line per comparison with full-precision numbers."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COMPARISON_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for item in comps:
+        c = item["comparison"]
+        w.writerow({"kind": item["kind"], "protocol": item["group"], "metric": item["metric"],
+                    "method": item["method"], "vs": item["vs"], "role": item["role"],
+                    "diff": repr(c.diff), "ci_low": "" if c.low is None else repr(c.low),
+                    "ci_high": "" if c.high is None else repr(c.high),
+                    "halfwidth": "" if c.halfwidth is None else repr(c.halfwidth),
+                    "test": c.test, "df": "" if c.df is None else repr(float(c.df)),
+                    "n_a": c.n_a, "n_b": c.n_b, "verdict": c.verdict})
+    return buf.getvalue()
+
+
 def render_paper_csv():
     """The paper's rows, in their own file: report.csv holds measured numbers only."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["source", "table", "row", "column", "value"])
     for table in PAPER_TABLES:
-        keys = 2 if table["header"][0] == "pretraining" else 1
+        keys = table.get("keys", 2 if table["header"][0] == "pretraining" else 1)
         for row in table["rows"]:
             name = " ".join(c for c in row[:keys] if c != "-")
             for col, value in zip(table["header"][keys:], row[keys:]):
@@ -731,12 +1133,31 @@ def _subplots(plt, n):
 
 
 def _by_protocol(rows):
+    """One panel per comparison group (rows compared with each other)."""
     groups = {}
     for row in rows:
         if row.runs:
-            groups.setdefault(tuple(_protocol_cells(row)[1 if row.kind == "readout" else 0:]),
-                              []).append(row)
+            groups.setdefault(group_key(row), []).append(row)
     return groups
+
+
+def _bars(ax, xs, stats_list, width, **kw):
+    """Bars of means. Error bars (± sample std) only where n >= 2; n = 1 bars are hatched and
+    marked "1 run": a zero-width error bar would read as certainty."""
+    heights = [s[0] if s else 0 for s in stats_list]
+    bars = ax.bar(xs, heights, width, **kw)
+    for bar, x, st in zip(bars, xs, stats_list):
+        if not st:
+            continue
+        if st[2] >= 2:
+            ax.errorbar([x], [st[0]], yerr=[st[1]], fmt="none", ecolor="black", capsize=2,
+                        lw=0.8)
+        else:
+            bar.set_hatch("//")
+            bar.set_alpha(0.6)
+            ax.annotate("1 run", (x, st[0]), ha="center", va="bottom", fontsize=5,
+                        rotation=90, xytext=(0, 1), textcoords="offset points")
+    return bars
 
 
 def make_plots(rows, out_dir):
@@ -771,17 +1192,20 @@ def make_plots(rows, out_dir):
         for ax, (proto, grows) in zip(axes, groups.items()):
             width = 0.8 / len(grows)
             for i, row in enumerate(grows):
-                stats = [row.stat(f"top1/{s}") for s in STAGES]
+                values = [row.stat(f"top1/{s}") for s in STAGES]
                 xs = [k + i * width for k in range(len(STAGES))]
-                ax.bar(xs, [s[0] if s else 0 for s in stats], width,
-                       yerr=[s[1] or 0 if s else 0 for s in stats], capsize=2,
-                       label=f"{row.label} ({row.protocol.get('pretraining')}, n={len(row.runs)})")
+                n = len(row.by_seed())
+                _bars(ax, xs, values, width, color=f"C{i}",
+                      label=f"{row.label} ({row.protocol.get('pretraining')}, n={n})")
             ax.set_xticks([k + 0.4 - width / 2 for k in range(len(STAGES))], list(STAGES))
             ax.set_ylabel("top-1 %")
-            ax.set_title(f"{proto[0]}, {proto[1]} readout: {proto[2]} epochs, lr {proto[3]}, "
-                         f"{proto[5]} px", fontsize=8)
+            p = grows[0].protocol
+            ax.set_title(f"{p.get('arch')}, {p.get('readout')} readout: "
+                         f"{p.get('readout_epochs')} epochs, lr {p.get('lr')}, "
+                         f"{p.get('image_size')} px", fontsize=8)
             ax.legend(fontsize=6)
-        fig.suptitle("Linear readout top-1 per stage and method")
+        fig.suptitle("Linear readout top-1 per stage and method (error bars: ± std over n >= 2 "
+                     "seeds; hatched: a single run, no error bar)", fontsize=9)
         _save(fig, os.path.join(out_dir, PLOTS["readout"]))
         plt.close(fig)
         written["readout"] = PLOTS["readout"]
@@ -793,16 +1217,17 @@ def make_plots(rows, out_dir):
         for ax, (proto, grows) in zip(axes, groups.items()):
             xs = list(range(len(grows)))
             for j, metric in enumerate(("APbb", "APmk")):
-                stats = [r.stat(metric) for r in grows]
-                ax.bar([x + j * 0.4 for x in xs], [s[0] if s else 0 for s in stats], 0.4,
-                       yerr=[s[1] or 0 if s else 0 for s in stats], capsize=2, label=metric)
+                _bars(ax, [x + j * 0.4 for x in xs], [r.stat(metric) for r in grows], 0.4,
+                      color=f"C{j}", label=metric)
             ax.set_xticks([x + 0.2 for x in xs],
-                          [f"{r.label}\nn={len(r.runs)}" for r in grows], fontsize=7)
+                          [f"{r.label}\nn={len(r.by_seed())}" for r in grows], fontsize=6)
             ax.set_ylabel("AP %")
-            ax.set_title(f"{proto[0]}: {proto[1]}\n{proto[3]}, {proto[4]}, batch {proto[6]}",
-                         fontsize=8)
+            p = grows[0].protocol
+            ax.set_title(f"{p.get('benchmark')}: {p.get('config')}\n{p.get('schedule')}, "
+                         f"batch {p.get('global_batch')}", fontsize=8)
             ax.legend(fontsize=7)
-        fig.suptitle("Mask R-CNN APbb / APmk per method and benchmark")
+        fig.suptitle("Mask R-CNN APbb / APmk per method and benchmark (error bars: ± std over "
+                     "n >= 2 seeds; hatched: a single run, no error bar)", fontsize=9)
         _save(fig, os.path.join(out_dir, PLOTS["detection"]))
         plt.close(fig)
         written["detection"] = PLOTS["detection"]
@@ -811,9 +1236,10 @@ def make_plots(rows, out_dir):
 
 # ----------------------------------------------------------------------------- entry point
 
-def write_report(run_dirs, out_dir):
+def write_report(run_dirs, out_dir, reference=DEFAULT_REFERENCE):
     """Collect, then write plots, CSVs and report.md (last, so the md never names a plot that
-    is not there). Returns (path of report.md, rows)."""
+    is not there). `reference`: the method every other is compared with. Returns (path of
+    report.md, rows)."""
     runs, manifests, problems = collect(run_dirs)
     if not runs and not manifests:
         raise LocoError("no runs found under " + ", ".join(run_dirs)
@@ -823,11 +1249,13 @@ def write_report(run_dirs, out_dir):
     plots = make_plots(rows, out_dir)
     with atomic_write(os.path.join(out_dir, "report.csv"), "w") as f:
         f.write(render_csv(rows))
+    with atomic_write(os.path.join(out_dir, "comparisons.csv"), "w") as f:
+        f.write(render_comparisons_csv(comparisons(rows, reference)))
     with atomic_write(os.path.join(out_dir, "paper_reference.csv"), "w") as f:
         f.write(render_paper_csv())
     md_path = os.path.join(out_dir, "report.md")
     with atomic_write(md_path, "w") as f:
-        f.write(render_markdown(rows, runs, plots, run_dirs, problems))
+        f.write(render_markdown(rows, runs, plots, run_dirs, problems, reference))
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
     return md_path, rows

@@ -1,8 +1,13 @@
-"""Small shared helpers: one error type for user-facing failures, atomic writes, provenance."""
+"""Small shared helpers: one error type for user-facing failures, atomic writes (with cleanup
+of what killed writers left behind), output-location checks, interruption handling, provenance."""
 import contextlib
+import glob
 import json
 import os
 import platform
+import shlex
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,24 +21,61 @@ class ConfigError(LocoError):
     pass
 
 
+def temp_prefix(path, pid=None):
+    """`.tmp_<name>.<host>-<pid>.`: the writer's identity is in the name, so a later run can
+    tell a file left by a killed process from one another live process is writing."""
+    host = socket.gethostname().replace(".", "_").replace("-", "_") or "host"
+    return f".tmp_{os.path.basename(path)}.{host}-{os.getpid() if pid is None else pid}."
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temps(path):
+    """Remove temporary files that `atomic_write(path)` calls of dead processes on this host left
+    beside `path` (SIGKILL, power loss). Files of live writers and of other hosts (a shared file
+    system) are kept. Returns the removed paths."""
+    directory = os.path.dirname(os.path.abspath(path))
+    host_prefix = temp_prefix(path, pid=0)[:-2]  # ".tmp_<name>.<host>-"
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(directory), glob.escape(host_prefix) + "*")):
+        pid = os.path.basename(tmp)[len(host_prefix):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+            removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     """Write to a temporary file beside `path`, then rename: readers never see half a file and
-    an existing file survives a failed write."""
+    an existing file survives a failed write. Temporary files of killed earlier writers of the
+    same `path` are removed first (`remove_stale_temps`)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_" + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    remove_stale_temps(path)
+    with signals_deferred():  # a SIGTERM mid-write (torch.save) takes effect after the rename
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix(path))
+        try:
+            with os.fdopen(fd, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def _umask():
@@ -76,3 +118,115 @@ def run_info(world_size, **extra):
     """Provenance record every run writes to its output folder at start (run_info.json)."""
     return {"git_commit": git_commit(), "world_size": world_size, "argv": sys.argv,
             "versions": library_versions(), **extra}
+
+
+# ----------------------------------------------------------------------------- output checks
+def check_output_dir(path, what="--output-dir"):
+    """One line when `path` cannot be a run directory: it is an existing file, or a component
+    of it is. Creates nothing."""
+    if not path:
+        raise LocoError(f"{what} is empty")
+    probe = os.path.abspath(path)
+    while True:
+        if os.path.exists(probe):
+            if not os.path.isdir(probe):
+                where = "is" if probe == os.path.abspath(path) else f"is inside {probe}, which is"
+                raise LocoError(f"{what} {path} {where} an existing file, not a directory")
+            if not os.access(probe, os.W_OK | os.X_OK):
+                raise LocoError(f"{what} {path}: {probe} is not writable")
+            return
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return
+        probe = parent
+
+
+def check_distinct(out, *inputs, what="--out"):
+    """Refuse an output that is one of the inputs (a tool never writes over its own input)."""
+    for src in inputs:
+        same = src and (os.path.abspath(src) == os.path.abspath(out)
+                        or (os.path.exists(src) and os.path.exists(out)
+                            and os.path.samefile(src, out)))
+        if same:
+            raise LocoError(f"{what} {out} is the input file {src}: refusing to overwrite the "
+                            "input; choose another output path")
+
+
+# ----------------------------------------------------------------------------- interruptions
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) received; raised in the main thread like Ctrl-C, so `finally` blocks
+    and `atomic_write` clean up exactly as for Ctrl-C."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_deferred = {"depth": 0, "pending": []}
+
+
+def _raise_interrupted(signum, frame):
+    if _deferred["depth"]:
+        _deferred["pending"].append(signum)  # raised when the critical section ends
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold back `interruptible`'s SIGINT/SIGTERM until the block ends (writers such as
+    torch.save turn an exception raised inside them into an unrelated error). A signal that
+    arrived meanwhile is raised as `Interrupted` right after the block, if it ended normally."""
+    _deferred["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferred["depth"] -= 1
+    if not _deferred["depth"] and _deferred["pending"]:
+        signum = _deferred["pending"][0]
+        _deferred["pending"].clear()
+        raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interruptible():
+    """Turn SIGTERM into `Interrupted` (as SIGINT already is KeyboardInterrupt) while the block
+    runs; previous handlers are restored afterwards. Main thread only (signal's rule)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    if old[signal.SIGINT] is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def signal_name(exc):
+    return signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
+
+
+def exit_code(exc):
+    """The shell's convention for death by signal: 128 + signal number."""
+    return 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
+
+
+def resume_command(argv, flag="--resume", script=None, insert_at=None):
+    """The command line that continues this run: the same arguments plus `flag` (once), at
+    `insert_at` (default: the end; before trailing KEY VALUE overrides where those must end)."""
+    args = list(argv)
+    if flag and flag not in args:
+        args.insert(len(args) if insert_at is None else insert_at, flag)
+    return " ".join(shlex.quote(a) for a in ["python", script or sys.argv[0]] + args)
+
+
+def interrupted_line(exc, kept, argv, flag="--resume", script=None, insert_at=None):
+    """`interrupted by SIGTERM; kept ...; resume with: ...` (one line)."""
+    return (f"interrupted by {signal_name(exc)}; {kept}; resume with: "
+            f"{resume_command(argv, flag, script, insert_at)}")

@@ -63,7 +63,10 @@ def test_names():
     assert coco_subset.SUBSET_FILE_RE.match(name).groups() == ("1000", "2")
 
 
-def test_cli_writes_next_to_source_and_names_errors(tmp_path, capsys):
+def test_cli_writes_next_to_source_and_names_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    tmp_path = tmp_path / "datasets" / "coco" / "annotations"  # where register_all looks
+    tmp_path.mkdir(parents=True)
     src = tmp_path / "instances_train2017.json"
     src.write_text(json.dumps(_coco()))
     path = os.path.join(os.path.dirname(__file__), "..", "tools", "make_coco_subset.py")
@@ -86,3 +89,8 @@ def test_cli_writes_next_to_source_and_names_errors(tmp_path, capsys):
                      str(tmp_path / "o.json")]) == 1
     assert str(bad) in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists()
+    # elsewhere the file is written, but no dataset name that will never be registered is printed
+    assert cli.main(["--size", "4", "--seed", "9", "--src", str(src), "--out",
+                     str(tmp_path.parent / "o.json")]) == 0
+    said = capsys.readouterr().out
+    assert "not registered" in said and "coco_2017_train_4_seed9" not in said

@@ -129,7 +129,8 @@ def run_cli(args, capsys):
 
 @pytest.mark.parametrize("case", ["missing_data", "empty_data", "unknown_key", "unknown_method",
                                   "unknown_arch", "wrong_arch_resume", "wrong_method_resume",
-                                  "fresh_over_existing"])
+                                  "changed_temperature_resume", "changed_decoder_resume",
+                                  "changed_lr_and_augmentation_resume", "fresh_over_existing"])
 def test_bad_input_one_line_and_output_untouched(case, straight_run, data16, tmp_path, capsys):
     out = straight_run[0]
     empty = tmp_path / "empty"
@@ -146,6 +147,14 @@ def test_bad_input_one_line_and_output_untouched(case, straight_run, data16, tmp
                               [str(out / "checkpoint_last.pth"), "resnet18", "resnet34"]),
         "wrong_method_resume": (base + ["MODEL.METHOD=gim"],
                                 [str(out / "checkpoint_last.pth"), "loco", "gim"]),
+        "changed_temperature_resume": (base + ["LOSS.TEMPERATURE=0.5"],
+                                       ["LOSS.TEMPERATURE (checkpoint 0.1, config 0.5)"]),
+        "changed_decoder_resume": (base + ["MODEL.DECODER.CONV_BLOCKS=1"],
+                                   ["MODEL.DECODER.CONV_BLOCKS (checkpoint 0, config 1)"]),
+        "changed_lr_and_augmentation_resume": (
+            base + ["OPTIM.BASE_LR=0.5", "DATA.COLOR_JITTER=0.25"],
+            ["OPTIM.BASE_LR (checkpoint 0.3, config 0.5)",
+             "DATA.COLOR_JITTER (checkpoint 1.0, config 0.25)"]),
         "fresh_over_existing": ([a for a in base if a != "--resume"],
                                 [str(out / "checkpoint_last.pth"), "--resume"]),
     }[case]
@@ -160,6 +169,24 @@ def test_bad_input_one_line_and_output_untouched(case, straight_run, data16, tmp
     if not case.endswith(("_resume", "_existing")):
         rc, _ = run_cli([a if a != out else fresh for a in args], capsys)
         assert rc == 1 and not fresh.exists()
+
+
+def test_resume_accepts_changed_run_only_keys(straight_run, data16):
+    """Run-only keys (loco_det/fingerprint.py) may change on resume; the fingerprint ignores them
+    and the seed, and is recorded in the checkpoint and run_info.json."""
+    from loco_det.fingerprint import pretrain_fingerprint
+    from loco_det.pretrain.engine import check_resume_compatible, load_checkpoint
+
+    path = straight_run[0] / "checkpoint_last.pth"
+    ckpt = load_checkpoint(str(path))
+    cfg = tiny_cfg(data16, "RUN.LOG_PERIOD=7", "DATA.NUM_WORKERS=1", "RUN.CHECKPOINT_PERIOD=3",
+                   "MODEL.LOCO_SCHEDULE=recompute")
+    check_resume_compatible(str(path), ckpt, cfg, ckpt["steps_per_epoch"])
+    assert ckpt["fingerprint"] == pretrain_fingerprint(cfg)
+    assert ckpt["fingerprint"] == pretrain_fingerprint(tiny_cfg(data16, "SEED=5"))
+    assert ckpt["fingerprint"] != pretrain_fingerprint(tiny_cfg(data16, "LOSS.TEMPERATURE=0.2"))
+    info = json.loads((straight_run[0] / "run_info.json").read_text())
+    assert info["fingerprint"] == ckpt["fingerprint"]
 
 
 def test_batch_must_divide_by_world_size(data16, tmp_path, capsys, monkeypatch):

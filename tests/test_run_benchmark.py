@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -64,25 +65,102 @@ def _with(commands, *tokens):
 
 
 def test_paper_grid_counts(paper):
-    # data: 5 COCO-10K + 5 COCO-1K splits; pretrain: 3 methods x {100, 800} ep; readout: 6 +
-    # random init; convert: 6 + supervised; detection: (6 methods + random + supervised) x
-    # (COCO frozen + Cityscapes frozen + 5 COCO-10K splits + 5 COCO-1K splits + 2 x 5 VOC
-    # trials + 2 semantic segmentation); a kNN readout per readout; report.
-    assert paper["lines"][-1] == ("# 230 jobs: 10 data, 6 pretrain, 7 readout, 7 knn, "
-                                  "7 convert, 192 detection, 1 report")
-    assert len(paper["commands"]) == 230
+    # data: 5 COCO-10K + 5 COCO-1K splits; pretrain: 3 methods x {100, 800} ep + e2e with
+    # LoCo's decoder at 100 and 800 ep; readout: 8 + random init; a kNN readout per readout;
+    # convert: 8 + supervised; detection: (8 pretrainings + random + supervised) x (COCO frozen +
+    # Cityscapes frozen + 5 COCO-10K splits + 5 COCO-1K splits + 2 x 5 VOC trials + 2 semantic
+    # segmentation); report.
+    assert paper["lines"][-1] == ("# 286 jobs: 10 data, 8 pretrain, 9 readout, 9 knn, "
+                                  "9 convert, 240 detection, 1 report")
+    assert len(paper["commands"]) == 286
     cmds = paper["commands"]
-    assert len(_with(cmds, "tools/train_net.py")) == 192
+    assert len(_with(cmds, "tools/train_net.py")) == 240
     assert len(_with(cmds, "LOCO_DET.FROM_SCRATCH", "True")) == 24   # random init everywhere
-    assert len(_with(cmds, "LOCO_DET.LABEL", "supervised")) == 24
-    for config, n in (("coco_R50_FPN_1x_frozen", 8), ("cityscapes_R50_FPN_frozen", 8),
-                      ("coco10k_R50_FPN_finetune", 40), ("coco1k_R50_FPN_finetune", 40)):
+    assert len(_with(cmds, "LOCO_DET.LABEL", "supervised (published weights)")) == 24
+    for config, n in (("coco_R50_FPN_1x_frozen", 10), ("cityscapes_R50_FPN_frozen", 10),
+                      ("coco10k_R50_FPN_finetune", 50), ("coco1k_R50_FPN_finetune", 50)):
         assert len(_with(cmds, f"det_configs/{config}.yaml")) == n
     for size, name in ((10000, "10k"), (1000, "1k")):
         for seed in range(1, 6):
             assert _with(cmds, "tools/make_coco_subset.py", str(size), str(seed))
             det = _with(cmds, f'["coco_2017_train_{name}_seed{seed}"]')
-            assert len(det) == 8 and all(c[c.index("SEED") + 1] == str(seed) for c in det)
+            assert len(det) == 10 and all(c[c.index("SEED") + 1] == str(seed) for c in det)
+
+
+def test_paper_grid_runs_the_fair_end_to_end_baseline(paper):
+    """e2e with LoCo's decoder (one conv block) at 100 and 800 epochs, through readout and
+    every detection config, like the other pretrainings."""
+    from loco_det.pretrain.config import load_config
+
+    cmds = paper["commands"]
+    for ep in (100, 800):
+        recipe = f"pretrain/simclr_r50_{ep}ep_deepdecoder.yaml"
+        (pre,) = _with(cmds, "tools/pretrain.py", recipe)
+        cfg = load_config(os.path.join(ROOT, recipe))
+        loco = load_config(os.path.join(ROOT, f"pretrain/loco_r50_{ep}ep.yaml"))
+        assert cfg.MODEL.METHOD == "e2e" and cfg.OPTIM.EPOCHS == ep
+        assert cfg.MODEL.DECODER == loco.MODEL.DECODER and cfg.MODEL.DECODER.CONV_BLOCKS == 1
+        run = f"runs/paper/pretrain/simclr_r50_{ep}ep_deepdecoder/seed0"
+        assert pre[-2:] == ["--output-dir", run]
+        assert _with(cmds, "tools/linear_readout.py", f"{run}/checkpoint_last.pth")
+        assert len(_with(cmds, "tools/train_net.py",
+                         f"runs/paper/weights/simclr_r50_{ep}ep_deepdecoder_seed0.pkl")) == 24
+
+
+def _opts(cmd):
+    """The KEY VALUE overrides of a train_net command (after --num-gpus N)."""
+    return cmd[cmd.index("--num-gpus") + 2:]
+
+
+def test_random_init_trains_from_scratch_on_fine_tuning_configs(paper):
+    """Every random-init job on a fine-tuning config resolves (Detectron2's own config
+    resolution) to FREEZE_AT 0 with a norm that trains in the backbone; on a frozen config it
+    stays frozen (FREEZE_AT 5)."""
+    from loco_det.detection.config import setup_cfg
+
+    random_jobs = _with(paper["commands"], "LOCO_DET.FROM_SCRATCH", "True")
+    seen = set()
+    for cmd in random_jobs:
+        config = cmd[cmd.index("--config-file") + 1]
+        cfg = setup_cfg(os.path.join(ROOT, config), _opts(cmd))
+        if setup_cfg(os.path.join(ROOT, config), []).MODEL.BACKBONE.FREEZE_AT < 5:  # fine-tuning
+            assert cfg.MODEL.BACKBONE.FREEZE_AT == 0, config
+            assert cfg.MODEL.RESNETS.NORM in ("SyncBN", "BN"), config
+        else:
+            assert cfg.MODEL.BACKBONE.FREEZE_AT == 5, config
+            assert "MODEL.BACKBONE.FREEZE_AT" not in cmd
+        seen.add(config)
+    assert len(seen) == 8   # COCO x 3, Cityscapes, VOC x 2, semantic segmentation x 2
+    # pretrained weights keep the protocol's own FREEZE_AT (2 on the fine-tuning configs)
+    for cmd in _with(paper["commands"], "det_configs/coco10k_R50_FPN_finetune.yaml"):
+        if "LOCO_DET.FROM_SCRATCH" not in cmd:
+            assert "MODEL.BACKBONE.FREEZE_AT" not in cmd
+
+
+def test_ablation_decoder_grid_lists_the_six_settings(tmp_path):
+    from loco_det.pretrain.config import load_config
+
+    res = cli("det_configs/grids/ablation_decoder.yaml", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == ("# 20 jobs: 6 pretrain, 7 readout, 6 convert, "
+                                           "1 report")
+    cmds = [shlex.split(l) for l in res.stdout.splitlines() if not l.startswith("#")]
+    want = {"e2e": ("e2e", 0, 2), "gim": ("gim", 0, 2), "gim_conv1": ("gim", 1, 2),
+            "e2e_mlp4": ("e2e", 0, 4), "loco": ("loco", 1, 2), "loco_mlp4": ("loco", 1, 4)}
+    for label, (method, conv, mlp) in want.items():
+        (pre,) = _with(cmds, "tools/pretrain.py",
+                       f"runs/ablation_decoder/pretrain/{label}/seed0")
+        recipe = pre[pre.index("--config") + 1]
+        overrides = [a for a in pre[pre.index(recipe) + 1:pre.index("--output-dir")]
+                     if "=" in a and not a.startswith(("SEED=", "DATA.ROOT="))]
+        cfg = load_config(os.path.join(ROOT, recipe), overrides)
+        assert (cfg.MODEL.METHOD, cfg.MODEL.DECODER.CONV_BLOCKS,
+                cfg.MODEL.DECODER.MLP_LAYERS, cfg.OPTIM.EPOCHS) == (method, conv, mlp, 100)
+        assert _with(cmds, "tools/linear_readout.py",
+                     f"runs/ablation_decoder/pretrain/{label}/seed0/checkpoint_last.pth")
+    from loco_det.report import PAPER_TABLES
+    (table,) = [t for t in PAPER_TABLES if "decoder-depth" in t["title"].lower()]
+    assert {row[1] for row in table["rows"]} == set(want)
 
 
 def test_paper_grid_commands(paper):
@@ -105,7 +183,7 @@ def test_paper_grid_commands(paper):
             assert all(c[c.index("LOCO_DET.LABEL") + 1] == f"{method}_r50_{ep}ep" for c in det)
             assert all(c[c.index("--num-gpus") + 1] == "8" for c in det)
     (sup,) = _with(cmds, "tools/convert_to_detectron2.py", "weights/resnet50-0676ba61.pth")
-    assert sup[-2:] == ["runs/paper/weights/supervised.pkl", "--verify"]
+    assert sup[-2:] == ["runs/paper/weights/supervised_published.pkl", "--verify"]
     assert _with(cmds, "tools/linear_readout.py", "--random-init", "resnet50")
     (frozen,) = _with(cmds, "det_configs/coco_R50_FPN_1x_frozen.yaml", "random")
     assert frozen[-4:] == ["OUTPUT_DIR", "runs/paper/det/coco_R50_FPN_1x_frozen/random/seed0",
@@ -125,31 +203,32 @@ def test_demo_grid_and_reduced_profile(tmp_path):
                   "--out", str(tmp_path / "d"))
     for res in (full, reduced):
         assert res.returncode == 0, res.stderr
-        assert res.stdout.splitlines()[-1] == ("# 32 jobs: 1 data, 3 pretrain, 4 readout, "
-                                               "4 knn, 3 convert, 16 detection, 1 report")
+        assert res.stdout.splitlines()[-1] == ("# 40 jobs: 1 data, 4 pretrain, 5 readout, "
+                                               "5 knn, 4 convert, 20 detection, 1 report")
         assert "no supervised-ImageNet weights" in res.stdout
     ids = lambda r: [l.split()[3] for l in r.stdout.splitlines() if l.startswith("# [")]
     assert ids(full) == ids(reduced)   # the same jobs, the same code path
     cmds = [shlex.split(l) for l in reduced.stdout.splitlines() if not l.startswith("#")]
-    for method in ("e2e", "gim", "loco"):
+    for method in ("e2e", "gim", "loco", "supervised"):
         (pre,) = _with(cmds, "tools/pretrain.py", f"pretrain/cpu_{method}.yaml")
         assert "OPTIM.EPOCHS=1" in pre
     det = _with(cmds, "tools/train_net.py")
-    assert {c[c.index("LOCO_DET.LABEL") + 1] for c in det} == {"e2e", "gim", "loco", "random"}
+    assert {c[c.index("LOCO_DET.LABEL") + 1] for c in det} == {"e2e", "gim", "loco", "supervised",
+                                                              "random"}
     assert all(c[c.index("SOLVER.MAX_ITER") + 1] == "2" for c in det)
     # the full demo runs the grid's own (shortened) schedule, not the reduced one
     with open(os.path.join(ROOT, "det_configs", "grids", "demo.yaml")) as f:
         demo_iters = str(yaml.safe_load(f)["detection"]["overrides"]["SOLVER.MAX_ITER"])
     full_det = _with([shlex.split(l) for l in full.stdout.splitlines() if not l.startswith("#")],
                      "tools/train_net.py")
-    assert len(full_det) == 16 and demo_iters != "2"
+    assert len(full_det) == 20 and demo_iters != "2"
     assert all(c[c.index("SOLVER.MAX_ITER") + 1] == demo_iters for c in full_det)
     # --set reaches into mappings whose keys contain dots (Detectron2 keys)
     res = cli("det_configs/grids/demo.yaml", "--dry-run", "--out", str(tmp_path / "d"),
               "--set", "detection.overrides.SOLVER.MAX_ITER=7", "--set", "vars.data=/x")
     cmds = [shlex.split(l) for l in res.stdout.splitlines() if not l.startswith("#")]
     det = _with(cmds, "tools/train_net.py")
-    assert len(det) == 16 and all(c[c.index("SOLVER.MAX_ITER") + 1] == "7" for c in det)
+    assert len(det) == 20 and all(c[c.index("SOLVER.MAX_ITER") + 1] == "7" for c in det)
     assert _with(cmds, "tools/make_synthetic_data.py", "/x")
 
 
@@ -210,7 +289,7 @@ elif name == "train_net":
     open(f"{out}/last_checkpoint", "w").close()
     if "det-" + label in os.environ.get("FAKE_KILL", "").split(","):
         sys.exit(1)
-    ap = {"random": 1.0, "supervised": 20.0}.get(label, 10.0) + seed
+    ap = {"random": 1.0, "supervised (published weights)": 20.0}.get(label, 10.0) + seed
     dump(f"{out}/results.json", {"kind": "detection", "finished": True, "method": label,
          "bbox": {"AP": ap, "AP50": ap, "AP75": ap}, "segm": {"AP": ap - 1, "AP50": ap,
          "AP75": ap}, "protocol": {"config_name": os.path.basename(arg("--config-file"))[:-5],
@@ -242,6 +321,9 @@ def fake_repo(tmp_path, monkeypatch):
         (repo / "tools" / f"{name}.py").write_text(FAKE_TOOL)
     (repo / "weights").mkdir()
     (repo / "weights" / "sup.pkl").write_text("")
+    (repo / "det_configs").mkdir()   # the grid reads FREEZE_AT/NORM of its detection configs
+    for name in ("cpu_synth_coco_R18_FPN_frozen.yaml", "Base-loco-SSL.yaml"):
+        shutil.copy(os.path.join(ROOT, "det_configs", name), repo / "det_configs" / name)
     grid = repo / "small.yaml"
     grid.write_text(yaml.safe_dump(GRID))
     log = tmp_path / "calls.jsonl"
@@ -273,8 +355,8 @@ def test_local_run_then_rerun_skips(fake_repo, capsys):
     md = (out / "report.md").read_text()
     det_rows = [l for l in md.split("## Detection")[1].split("## Linear")[0].splitlines()
                 if l.startswith("| ") and not l.startswith("| method")]
-    assert sorted(l.split(" | ")[0][2:] for l in det_rows) == ["e2e", "loco", "random",
-                                                               "supervised"]
+    assert sorted(l.split(" | ")[0][2:] for l in det_rows) == [
+        "e2e", "loco", "random", "supervised (published weights)"]
     assert all("| 2 | 0,1 | ok |" in l for l in det_rows)
     assert "| 10.50 ± 0.71 |" in md   # seeds 0 and 1: AP 10 and 11
     manifest = json.loads((out / "benchmark.json").read_text())
@@ -337,7 +419,7 @@ def test_supervised_weights_missing(fake_repo, capsys):
     text = capsys.readouterr().out
     assert "note: no supervised-ImageNet weights given in the grid" in text
     md = (out / "report.md").read_text()
-    line = next(l for l in md.splitlines() if l.startswith("| supervised |"))
+    line = next(l for l in md.splitlines() if l.startswith("| supervised (published weights) |"))
     assert "missing" in line
 
 

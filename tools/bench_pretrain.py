@@ -3,7 +3,8 @@
 fvcore's per-stage FLOPs and activations and what each method's decoders add.
 
 Examples:
-  # issue 2's benchmark: ResNet-50, 224 px, 16 images (32 views), every LoCo schedule
+  # the efficiency targets' setting (step time and peak memory against e2e): ResNet-50,
+  # 224 px, 16 images (32 views), every LoCo schedule
   python tools/bench_pretrain.py --arch resnet50 --image-size 224 --batch 16 --rounds 3
 
   # quick look on a laptop

@@ -30,6 +30,9 @@ import tempfile
 import urllib.parse
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from loco_det.utils import remove_stale_temps, temp_prefix  # noqa: E402  (stdlib only)
+
 PACKAGE = "pb1-detectron2"
 VERSION = "0.6"
 SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
@@ -72,15 +75,27 @@ def fetch_sdist(cache_dir=CACHE):
     if os.path.exists(target) and sha256_of(target) == SHA256:
         return target
     page_url = urllib.parse.urljoin(INDEX, PACKAGE + "/")
-    with urllib.request.urlopen(page_url, timeout=60) as r:
-        parser = _Links()
-        parser.feed(r.read().decode("utf-8"))
+    try:
+        with urllib.request.urlopen(page_url, timeout=60) as r:
+            parser = _Links()
+            parser.feed(r.read().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read the package index {page_url} ({e}); without network "
+                         f"access, pass --sdist PATH to a local {sdist_name()}") from None
     urls = [urllib.parse.urljoin(page_url, h) for h in parser.hrefs if sdist_name() in h]
     if not urls:
         raise SystemExit(f"error: {sdist_name()} not listed at {page_url}")
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
-    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(urls[0].split("#")[0], timeout=300) as r:
-        shutil.copyfileobj(r, out)
+    remove_stale_temps(target)  # downloads that a killed earlier run left behind
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=temp_prefix(target))
+    try:
+        with os.fdopen(fd, "wb") as out, \
+                urllib.request.urlopen(urls[0].split("#")[0], timeout=300) as r:
+            shutil.copyfileobj(r, out)
+    except BaseException as e:
+        os.unlink(tmp)
+        if isinstance(e, (OSError, ValueError)):
+            raise SystemExit(f"error: cannot download {urls[0]} ({e})") from None
+        raise
     digest = sha256_of(tmp)
     if digest != SHA256:
         os.unlink(tmp)
@@ -108,7 +123,10 @@ def install(sdist, pip_args=()):
             f.write(SETUP_PY)
         cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
                "--force-reinstall", *pip_args, src]
-        subprocess.run(cmd, check=True)
+        proc = subprocess.run(cmd)
+        if proc.returncode:
+            raise SystemExit(f"error: pip could not install Detectron2 from {sdist} (exit "
+                             f"{proc.returncode}; its output is above)")
         # Keep Detectron2's own converter script: the tests compare our conversion with it.
         share = os.path.join(sys.prefix, "share", "detectron2", "tools")
         os.makedirs(share, exist_ok=True)
@@ -132,12 +150,26 @@ def main(argv=None):
         print("detectron2 already installed; use --force to reinstall the pinned version")
         return 0
     if args.sdist:
-        if sha256_of(args.sdist) != SHA256:
+        if not os.path.isfile(args.sdist):
+            what = "is a directory" if os.path.isdir(args.sdist) else "does not exist"
+            print(f"error: --sdist {args.sdist} {what}; give the path of {sdist_name()}",
+                  file=sys.stderr)
+            return 1
+        try:
+            digest = sha256_of(args.sdist)
+        except OSError as e:
+            print(f"error: cannot read --sdist {args.sdist}: {e.strerror or e}", file=sys.stderr)
+            return 1
+        if digest != SHA256:
             raise SystemExit(f"error: {args.sdist} does not have the pinned sha256 {SHA256}")
         sdist = args.sdist
     else:
         sdist = fetch_sdist()
-    install(sdist)
+    try:
+        install(sdist)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        print(f"error: cannot unpack {sdist}: {e}", file=sys.stderr)
+        return 1
     print(f"installed detectron2 {VERSION} (pure Python, from {sdist_name()}, sha256 {SHA256[:12]}...)")
     return 0
 

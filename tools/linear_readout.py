@@ -74,16 +74,23 @@ def main(argv=None):
     if args.random_init and not args.arch:
         parser.error("--random-init needs --arch (e.g. --arch resnet18)")
     from loco_det.pretrain.readout import STAGE_NAMES, run_readout
-    from loco_det.utils import LocoError
+    from loco_det.utils import LocoError, exit_code, interruptible
 
     overrides = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                  "weight_decay": args.weight_decay, "momentum": args.momentum,
                  "image_size": args.image_size, "feature_norm": args.feature_norm}
     try:
-        result = run_readout(args.output_dir, checkpoint=args.checkpoint, arch=args.arch,
-                             data_dir=args.data, protocol=args.protocol, overrides=overrides,
-                             workers=args.workers, seed=args.seed,
-                             progress=not args.no_progress)
+        with interruptible():
+            result = run_readout(args.output_dir, checkpoint=args.checkpoint, arch=args.arch,
+                                 data_dir=args.data, protocol=args.protocol,
+                                 overrides=overrides, workers=args.workers, seed=args.seed,
+                                 progress=not args.no_progress)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through `interruptible`
+        from loco_det.utils import signal_name
+
+        print(f"interrupted by {signal_name(e)}; nothing was kept (a readout writes readout.json "
+              "only at the end); rerun the same command", file=sys.stderr)
+        return exit_code(e)
     except LocoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -54,9 +54,13 @@ def main(argv=None):
     except LocoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    name = coco_subset.registered_name(out, args.size, args.seed)
+    where = (f"dataset name {name}" if name else
+             "not registered as a Detectron2 dataset (loco_det registers only "
+             f"$DETECTRON2_DATASETS/coco/annotations/{coco_subset.subset_filename(args.size, args.seed)}"
+             "; elsewhere, register it with detectron2.data.datasets.register_coco_instances)")
     print(f"wrote {out}: {len(subset['images'])} images, {len(subset['annotations'])} annotations "
-          f"(seed {args.seed}); dataset name "
-          f"{coco_subset.subset_dataset_name(args.size, args.seed)}")
+          f"(seed {args.seed}); {where}")
     return 0
 
 

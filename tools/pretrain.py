@@ -57,11 +57,20 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from loco_det.pretrain.config import load_config
     from loco_det.pretrain.engine import train
-    from loco_det.utils import LocoError
+    from loco_det.utils import LocoError, exit_code, interruptible, interrupted_line
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        train(cfg, args.output_dir, resume=args.resume, config_file=args.config)
+        with interruptible():
+            cfg = load_config(args.config, args.overrides)
+            train(cfg, args.output_dir, resume=args.resume, config_file=args.config)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through `interruptible`
+        if os.environ.get("RANK", "0") == "0":
+            ckpt = os.path.join(args.output_dir, "checkpoint_last.pth")
+            kept = (f"kept {ckpt} (the last checkpoint)" if os.path.isfile(ckpt)
+                    else "no checkpoint was written yet (a rerun starts over)")
+            print(interrupted_line(e, kept, sys.argv[1:] if argv is None else argv),
+                  file=sys.stderr, flush=True)
+        return exit_code(e)
     except LocoError as e:
         # Every rank hits the same check; one line from rank 0 is enough.
         if os.environ.get("RANK", "0") == "0":

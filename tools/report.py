@@ -5,9 +5,12 @@ directories.
 Walks every RUN_DIR recursively for pretraining runs (run_info.json, metrics.jsonl,
 summary.json), linear-readout runs (readout.json) and Detectron2 runs (results.json,
 run_info.json, config.yaml), and for the manifest that tools/run_benchmark.py writes
-(benchmark.json), whose expected runs without results are listed as missing. Repeated runs of one
-method under one protocol become mean +- sample std with their count; different protocols are
-never averaged together. The paper's numbers are printed in their own section.
+(benchmark.json), whose expected runs without results are listed as missing. Runs are grouped by
+their fingerprint (what was computed, seed excluded), never by label: repeated seeds of one
+computation become mean +- sample std over distinct seeds; the same seed twice is flagged as a
+repeat. Each method is compared with a reference method (--reference, default e2e) and with
+random init: mean difference, 95% t interval, verdict (better / worse / not resolved). The
+paper's numbers are printed in their own section.
 
 Examples:
   python tools/report.py runs/demo --out runs/demo
@@ -27,13 +30,17 @@ def main(argv=None):
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="directories to search (recursively) for runs")
     parser.add_argument("--out", required=True, metavar="DIR",
-                        help="output directory for report.md, report.csv and plots/")
+                        help="output directory for report.md, report.csv, comparisons.csv and "
+                             "plots/")
+    parser.add_argument("--reference", default="e2e", metavar="METHOD",
+                        help="method (label or learning rule) every other method is compared "
+                             "with (default: e2e)")
     args = parser.parse_args(argv)
 
     from loco_det.report import write_report
     from loco_det.utils import LocoError
     try:
-        md_path, rows = write_report(args.run_dirs, args.out)
+        md_path, rows = write_report(args.run_dirs, args.out, reference=args.reference)
     except LocoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

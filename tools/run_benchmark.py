@@ -50,27 +50,29 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from loco_det import benchmark
-    from loco_det.utils import LocoError
+    from loco_det.utils import LocoError, exit_code, interruptible, interrupted_line
 
     try:
-        grid = benchmark.load_grid(args.grid, args.profile, args.sets)
-        out = args.out or grid.get("out") or os.path.join(
-            "runs", os.path.splitext(os.path.basename(args.grid))[0])
-        jobs, notes, missing = benchmark.expand(grid, out)
-        if args.dry_run:
-            benchmark.dry_run(jobs, notes, missing)
-            return 0
-        benchmark.write_manifest(out, args.grid, args.profile, args.sets, jobs, missing)
-        if args.launcher == "slurm":
-            return benchmark.run_slurm(jobs, notes, out, grid.get("slurm"))
-        return benchmark.run_local(jobs, notes, out, quiet=args.quiet)
+        with interruptible():
+            grid = benchmark.load_grid(args.grid, args.profile, args.sets)
+            out = args.out or grid.get("out") or os.path.join(
+                "runs", os.path.splitext(os.path.basename(args.grid))[0])
+            jobs, notes, missing = benchmark.expand(grid, out)
+            if args.dry_run:
+                benchmark.dry_run(jobs, notes, missing)
+                return 0
+            benchmark.write_manifest(out, args.grid, args.profile, args.sets, jobs, missing)
+            if args.launcher == "slurm":
+                return benchmark.run_slurm(jobs, notes, out, grid.get("slurm"))
+            return benchmark.run_local(jobs, notes, out, quiet=args.quiet)
     except LocoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume (finished jobs are skipped)",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through `interruptible`
+        print(interrupted_line(e, "finished jobs are kept (a rerun skips them) and the running "
+                                  "one was stopped at its last checkpoint", sys.argv[1:]
+                               if argv is None else argv, flag=None), file=sys.stderr)
+        return exit_code(e)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,12 @@ config.yaml, run_info.json, log.txt, metrics.json, model_final.pth and results.j
 """
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Detectron2 v0.6 scripts a few helpers at import; torch 2.x warns about it on every start. The
-# warning is about Detectron2's code, not the user's run, and would bury the one-line errors.
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
-import loco_det  # noqa: E402,F401  (compat shims, datasets and components registered first)
+import loco_det.detection  # noqa: E402,F401  (compat layer, datasets and components first)
 from loco_det.detection import compat  # noqa: E402
-from loco_det.utils import LocoError  # noqa: E402
+from loco_det.utils import LocoError, interruptible, interrupted_line, exit_code  # noqa: E402
 
 from detectron2.engine import default_argument_parser, launch  # noqa: E402
 
@@ -32,7 +28,7 @@ Examples:
 
   # Random-initialisation baseline (no pretrained weights):
   python tools/train_net.py --config-file det_configs/cpu_synth_coco_R18_FPN_finetune.yaml \\
-      LOCO_DET.FROM_SCRATCH True OUTPUT_DIR runs/det_random
+      LOCO_DET.FROM_SCRATCH True MODEL.BACKBONE.FREEZE_AT 0 OUTPUT_DIR runs/det_random
 
   # The paper's COCO readout on 8 GPUs (batch sizes are totals over all GPUs):
   python tools/train_net.py --num-gpus 8 --config-file det_configs/coco_R50_FPN_1x_frozen.yaml \\
@@ -54,12 +50,32 @@ LABEL, BENCHMARK, CONFIG_NAME). Errors print one line starting with 'error:' and
 """
 
 
+def _kept(output_dir):
+    """What an interrupted run leaves to resume from, in words."""
+    tag = os.path.join(output_dir or "", "last_checkpoint")
+    if output_dir and os.path.isfile(tag):
+        with open(tag) as f:
+            return f"kept {os.path.join(output_dir, f.read().strip())} (the last checkpoint)"
+    return "no checkpoint was written yet (a rerun starts over)"
+
+
 def _run(args):
     """Per-process entry point (module-level so that Detectron2's launcher can pickle it)."""
     from loco_det.detection import train
 
     try:
-        return train.main(args)
+        with interruptible():
+            return train.main(args)
+    except KeyboardInterrupt as e:  # SIGINT, or SIGTERM through `interruptible`
+        from detectron2.utils import comm
+
+        if comm.is_main_process():
+            argv = sys.argv[1:]
+            at = len(argv) - len(args.opts) if args.opts else None
+            out = _output_dir_of(args)
+            print(interrupted_line(e, _kept(out), argv, insert_at=at, script=sys.argv[0]),
+                  file=sys.stderr, flush=True)
+        raise SystemExit(exit_code(e)) from None
     except (LocoError, compat.CompiledOpsMissing) as e:
         # In a spawned worker, re-raising would print a traceback per process; one line is the
         # contract, so print it here and leave with status 1.
@@ -67,10 +83,34 @@ def _run(args):
         raise SystemExit(1) from None
 
 
+def _output_dir_of(args):
+    """OUTPUT_DIR as the run uses it (overrides win over the config file), without Detectron2."""
+    opts = list(args.opts or [])
+    for key, value in zip(opts[::2], opts[1::2]):
+        if key == "OUTPUT_DIR":
+            return value
+    from loco_det.detection.config import setup_cfg
+
+    try:
+        return setup_cfg(args.config_file, args.opts).OUTPUT_DIR
+    except LocoError:
+        return None
+
+
+_OPTIONS = ("--config-file", "--resume", "--eval-only", "--num-gpus", "--num-machines",
+            "--machine-rank", "--dist-url")
+
+
 def main(argv=None):
     parser = default_argument_parser(epilog=EXAMPLES)
     parser.description = __doc__.split("\n\n")[0]
     args = parser.parse_args(argv)
+    misplaced = [o for o in args.opts if o.split("=")[0] in _OPTIONS]
+    if misplaced:
+        print(f"error: {misplaced[0]} comes after the KEY VALUE config overrides; options go "
+              f"before them (e.g. train_net.py {misplaced[0]} ... --config-file CFG KEY VALUE)",
+              file=sys.stderr)
+        return 1
     world = args.num_gpus * args.num_machines
     if args.num_gpus < 1 or args.num_machines < 1:
         print("error: --num-gpus and --num-machines must be at least 1", file=sys.stderr)

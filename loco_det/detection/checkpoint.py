@@ -30,7 +30,8 @@ from fvcore.common.checkpoint import _filter_reused_missing_keys  # noqa: E402
 from ..utils import LocoError  # noqa: E402
 
 __all__ = ["safe_load_pkl", "safe_loads_pkl", "torch_load_weights", "LocoCheckpointer", "read_weights_metadata",
-           "check_weights_metadata", "backbone_state_keys", "METADATA_KEY"]
+           "check_weights_metadata", "check_unconverted_weights", "unconverted_kind",
+           "backbone_state_keys", "METADATA_KEY"]
 
 METADATA_KEY = "loco_det"
 
@@ -205,6 +206,38 @@ def read_weights_metadata(path):
     return None
 
 
+_TORCHVISION_KEYS = ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight")
+
+
+def unconverted_kind(state):
+    """'a loco_det pretraining checkpoint' / 'a torchvision ResNet state dict' when `state`
+    (a loaded .pth) is one of those, else None. Detectron2 names the same weights differently
+    (stem.conv1, res2, ...), so neither loads before tools/convert_to_detectron2.py."""
+    if not isinstance(state, dict):
+        return None
+    if "encoder" in state and "method" in state:
+        return "a loco_det pretraining checkpoint"
+    for candidate in (state, state.get("state_dict"), state.get("model")):
+        if isinstance(candidate, dict):
+            keys = {k[len("module."):] if str(k).startswith("module.") else k for k in candidate}
+            if all(k in keys for k in _TORCHVISION_KEYS):
+                return "a torchvision ResNet state dict"
+    return None
+
+
+def check_unconverted_weights(path):
+    """One line telling to convert first when MODEL.WEIGHTS is a torchvision-named `.pth`
+    (instead of Detectron2's "backbone weights missing" after the model is built)."""
+    if "://" in str(path) or not str(path).endswith((".pth", ".pt", ".pth.tar")):
+        return
+    kind = unconverted_kind(torch_load_weights(path, what="MODEL.WEIGHTS"))
+    if kind:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        raise LocoError(f"MODEL.WEIGHTS {path} is {kind} (torchvision names), not Detectron2 "
+                        f"weights: convert it first with python tools/convert_to_detectron2.py "
+                        f"{path} {stem}.pkl, then set MODEL.WEIGHTS {stem}.pkl")
+
+
 def _cfg_get(cfg, dotted):
     node = cfg
     for part in dotted.split("."):
@@ -256,8 +289,9 @@ def check_weights_metadata(cfg, metadata, weights_path=None):
     if problems:
         raise LocoError(f"config does not match the converted weights {where}: "
                         + "; ".join(problems)
-                        + " (see REFERENCE conventions: torchvision weights need RGB, torchvision "
-                        "mean/std and STRIDE_IN_1X1 False)")
+                        + " (torchvision-style weights need INPUT.FORMAT RGB, torchvision's "
+                        "MODEL.PIXEL_MEAN/PIXEL_STD and MODEL.RESNETS.STRIDE_IN_1X1 False, as "
+                        "det_configs/Base-loco-SSL.yaml sets them)")
 
 
 def backbone_state_keys(model):
@@ -379,6 +413,13 @@ class LocoCheckpointer(DetectionCheckpointer):
                     "LOCO_DET.FROM_SCRATCH True to train the backbone from scratch instead")
         return incompatible
 
+    def _log_incompatible_keys(self, incompatible):
+        """Only shape mismatches are warned about here: missing and unused keys are in the
+        table (`_log_table`, log file), and a missing backbone weight is an error."""
+        for key, shape_checkpoint, shape_model in incompatible.incorrect_shapes:
+            self.logger.warning(f"not loaded: {key} has shape {tuple(shape_checkpoint)} in the "
+                                f"checkpoint but {tuple(shape_model)} in the model")
+
     def _log_table(self, model_keys, missing, unused, source):
         """Per-module counts of loaded, missing and unused keys: one glance shows whether the
         backbone was fully loaded and which heads start from scratch."""
@@ -392,13 +433,19 @@ class LocoCheckpointer(DetectionCheckpointer):
             rows.setdefault("(checkpoint) " + _group(key, 1), [0, 0, 0])[2] += 1
         table = tabulate([[name, *counts] for name, counts in rows.items()],
                          headers=["module", "loaded", "missing", "unused"], tablefmt="pipe")
-        self.logger.info(f"Weights loaded from {source}:\n{table}")
+        file_only = {"loco_det_file_only": True}  # details for log.txt, not the console
+        self.logger.info(f"Weights loaded from {source}: {len(model_keys) - len(missing)} of "
+                         f"{len(model_keys)} model keys, {len(missing)} missing (new layers), "
+                         f"{len(unused)} unused (table in log.txt)")
+        self.logger.info(f"Weights loaded from {source}:\n{table}", extra=file_only)
         if missing:
             shown = sorted(missing)
             self.logger.info("Missing keys (initialised from scratch): "
-                             + ", ".join(shown[:50]) + (" ..." if len(shown) > 50 else ""))
+                             + ", ".join(shown[:50]) + (" ..." if len(shown) > 50 else ""),
+                             extra=file_only)
         if unused:
             shown = sorted(unused)
             self.logger.info("Unused checkpoint keys: "
-                             + ", ".join(shown[:50]) + (" ..." if len(shown) > 50 else ""))
+                             + ", ".join(shown[:50]) + (" ..." if len(shown) > 50 else ""),
+                             extra=file_only)
 

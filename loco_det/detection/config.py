@@ -48,6 +48,13 @@ def add_loco_config(cfg):
     # OUTPUT_DIR/config.yaml so that --eval-only on the run's model_final.pth (which carries no
     # converter metadata) reports the same method.
     cfg.LOCO_DET.RESOLVED_METHOD = ""
+    # Filled in by train_net, like RESOLVED_METHOD, so a continued run keeps them: the identity
+    # of the backbone weights (loco_det/fingerprint.py: the pretraining's fingerprint, a sha256
+    # of published weights, or "random-init"), the pretraining's SEED (-1: none) and the
+    # checkpoint the weights were converted from ("" if unknown).
+    cfg.LOCO_DET.WEIGHTS_FINGERPRINT = ""
+    cfg.LOCO_DET.WEIGHTS_SEED = -1
+    cfg.LOCO_DET.WEIGHTS_SOURCE = ""
     return cfg
 
 

@@ -21,10 +21,12 @@ What this adds to Detectron2's `tools/train_net.py` recipe, and why:
 We do not call Detectron2's `default_setup`: v0.6's `collect_env` assumes compiled ops.
 """
 import contextlib
+import hashlib
 import logging
 import math
 import os
 import random
+import sys
 import weakref
 from collections import OrderedDict
 
@@ -48,10 +50,12 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
-from ..utils import LocoError, run_info, write_json
+from .. import fingerprint
+from ..utils import LocoError, atomic_write, check_output_dir, run_info, write_json
 from .checkpoint import (
     LocoCheckpointer,
     backbone_state_keys,
+    check_unconverted_weights,
     check_weights_metadata,
     read_weights_metadata,
 )
@@ -59,21 +63,27 @@ from .config import apply_single_process_norm, infer_benchmark, setup_cfg
 
 logger = logging.getLogger("loco_det.detection")
 
-
-def _numpy_aliases():
-    """Detectron2 v0.6 uses `np.bool` / `np.int` / `np.float` (removed in numpy 1.24) on the
-    training path (polygon masks, the class histogram). They were always the builtins, so
-    restoring them changes nothing else. Belongs in `compat` (which should make this a no-op);
-    applied here only when still missing."""
-    import numpy as np
-
-    for name, value in (("bool", bool), ("int", int), ("float", float), ("object", object),
-                        ("str", str)):
-        if name not in np.__dict__:
-            setattr(np, name, value)
+# `logger.info(..., extra=FILE_ONLY)`: the record goes to log.txt, not the console (the model
+# printout: hundreds of lines that say nothing about whether the run is going well).
+FILE_ONLY = {"loco_det_file_only": True}
 
 
-_numpy_aliases()
+# Loggers whose every record is detail for log.txt (Detectron2's table of matched weight names).
+_FILE_ONLY_LOGGERS = ("detectron2.checkpoint.c2_model_loading",)
+
+
+def _console_filter(record):
+    return not (getattr(record, "loco_det_file_only", False)
+                or record.name in _FILE_ONLY_LOGGERS)
+
+
+def _quiet_console(*names):
+    """Keep FILE_ONLY records off the console handlers Detectron2's setup_logger installed."""
+    for name in names:
+        for handler in logging.getLogger(name).handlers:
+            console = getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
+            if console and _console_filter not in handler.filters:
+                handler.addFilter(_console_filter)
 
 
 def _register_datasets():
@@ -110,10 +120,29 @@ def _has_last_checkpoint(output_dir):
     return bool(output_dir) and os.path.isfile(os.path.join(output_dir, "last_checkpoint"))
 
 
+def check_output_dir_use(output_dir, *, eval_only, resume):
+    """Refuse to train into an OUTPUT_DIR that holds another run's records: a finished run
+    (results.json or model_final.pth) or an unfinished one (last_checkpoint), unless --resume
+    (continue it) or --eval-only (evaluate; writes *_eval files beside the run's own) says so."""
+    if not output_dir:
+        return
+    check_output_dir(output_dir, what="OUTPUT_DIR")
+    if eval_only or resume:
+        return
+    for name, state in (("results.json", "a finished run"), ("model_final.pth", "a finished run"),
+                        ("last_checkpoint", "an unfinished run")):
+        if os.path.exists(os.path.join(output_dir, name)):
+            what = "--resume continues it" if name == "last_checkpoint" else (
+                "--eval-only evaluates it again")
+            raise LocoError(f"OUTPUT_DIR {output_dir} holds {state} ({name}); refusing to write "
+                            f"over its records: {what}, or choose another OUTPUT_DIR")
+
+
 def preflight(cfg, *, eval_only, resume):
     """Check everything that can be checked without building the model or writing files.
 
     Returns the converter metadata of MODEL.WEIGHTS (or None)."""
+    check_output_dir_use(cfg.OUTPUT_DIR, eval_only=eval_only, resume=resume)
     components.check_compiled_ops(cfg)
     if cfg.TEST.AUG.ENABLED:
         raise LocoError("TEST.AUG (test-time augmentation) is not supported by loco_det's trainer")
@@ -131,6 +160,7 @@ def preflight(cfg, *, eval_only, resume):
         if cfg.LOCO_DET.FROM_SCRATCH and weights:
             raise LocoError(f"LOCO_DET.FROM_SCRATCH is True but MODEL.WEIGHTS is {weights}: "
                             "clear one of them")
+        check_random_init_protocol(cfg)
         if not cfg.LOCO_DET.FROM_SCRATCH and not weights:
             raise LocoError("no backbone weights: set MODEL.WEIGHTS to converted weights "
                             "(tools/convert_to_detectron2.py), or LOCO_DET.FROM_SCRATCH True for "
@@ -140,10 +170,32 @@ def preflight(cfg, *, eval_only, resume):
         if "://" not in weights and not os.path.isfile(weights):
             raise LocoError(f"MODEL.WEIGHTS not found: {weights}")
         meta = read_weights_metadata(weights)  # safe unpickler: refuses code before it runs
+        check_unconverted_weights(weights)
         check_weights_metadata(cfg, meta, weights)
     names = list(cfg.DATASETS.TEST) + ([] if eval_only else list(cfg.DATASETS.TRAIN))
     _check_datasets(cfg, names)
     return meta
+
+
+TRAINABLE_NORMS = ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "GN")
+
+
+def check_random_init_protocol(cfg):
+    """A random-init backbone is either trained whole from scratch (FREEZE_AT 0 with a norm that
+    trains: the fine-tuning baseline, as in He et al., "Rethinking ImageNet Pre-training") or
+    kept whole frozen (FREEZE_AT >= 5: the readout baseline). Anything between keeps random
+    stages fixed behind identity FrozenBN, which is no baseline: refuse it."""
+    if not cfg.LOCO_DET.FROM_SCRATCH:
+        return
+    freeze_at, norm = int(cfg.MODEL.BACKBONE.FREEZE_AT), cfg.MODEL.RESNETS.NORM
+    if 0 < freeze_at < 5:
+        raise LocoError(f"LOCO_DET.FROM_SCRATCH with MODEL.BACKBONE.FREEZE_AT {freeze_at} keeps "
+                        f"random stages frozen: set FREEZE_AT 0 and MODEL.RESNETS.NORM SyncBN (or "
+                        f"BN) to train the backbone from scratch, or FREEZE_AT 5 for the frozen "
+                        f"readout baseline")
+    if freeze_at == 0 and norm not in TRAINABLE_NORMS:
+        raise LocoError(f"LOCO_DET.FROM_SCRATCH with FREEZE_AT 0 needs a norm that trains from "
+                        f"scratch; MODEL.RESNETS.NORM is {norm!r}: use SyncBN or BN")
 
 
 def resolve_method(cfg, meta, *, reuse_recorded):
@@ -162,6 +214,28 @@ def resolve_method(cfg, meta, *, reuse_recorded):
     logger.warning("the weights carry no pretraining method (not a loco_det checkpoint); "
                    "results.json says 'unknown': set LOCO_DET.LABEL to name it")
     return "unknown"
+
+
+def record_weights_identity(cfg, meta, *, reuse_recorded):
+    """Fill LOCO_DET.WEIGHTS_FINGERPRINT / _SEED / _SOURCE (results.json's run identity), unless
+    this process continues a run that recorded them (`reuse_recorded`, as in resolve_method)."""
+    if reuse_recorded and cfg.LOCO_DET.WEIGHTS_FINGERPRINT:
+        return
+    sha = None
+    weights = cfg.MODEL.WEIGHTS
+    if meta is None and weights.endswith(".pkl") and os.path.isfile(weights):
+        meta = read_weights_metadata(weights)   # --resume skips preflight's reading
+    if meta is None and not cfg.LOCO_DET.FROM_SCRATCH and weights and os.path.isfile(weights):
+        digest = hashlib.sha256()
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        sha = digest.hexdigest()
+    cfg.LOCO_DET.WEIGHTS_FINGERPRINT = fingerprint.weights_fingerprint(
+        meta, from_scratch=cfg.LOCO_DET.FROM_SCRATCH and not weights, sha256=sha)
+    seed = (meta or {}).get("seed")
+    cfg.LOCO_DET.WEIGHTS_SEED = -1 if seed is None else int(seed)
+    cfg.LOCO_DET.WEIGHTS_SOURCE = str((meta or {}).get("source") or "")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -190,6 +264,7 @@ def setup(args):
     setup_logger(output_dir, distributed_rank=rank, name="fvcore")
     setup_logger(output_dir, distributed_rank=rank, name="loco_det", abbrev_name="loco")
     setup_logger(output_dir, distributed_rank=rank)
+    _quiet_console("fvcore", "loco_det", "detectron2")
     logger.info(f"Rank {rank} of world size {world}; arguments: {args}")
 
     cfg.defrost()
@@ -205,11 +280,13 @@ def setup(args):
         cfg.LOCO_DET.CONFIG_NAME = os.path.splitext(os.path.basename(args.config_file))[0]
     cfg.LOCO_DET.RESOLVED_METHOD = resolve_method(
         cfg, meta, reuse_recorded=eval_only or (resume and _has_last_checkpoint(output_dir)))
+    record_weights_identity(cfg, meta, reuse_recorded=eval_only or (
+        resume and _has_last_checkpoint(output_dir)))
     cfg.freeze()
 
     if comm.is_main_process() and output_dir:
         cfg_path = _output_name(output_dir, "config.yaml", eval_only)
-        with open(cfg_path, "w") as f:  # Detectron2 writes it the same way (not a result file)
+        with atomic_write(cfg_path, "w") as f:
             f.write(cfg.dump())
         logger.info(f"Full config saved to {cfg_path}")
         write_json(_output_name(output_dir, "run_info.json", eval_only),
@@ -318,8 +395,10 @@ def log_trainable(model):
     n_frozen = sum(g[1] for g in groups.values())
     rows = "\n".join(f"  {k:<32} trainable {a:>10,}  frozen {b:>10,}" for k, (a, b) in groups.items())
     logger.info(f"Trainable parameters: {len(trainable)} tensors, {n_train:,} values; frozen: "
-                f"{n_frozen:,} values; backbone frozen: {backbone_is_frozen(model)}\n{rows}")
-    logger.info("Trainable parameter list:\n  " + "\n  ".join(trainable))
+                f"{n_frozen:,} values; backbone frozen: {backbone_is_frozen(model)} (per module "
+                "and by name in log.txt)")
+    logger.info(f"Trainable / frozen values per module:\n{rows}", extra=FILE_ONLY)
+    logger.info("Trainable parameter list:\n  " + "\n  ".join(trainable), extra=FILE_ONLY)
     return trainable
 
 
@@ -350,7 +429,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_model(cls, cfg):
         model = build_model(cfg)
-        logger.debug(f"Model:\n{model}")
+        logger.info(f"Model:\n{model}", extra=FILE_ONLY)
         log_trainable(model)
         if cfg.MODEL.BACKBONE.FREEZE_AT >= 5 and not backbone_is_frozen(model):
             logger.warning("FREEZE_AT >= 5 but part of the ResNet trains: in C4 models res5 lives "
@@ -472,6 +551,11 @@ def build_results(cfg, eval_results, *, model, method, eval_only, iteration=None
             "train_datasets": list(cfg.DATASETS.TRAIN),
             "test_datasets": names,
         },
+        # run identity (loco_det/fingerprint.py): config minus run-only keys, plus the weights
+        "fingerprint": fingerprint.detection_fingerprint(cfg, cfg.LOCO_DET.WEIGHTS_FINGERPRINT),
+        "weights_fingerprint": cfg.LOCO_DET.WEIGHTS_FINGERPRINT,
+        "weights_seed": None if cfg.LOCO_DET.WEIGHTS_SEED < 0 else int(cfg.LOCO_DET.WEIGHTS_SEED),
+        "weights_source": cfg.LOCO_DET.WEIGHTS_SOURCE or None,
     }
     if benchmark == "cityscapes_sem_seg":
         record["sem_seg"] = sem_seg

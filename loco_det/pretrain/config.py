@@ -10,7 +10,8 @@ import os
 from fvcore.common.config import CfgNode as _FvCfgNode
 
 from ..utils import ConfigError
-from .model import LOCO_SCHEDULES
+from .model import DECODER_DEFAULTS, LOCO_SCHEDULES
+from .rules import RuleError, find_factory
 
 
 class CfgNode(_FvCfgNode):
@@ -24,7 +25,13 @@ _C.SEED = -1
 
 _C.MODEL = CfgNode()
 # Learning rule: "e2e" (SimCLR, one loss at the top), "gim" (one unit per stage, inputs
-# detached) or "loco" (overlapping units {S1,S2},{S2,S3},{S3,S4}, inputs detached).
+# detached), "loco" (overlapping units {S1,S2},{S2,S3},{S3,S4}, inputs detached) or
+# "supervised" (cross-entropy on the ImageFolder labels with one linear classifier on the
+# pooled res5 features: the labelled baseline; MODEL.DECODER and LOSS.TEMPERATURE do not apply),
+# "loco_overlap2" (three-stage units {S1,S2,S3},{S2,S3,S4}), "loco_blocks" (LoCo over residual
+# blocks, see MODEL.LOCO_BLOCKS); or a rule from outside the library: an import path
+# "package.module:rule" or the name of a `loco_det.rules` entry point (README, "Your own
+# learning rule"; loco_det/pretrain/rules.py).
 _C.MODEL.METHOD = "loco"
 # torchvision ResNet: resnet18, resnet34, resnet50 or resnet101 (parameter names unchanged).
 _C.MODEL.ARCH = "resnet50"
@@ -49,9 +56,20 @@ _C.MODEL.DECODER.HIDDEN_DIM = 0
 # stem during S1's backward. "fused_stem" meets both of the time and memory targets.
 _C.MODEL.LOCO_SCHEDULE = "fused_stem"
 
+# "loco_blocks" only. Pieces are the stem and every residual block (ResNet-18: 1 + 8, ResNet-50:
+# 1 + 16); each unit is UNIT_LENGTH consecutive pieces and shares OVERLAP of them with the next
+# (the last unit ends at the top block, shorter if the pieces run out).
+_C.MODEL.LOCO_BLOCKS = CfgNode()
+_C.MODEL.LOCO_BLOCKS.UNIT_LENGTH = 2
+_C.MODEL.LOCO_BLOCKS.OVERLAP = 1
+
 _C.LOSS = CfgNode()
 # NT-Xent temperature tau (SimCLR ImageNet recipe: 0.1).
 _C.LOSS.TEMPERATURE = 0.1
+# Supervised rule only: views of each image the cross-entropy sees per step. 2: both views of
+# the pair (the crops and BN batch of the contrastive rules); 1: the first view only (one crop
+# per image per step, as torchvision's classification recipe; the loader still makes two).
+_C.LOSS.SUPERVISED_VIEWS = 2
 
 _C.DATA = CfgNode()
 # ImageFolder-style directory (ImageNet layout: ROOT/<class>/<image>), e.g. ImageNet's train/.
@@ -88,6 +106,12 @@ _C.OPTIM.EPOCHS = 100
 _C.OPTIM.WARMUP_EPOCHS = 10
 # Final learning rate of the cosine schedule, as a fraction of the peak.
 _C.OPTIM.MIN_LR_RATIO = 0.0
+# Learning-rate schedule after warm-up: "cosine" (SimCLR) or "step" (multiply by LR_GAMMA at
+# each epoch in LR_STEPS, as torchvision's supervised ImageNet recipe).
+_C.OPTIM.SCHEDULE = "cosine"
+# "step" schedule only: epochs (strictly increasing, within 1..EPOCHS-1) at which lr drops.
+_C.OPTIM.LR_STEPS = ()
+_C.OPTIM.LR_GAMMA = 0.1
 
 _C.RUN = CfgNode()
 # bf16 autocast and channels_last (CUDA only; ignored with a notice on CPU).
@@ -138,16 +162,37 @@ def load_config(path=None, overrides=()):
 
 def validate(cfg):
     choices = {
-        "MODEL.METHOD": ("e2e", "gim", "loco"),
         "MODEL.ARCH": ("resnet18", "resnet34", "resnet50", "resnet101"),
         "MODEL.DECODER.CONV_BLOCKS": (0, 1, 2),
         "MODEL.DECODER.MLP_LAYERS": (2, 4),
         "MODEL.LOCO_SCHEDULE": LOCO_SCHEDULES,
         "OPTIM.NAME": ("lars", "sgd", "adamw"),
+        "OPTIM.SCHEDULE": ("cosine", "step"),
+        "LOSS.SUPERVISED_VIEWS": (1, 2),
     }
+    try:
+        find_factory(cfg.MODEL.METHOD)
+    except RuleError as e:
+        raise ConfigError(f"MODEL.METHOD: {e}") from None
     for key, allowed in choices.items():
         value = cfg
         for part in key.split("."):
             value = value[part]
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+    if cfg.MODEL.METHOD == "supervised":
+        for key, default in DECODER_DEFAULTS.items():
+            value = cfg.MODEL.DECODER[key.upper()]
+            if value != default:
+                raise ConfigError(f"MODEL.DECODER.{key.upper()}={value} does not apply to "
+                                  f"MODEL.METHOD=supervised (one linear classifier on pooled "
+                                  f"res5); leave it at {default}")
+    steps = list(cfg.OPTIM.LR_STEPS)
+    if cfg.OPTIM.SCHEDULE == "step":
+        if not steps or steps != sorted(set(steps)) or steps[0] < 1 \
+                or steps[-1] >= cfg.OPTIM.EPOCHS:
+            raise ConfigError(f"OPTIM.LR_STEPS: {steps} must be strictly increasing epochs "
+                              f"within 1..{cfg.OPTIM.EPOCHS - 1} for OPTIM.SCHEDULE=step")
+    elif steps:
+        raise ConfigError(f"OPTIM.LR_STEPS: {steps} applies to OPTIM.SCHEDULE=step only "
+                          f"(OPTIM.SCHEDULE={cfg.OPTIM.SCHEDULE})")

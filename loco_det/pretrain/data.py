@@ -140,7 +140,8 @@ class TwoViewDataset(torch.utils.data.Dataset):
             torch.default_generator.manual_seed(mix_seed(self.seed, epoch, index))
             v1 = self.transform(img)
             v2 = self.transform(img)
-        return v1, v2, self.samples[index][1], bad
+        # The label of the image actually returned (a replacement's own, not the bad file's).
+        return v1, v2, self.samples[i][1], bad
 
 
 class ResumableDistributedSampler(torch.utils.data.Sampler):

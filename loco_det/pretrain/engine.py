@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -29,7 +30,9 @@ import yaml
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..utils import ConfigError, LocoError, atomic_write, run_info, write_json
+from ..fingerprint import PRETRAIN_RUN_ONLY, changed_keys, pretrain_fingerprint, pretrain_identity
+from ..utils import (ConfigError, LocoError, atomic_write, check_output_dir, run_info,
+                     write_json)
 from .data import build_loader
 from .knn import PeriodicKnn
 from .optim import build_optimizer, build_scheduler
@@ -55,7 +58,7 @@ class DistEnv:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels
-        if self.world_size > 1 and not dist.is_initialized():
+        if self.distributed and not dist.is_initialized():
             if self.device.type == "cuda":
                 dist.init_process_group("nccl", device_id=self.device)
             else:
@@ -64,7 +67,9 @@ class DistEnv:
 
     @property
     def distributed(self):
-        return self.world_size > 1
+        """In a process group: several processes, or one started by torchrun (MASTER_ADDR set),
+        which then takes the same nccl / gloo and SyncBN paths as a multi-process run."""
+        return self.world_size > 1 or "MASTER_ADDR" in os.environ
 
     @property
     def main(self):
@@ -190,6 +195,10 @@ def load_checkpoint(path):
     """The checkpoint dict, or LocoError naming `path` if it cannot be read."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise LocoError(f"{path}: cannot read checkpoint (not a file written by torch.save, or "
+                        "it holds objects other than tensors and containers, which loco_det "
+                        "does not unpickle)") from None
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         raise LocoError(f"{path}: cannot read checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -203,22 +212,28 @@ def describe_checkpoint(ckpt):
             f"epoch {ckpt.get('epoch')}, step {ckpt.get('step')}")
 
 
-def check_resume_compatible(path, ckpt, cfg, steps_per_epoch):
-    """One clear line when the checkpoint cannot continue under this config."""
-    if ckpt["arch"] != cfg.MODEL.ARCH or ckpt["method"] != cfg.MODEL.METHOD:
+def check_resume_compatible(path, ckpt, cfg, steps_per_epoch, num_classes=None):
+    """One clear line when the checkpoint cannot continue under this config: every key outside
+    the run-only list (loco_det/fingerprint.py) that differs from the checkpoint's config is
+    named with both values; then the data must give the same number of steps per epoch."""
+    changed = changed_keys(pretrain_identity(ckpt["config"]), pretrain_identity(cfg),
+                           PRETRAIN_RUN_ONLY)
+    if changed:
         raise LocoError(
-            f"{path}: checkpoint is MODEL.METHOD={ckpt['method']} MODEL.ARCH={ckpt['arch']}, "
-            f"the config asks for MODEL.METHOD={cfg.MODEL.METHOD} MODEL.ARCH={cfg.MODEL.ARCH}; "
-            f"use the run's own config or another --output-dir")
-    epochs = ckpt_cfg_value(ckpt, "OPTIM")["EPOCHS"]
-    if epochs != cfg.OPTIM.EPOCHS:
-        raise LocoError(f"{path}: checkpoint's run has OPTIM.EPOCHS={epochs}, the config asks "
-                        f"for {cfg.OPTIM.EPOCHS}; the cosine schedule cannot change mid-run")
+            f"{path}: the config differs from the run being resumed in "
+            + ", ".join(f"{k} (checkpoint {a!r}, config {b!r})" for k, a, b in changed)
+            + "; only run-only keys may change (loco_det/fingerprint.py): use the run's own "
+              "config or another --output-dir")
     if ckpt["steps_per_epoch"] != steps_per_epoch:
         raise LocoError(
             f"{path}: checkpoint has {ckpt['steps_per_epoch']} steps per epoch, this config "
             f"gives {steps_per_epoch} (OPTIM.BATCH_SIZE={cfg.OPTIM.BATCH_SIZE}, DATA.ROOT, "
             f"DATA.MAX_IMAGES must match the run being resumed)")
+    classifier = ckpt["decoders"].get("0.fc.weight")
+    if cfg.MODEL.METHOD == "supervised" and classifier is not None \
+            and classifier.shape[0] != num_classes:
+        raise LocoError(f"{path}: checkpoint's classifier has {classifier.shape[0]} classes, "
+                        f"DATA.ROOT={cfg.DATA.ROOT} has {num_classes}")
 
 
 def encoder_state(model):
@@ -239,6 +254,7 @@ def save_checkpoint(path, model, optimizer, scheduler, cfg, env, epoch, step, st
         "encoder": encoder_state(model),
         "decoders": {k: v.detach().cpu() for k, v in model.decoders.state_dict().items()},
         "config": cfg.dump(),
+        "fingerprint": pretrain_fingerprint(cfg),   # run identity, seed excluded
         "method": cfg.MODEL.METHOD,
         "arch": cfg.MODEL.ARCH,
         "epoch": epoch,                      # completed epochs
@@ -267,8 +283,9 @@ class MetricLogger:
         records = []
         if resume and os.path.exists(self.path):
             # Drop what a killed run logged after its last checkpoint: those steps run again.
+            # A line without its newline is what a SIGKILL during the append left: drop it.
             with open(self.path) as f:
-                records = [line for line in f if line.strip()
+                records = [line for line in f if line.strip() and line.endswith("\n")
                            and json.loads(line).get("step", 0) <= start_step]
         with atomic_write(self.path, "w") as f:
             f.writelines(records)
@@ -316,13 +333,22 @@ def with_seed(cfg, seed):
     return cfg
 
 
-def setup_model(cfg, env):
+def setup_model(cfg, env, num_classes=None):
+    """The model of `cfg`; `num_classes` (the ImageFolder's) sizes the supervised classifier."""
     from .model import build_model
+    from .rules import RuleError
 
     d = cfg.MODEL.DECODER
-    model = build_model(cfg.MODEL.METHOD, cfg.MODEL.ARCH, conv_blocks=d.CONV_BLOCKS,
-                        mlp_layers=d.MLP_LAYERS, proj_dim=d.PROJ_DIM, hidden_dim=d.HIDDEN_DIM,
-                        temperature=cfg.LOSS.TEMPERATURE, loco_schedule=cfg.MODEL.LOCO_SCHEDULE)
+    try:
+        model = build_model(cfg.MODEL.METHOD, cfg.MODEL.ARCH, conv_blocks=d.CONV_BLOCKS,
+                            mlp_layers=d.MLP_LAYERS, proj_dim=d.PROJ_DIM,
+                            hidden_dim=d.HIDDEN_DIM, temperature=cfg.LOSS.TEMPERATURE,
+                            loco_schedule=cfg.MODEL.LOCO_SCHEDULE, num_classes=num_classes,
+                            supervised_views=cfg.LOSS.SUPERVISED_VIEWS,
+                            unit_length=cfg.MODEL.LOCO_BLOCKS.UNIT_LENGTH,
+                            overlap=cfg.MODEL.LOCO_BLOCKS.OVERLAP)
+    except RuleError as e:
+        raise ConfigError(f"MODEL.METHOD: {e}") from None
     if cfg.MODEL.SYNC_BN:
         if not env.distributed:
             notice(env, "MODEL.SYNC_BN has no effect on a single process")
@@ -365,6 +391,7 @@ def train(cfg, output_dir, resume=False, stop_after_steps=None, config_file=None
     Returns the summary dict on rank 0 when the run has finished, else None.
     """
     env = DistEnv()
+    check_output_dir(output_dir)
     if cfg.OPTIM.BATCH_SIZE % env.world_size:  # before joining: fails fast on every rank
         raise ConfigError(f"OPTIM.BATCH_SIZE={cfg.OPTIM.BATCH_SIZE} does not divide by the "
                           f"world size {env.world_size}: batch sizes are global, choose a "
@@ -394,10 +421,10 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
     knn = PeriodicKnn.build(cfg, env)
     steps_per_epoch = sampler.batches_per_epoch
     if ckpt is not None:
-        check_resume_compatible(ckpt_path, ckpt, cfg, steps_per_epoch)
+        check_resume_compatible(ckpt_path, ckpt, cfg, steps_per_epoch, len(dataset.classes))
 
     seed_everything(seed)  # same on every rank: identical initial weights
-    model = setup_model(cfg, env)
+    model = setup_model(cfg, env, num_classes=len(dataset.classes))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
@@ -431,7 +458,8 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
             write_json(os.path.join(output_dir, "run_info.json"), run_info(
                 env.world_size, kind="pretrain", method=cfg.MODEL.METHOD, arch=cfg.MODEL.ARCH,
                 global_batch=cfg.OPTIM.BATCH_SIZE, epochs=epochs, config_file=config_file,
-                seed=seed, device=str(env.device), dataset_images=len(dataset),
+                seed=seed, fingerprint=pretrain_fingerprint(cfg), device=str(env.device),
+                dataset_images=len(dataset),
                 steps_per_epoch=steps_per_epoch))
     logger = MetricLogger(output_dir, env, start_step, resume)
     if env.main:
@@ -496,12 +524,14 @@ def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sa
         logger.log(record)
         return record
 
-    def train_step(view1, view2):
-        """One optimizer step on a batch of view pairs; returns (lr used, unit losses)."""
+    def train_step(view1, view2, labels):
+        """One optimizer step on a batch of view pairs (and their ImageFolder labels, used by
+        the supervised rule); returns (lr used, unit losses)."""
         view1 = view1.to(env.device, non_blocking=True).contiguous(memory_format=memory_format)
         view2 = view2.to(env.device, non_blocking=True).contiguous(memory_format=memory_format)
+        labels = labels.to(env.device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        losses = model.forward_backward(view1, view2)
+        losses = model.forward_backward(view1, view2, labels)
         if not all(math.isfinite(v) for v in losses.values()):
             raise LocoError(f"non-finite loss at step {step + 1} ({losses}); lower "
                             f"OPTIM.BASE_LR or check the data")
@@ -528,9 +558,10 @@ def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sa
                    disable=not env.main, dynamic_ncols=True,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
         try:  # the bar is closed before an error propagates: its line starts clean
-            for batch_idx, (view1, view2, _, bad_idx) in enumerate(loader, start=first_batch):
+            for batch_idx, (view1, view2, labels, bad_idx) in enumerate(loader,
+                                                                        start=first_batch):
                 note_bad(bad_idx.tolist())
-                lr, losses = train_step(view1, view2)
+                lr, losses = train_step(view1, view2, labels)
                 step += 1
                 bar.update(1)
                 end_of_epoch = batch_idx + 1 == steps_per_epoch

@@ -8,7 +8,8 @@ sensible step size, and decaying them only hurts.
 
 The learning rate scales with the *global* batch: lr = BASE_LR * BATCH_SIZE / 256, so a recipe
 means the same thing on 1 process or on 64. The schedule is per optimizer step: linear warm-up
-to that peak, then cosine decay to MIN_LR_RATIO * peak.
+to that peak, then cosine decay to MIN_LR_RATIO * peak, or (OPTIM.SCHEDULE "step", torchvision's
+supervised recipe) drops by LR_GAMMA at the epochs in LR_STEPS.
 """
 import math
 
@@ -134,9 +135,30 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class WarmupStep:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): the same linear warm-up,
+    then gamma ** (number of milestones <= step), milestones in optimizer steps (torchvision's
+    StepLR / MultiStepLR, applied per step)."""
+
+    def __init__(self, warmup_steps, milestones, gamma):
+        self.warmup_steps = int(warmup_steps)
+        self.milestones = [int(m) for m in milestones]
+        self.gamma = float(gamma)
+
+    def __call__(self, step):
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        return self.gamma ** sum(step >= m for m in self.milestones)
+
+
 def build_scheduler(cfg, optimizer, steps_per_epoch):
-    """Per-step LambdaLR: linear warm-up over WARMUP_EPOCHS, cosine to the end of EPOCHS."""
+    """Per-step LambdaLR: linear warm-up over WARMUP_EPOCHS, then cosine to the end of EPOCHS
+    (OPTIM.SCHEDULE "cosine") or drops by LR_GAMMA at the epochs in LR_STEPS ("step")."""
     total = cfg.OPTIM.EPOCHS * steps_per_epoch
     warmup = min(round(cfg.OPTIM.WARMUP_EPOCHS * steps_per_epoch), total)
+    if cfg.OPTIM.SCHEDULE == "step":
+        milestones = [e * steps_per_epoch for e in cfg.OPTIM.LR_STEPS]
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, WarmupStep(warmup, milestones, cfg.OPTIM.LR_GAMMA))
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(warmup, total, cfg.OPTIM.MIN_LR_RATIO))

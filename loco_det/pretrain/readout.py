@@ -32,7 +32,8 @@ from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
 
-from ..utils import LocoError, write_json
+from ..fingerprint import pretrain_fingerprint, random_init_fingerprint, readout_fingerprint
+from ..utils import LocoError, check_output_dir, write_json
 from .data import DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, find_images, load_rgb, mix_seed
 from .model import ARCHS, NUM_STAGES, build_encoder, run_stage
 
@@ -256,9 +257,55 @@ def default_data_dir(checkpoint_cfg_root=None):
                         "imagefolder")
 
 
+# Flag -> (check, what it must be). Values of None (not given) are not checked.
+_OVERRIDE_RULES = {
+    "epochs": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a positive number"),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "zero or positive"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "image_size": (lambda v: v >= 32, "at least 32 (a ResNet halves it 5 times)"),
+}
+
+
+def check_arguments(output_dir, checkpoint, overrides, workers):
+    """Every check of the command line that needs no data, before anything is read or written:
+    numeric flags in range, --output-dir usable and not holding a finished readout, and
+    --checkpoint a pretraining checkpoint rather than converted Detectron2 weights."""
+    for key, value in (overrides or {}).items():
+        if value is not None and key in _OVERRIDE_RULES and not _OVERRIDE_RULES[key][0](value):
+            raise LocoError(f"--{key.replace('_', '-')} {value}: must be "
+                            f"{_OVERRIDE_RULES[key][1]}")
+    if workers is not None and workers < 0:
+        raise LocoError(f"--workers {workers}: must be zero or positive")
+    check_output_dir(output_dir)
+    done = os.path.join(output_dir, "readout.json")
+    if os.path.exists(done):
+        raise LocoError(f"--output-dir {output_dir} already holds a finished readout ({done}); "
+                        "choose another --output-dir (or move that one away)")
+    if checkpoint is not None:
+        if os.path.isdir(checkpoint):
+            raise LocoError(f"--checkpoint {checkpoint} is a directory; give its "
+                            "checkpoint_last.pth")
+        if os.path.isfile(checkpoint) and _is_plain_pickle(checkpoint):
+            raise LocoError(f"--checkpoint {checkpoint} is a plain pickle (converted Detectron2 "
+                            "weights, .pkl), not a pretraining checkpoint: give the "
+                            "checkpoint_last.pth it was converted from")
+
+
+def _is_plain_pickle(path):
+    """torch.save writes a zip archive; a converted .pkl is a bare pickle stream (0x80 ...)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(1)
+    return head == b"\x80" and not zipfile.is_zipfile(path)
+
+
 def run_readout(output_dir, checkpoint=None, arch=None, data_dir=None, protocol="auto",
                 overrides=None, workers=2, seed=-1, progress=True, device=None):
     """Read out every stage; write output_dir/readout.json (docs/formats.md) and return it."""
+    check_arguments(output_dir, checkpoint, overrides, workers)
     if seed is None or seed < 0:
         seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
     ckpt, pre_cfg = None, {}
@@ -267,6 +314,8 @@ def run_readout(output_dir, checkpoint=None, arch=None, data_dir=None, protocol=
         ckpt = load_checkpoint(checkpoint)
         pre_cfg = yaml.safe_load(ckpt["config"])
     encoder, method, arch = load_encoder(ckpt, arch, seed, checkpoint)
+    ckpt_fp = (random_init_fingerprint(arch) if ckpt is None else
+               ckpt.get("fingerprint") or pretrain_fingerprint(ckpt["config"]))
     del ckpt
     data_dir = data_dir or default_data_dir(pre_cfg.get("DATA", {}).get("ROOT"))
     train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
@@ -315,7 +364,10 @@ def run_readout(output_dir, checkpoint=None, arch=None, data_dir=None, protocol=
                      "val_images": len(val_set), "seed": seed, "data_dir": data_dir,
                      "classes": len(train_set.classes),
                      "majority_val_top1": majority_top1(val_set)},
+        "checkpoint_fingerprint": ckpt_fp,
+        "checkpoint_seed": pre_cfg.get("SEED"),
     }
+    result["fingerprint"] = readout_fingerprint(result["protocol"], ckpt_fp)
     os.makedirs(output_dir, exist_ok=True)
     write_json(os.path.join(output_dir, "readout.json"), result)
     return result

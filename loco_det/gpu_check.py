@@ -1,0 +1,450 @@
+"""The prepared GPU check (`make gpu-check`): every CUDA path of loco_det, once, in minutes.
+
+On a machine with one NVIDIA GPU it runs, each as the real command-line tool in its own process:
+the step-time / peak-memory benchmark (ResNet-50, 224 px, 128 images, bf16), 50 pretraining
+steps through torchrun (nccl at world size 1, bf16 autocast, channels_last, SyncBN conversion),
+the linear and kNN readouts of that checkpoint, its conversion, 200 iterations of the frozen
+COCO-view Mask R-CNN on the embedded data at 800 px plus evaluation, and plain Detectron2
+`DefaultTrainer` iterations on the same config for comparison. Parts that need numpy < 2 (the
+Cityscapes evaluator) are skipped with a notice where numpy is 2.x. It prints one table (part,
+status, key figures, seconds), writes it to $OUT/gpu_check_summary.txt when OUT is set, and
+exits non-zero if any part failed.
+
+`--cpu-smoke` runs the same parts on CPU at toy size (tiny data and images, a few steps, gloo
+instead of nccl, float32), which is what the test suite runs so the check cannot rot unseen.
+"""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUMMARY_NAME = "gpu_check_summary.txt"
+DET_CONFIG = "det_configs/cpu_synth_coco_R18_FPN_frozen.yaml"
+CITYSCAPES_CONFIG = "det_configs/cpu_synth_cityscapes_R18_FPN_frozen.yaml"
+
+# Sizes of the two modes. GPU: the issue's sizes, inside an 8-minute budget. CPU smoke: the same
+# code paths at the smallest sizes that still exercise them (a timed Detectron2 iteration needs
+# more than IterationTimer's 3 warm-up iterations).
+GPU = dict(
+    device="cuda", budget_s=480, n_train=600, n_val=100, data_size="128x160",
+    bench=["--arch", "resnet50", "--image-size", "224", "--batch", "128", "--rounds", "3",
+           "--warmup", "1", "--amp"],
+    pretrain_batch=60, pretrain_epochs=5, pretrain_size=64, workers=4,
+    readout=[], knn=[],
+    det_iters=200, det_steps="(150, 180)", det_warmup=50, plain_iters=100,
+    det_sizes=["INPUT.MIN_SIZE_TRAIN", "(800,)", "INPUT.MAX_SIZE_TRAIN", "1333",
+               "INPUT.MIN_SIZE_TEST", "800", "INPUT.MAX_SIZE_TEST", "1333",
+               "MODEL.ANCHOR_GENERATOR.SIZES", "[[32], [64], [128], [256], [512]]"],
+    timeouts=dict(data=90, bench=150, pretrain=120, linear_readout=90, knn_readout=90,
+                  convert=60, detection=200, plain_d2=120, cityscapes=120),
+)
+CPU_SMOKE = dict(
+    device="cpu", budget_s=240, n_train=16, n_val=8, data_size="64x80",
+    bench=["--arch", "resnet18", "--image-size", "32", "--batch", "4", "--rounds", "1",
+           "--warmup", "0", "--loco-schedule", "fused", "--no-memory", "--threads", "1"],
+    pretrain_batch=8, pretrain_epochs=1, pretrain_size=32, workers=0,
+    readout=["--epochs", "2"], knn=["--k", "5"],
+    det_iters=5, det_steps="(4,)", det_warmup=1, plain_iters=5,
+    det_sizes=["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
+               "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96",
+               "TEST.DETECTIONS_PER_IMAGE", "20"],
+    timeouts=dict(data=60, bench=60, pretrain=90, linear_readout=60, knn_readout=60,
+                  convert=60, detection=90, plain_d2=90, cityscapes=90),
+)
+PARTS = ("data", "bench", "pretrain", "linear_readout", "knn_readout", "convert", "detection",
+         "plain_d2", "cityscapes")
+
+
+class PartFailed(Exception):
+    """The part ran and something in it is wrong (message: what)."""
+
+
+class PartSkipped(Exception):
+    """The part cannot run here (message: why); not a failure."""
+
+
+def cityscapes_blocked(numpy_version):
+    """Why the Cityscapes evaluator cannot run with this numpy, or None: cityscapesscripts 2.3.0
+    calls `np.in1d` (gone in numpy 2.4) and its matches.json dump meets numpy integer scalars
+    that `json` cannot encode (numpy 2.0-2.3)."""
+    if int(numpy_version.split(".")[0]) >= 2:
+        return (f"needs numpy < 2 (cityscapesscripts 2.3.0's evaluation fails with numpy "
+                f"{numpy_version})")
+    return None
+
+
+class Check:
+    """One run of the check: settings, work folder, environment of the child processes, the
+    time budget, and the rows of the summary table."""
+
+    def __init__(self, settings, work, site=None):
+        self.s = settings
+        self.work = work
+        self.deadline = time.monotonic() + settings["budget_s"]
+        self.rows = []
+        self.logs = {}
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   DETECTRON2_DATASETS=os.path.join(work, "datasets"))
+        path = [p for p in (site, ROOT, env.get("PYTHONPATH")) if p]
+        env["PYTHONPATH"] = os.pathsep.join(path)
+        if settings["device"] == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke run is the CPU path even on a GPU box
+        self.env = env
+
+    def path(self, *parts):
+        return os.path.join(self.work, *parts)
+
+    def tool(self, part, args, python_args=()):
+        """Run `python [python_args] args` in the repo root; its output goes to PART.log.
+        Returns the output; a non-zero exit or the time limit is PartFailed."""
+        limit = min(self.s["timeouts"][part], self.deadline - time.monotonic())
+        if limit <= 0:
+            raise PartFailed("not run: the check's time budget is spent")
+        log = self.path(f"{part}.log")
+        cmd = [sys.executable, *python_args, *args]
+        with open(log, "a") as f:
+            f.write("+ " + " ".join(cmd) + "\n")
+            f.flush()
+            try:
+                proc = subprocess.run(cmd, cwd=ROOT, env=self.env, stdout=f,
+                                      stderr=subprocess.STDOUT, timeout=limit)
+            except subprocess.TimeoutExpired:
+                raise PartFailed(f"timed out after {limit:.0f} s (log: {log})") from None
+        self.logs[part] = log
+        with open(log) as f:
+            out = f.read()
+        if proc.returncode != 0:
+            lines = [ln for ln in out.splitlines() if ln.strip()]
+            errors = [ln for ln in lines if ln.startswith("error:")]
+            last = (errors or lines or ["(no output)"])[-1]
+            raise PartFailed(f"exit {proc.returncode}: {last[:200]}")
+        return out
+
+    def run_part(self, name, fn):
+        start = time.monotonic()
+        try:
+            status, figures = "ok", fn()
+        except PartSkipped as e:
+            status, figures = "skipped", str(e)
+        except PartFailed as e:
+            status, figures = "FAIL", str(e)
+        self.rows.append((name, status, figures, time.monotonic() - start))
+        return status
+
+
+def _json(path, part):
+    if not os.path.isfile(path):
+        raise PartFailed(f"{path} was not written")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _last_with(path, key):
+    """The last record of a Detectron2 metrics.json (one JSON object per line) that has `key`."""
+    value = None
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if key in record:
+                value = record[key]
+    if value is None:
+        raise PartFailed(f"{path}: no record with {key!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- the parts
+
+def part_data(c):
+    s = c.s
+    c.tool("data", ["tools/make_synthetic_data.py", "--out", c.path("datasets", "loco_synth"),
+                    "--num-train", str(s["n_train"]), "--num-val", str(s["n_val"]),
+                    "--size", s["data_size"], "--no-progress"])
+    return f"{s['n_train']} + {s['n_val']} scenes, {s['data_size']} px"
+
+
+def part_bench(c):
+    out = c.path("bench.json")
+    c.tool("bench", ["tools/bench_pretrain.py", "--device", c.s["device"], *c.s["bench"],
+                     "--json", out])
+    r = _json(out, "bench")
+    locos = {n: v for n, v in r["time_ratio"].items() if n.startswith("loco")}
+    best = min(locos, key=locos.get)
+    fig = (f"{r['arch']} {r['image_size']} px x{r['batch']}: e2e {r['batch'] / r['time']['e2e']:.0f}"
+           f" img/s; time/e2e {best} {locos[best]:.2f}, gim {r['time_ratio']['gim']:.2f}")
+    mem = r["memory"]
+    if c.s["device"] == "cuda":
+        if not mem or mem["e2e"] <= 0:
+            raise PartFailed(f"no CUDA peak memory measured ({mem})")
+        ratios = {n: mem[n] / mem["e2e"] for n in locos}
+        best_m = min(ratios, key=ratios.get)
+        fig += (f"; max_memory_allocated e2e {mem['e2e'] / 2**20:.0f} MiB, mem/e2e {best_m} "
+                f"{ratios[best_m]:.2f}, gim {mem['gim'] / mem['e2e']:.2f}")
+    return fig
+
+
+def pretrain_overrides(c):
+    s = c.s
+    return [f"DATA.ROOT={c.path('datasets', 'loco_synth', 'imagefolder', 'train')}",
+            f"DATA.IMAGE_SIZE={s['pretrain_size']}", f"DATA.NUM_WORKERS={s['workers']}",
+            f"OPTIM.BATCH_SIZE={s['pretrain_batch']}", f"OPTIM.EPOCHS={s['pretrain_epochs']}",
+            "OPTIM.WARMUP_EPOCHS=1", "SEED=0", "RUN.AMP=True", "RUN.CHANNELS_LAST=True",
+            "MODEL.SYNC_BN=True", "RUN.LOG_PERIOD=10"]
+
+
+def part_pretrain(c):
+    s = c.s
+    out_dir = c.path("pretrain")
+    out = c.tool("pretrain", ["--standalone", "--nproc_per_node", "1", "tools/pretrain.py",
+                              "--config", "pretrain/cpu_loco.yaml", "--output-dir", out_dir,
+                              *pretrain_overrides(c)],
+                 python_args=["-m", "torch.distributed.run"])
+    summary = _json(os.path.join(out_dir, "summary.json"), "pretrain")
+    expected = s["pretrain_epochs"] * (s["n_train"] // s["pretrain_batch"])
+    if not summary.get("finished") or summary["steps"] != expected:
+        raise PartFailed(f"summary.json: {summary.get('steps')} steps, expected {expected}")
+    if summary["world_size"] != 1:
+        raise PartFailed(f"world size {summary['world_size']}, expected 1")
+    cuda_notices = ("MODEL.SYNC_BN has no effect", "MODEL.SYNC_BN ignored",
+                    "apply on CUDA only")
+    if s["device"] == "cuda":
+        for n in cuda_notices:
+            if n in out:
+                raise PartFailed(f"a CUDA path was not taken: {n!r} in the output")
+    elif "MODEL.SYNC_BN ignored on CPU" not in out:
+        raise PartFailed("expected the process group (gloo) and SyncBN's CPU notice")
+    with open(os.path.join(out_dir, "run_info.json")) as f:
+        device = json.load(f).get("device")
+    losses = ", ".join(f"{u} {v:.2f}" for u, v in summary["final_losses"].items())
+    backend = "nccl" if s["device"] == "cuda" else "gloo"
+    return (f"{summary['steps']} steps, {backend} world 1 on {device}, "
+            f"{summary['wall_time_s']:.0f} s in all; losses {losses}")
+
+
+def _checkpoint(c):
+    ckpt = c.path("pretrain", "checkpoint_last.pth")
+    if not os.path.isfile(ckpt):
+        raise PartFailed("no pretraining checkpoint (the pretrain part failed)")
+    return ckpt
+
+
+def part_linear_readout(c):
+    out = c.path("readout")
+    c.tool("linear_readout", ["tools/linear_readout.py", "--checkpoint", _checkpoint(c),
+                              "--output-dir", out, "--workers", str(c.s["workers"]),
+                              "--no-progress", *c.s["readout"]])
+    r = _json(os.path.join(out, "readout.json"), "linear_readout")
+    return "top-1 " + ", ".join(f"{k} {v:.1f}" for k, v in r["top1"].items())
+
+
+def part_knn_readout(c):
+    if not os.path.isfile(os.path.join(ROOT, "tools", "knn_readout.py")):
+        raise PartSkipped("tools/knn_readout.py is not in this tree")
+    out = c.path("readout")
+    c.tool("knn_readout", ["tools/knn_readout.py", "--checkpoint", _checkpoint(c),
+                           "--output-dir", out, "--device", c.s["device"],
+                           "--workers", str(c.s["workers"]), "--no-progress", *c.s["knn"]])
+    r = _json(os.path.join(out, "knn.json"), "knn_readout")
+    return "top-1 res5 " + ", ".join(f"{k} {v['res5']:.1f}" for k, v in r["top1"].items())
+
+
+def part_convert(c):
+    c.tool("convert", ["tools/convert_to_detectron2.py", _checkpoint(c),
+                       c.path("weights.pkl"), "--verify"])
+    return "converted and verified against the checkpoint's encoder"
+
+
+def detection_opts(c, out_dir, iters):
+    s = c.s
+    return ["MODEL.DEVICE", s["device"], "OUTPUT_DIR", out_dir, "SEED", "0",
+            "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", s["det_steps"],
+            "SOLVER.WARMUP_ITERS", str(s["det_warmup"]), "SOLVER.CHECKPOINT_PERIOD", "100000",
+            "DATALOADER.NUM_WORKERS", str(s["workers"]), *s["det_sizes"]]
+
+
+def part_detection(c):
+    weights = c.path("weights.pkl")
+    if not os.path.isfile(weights):
+        raise PartFailed("no converted weights (the convert part failed)")
+    out_dir = c.path("det")
+    c.tool("detection", ["tools/train_net.py", "--config-file", DET_CONFIG, "MODEL.WEIGHTS",
+                         weights, *detection_opts(c, out_dir, c.s["det_iters"])])
+    r = _json(os.path.join(out_dir, "results.json"), "detection")
+    c.det_time = _last_with(os.path.join(out_dir, "metrics.json"), "time")
+    bbox, segm = r.get("bbox") or {}, r.get("segm") or {}
+    return (f"{c.s['det_iters']} it, {c.det_time:.3f} s/it (median of the last 20); "
+            f"box AP {bbox.get('AP', float('nan')):.1f}, mask AP {segm.get('AP', float('nan')):.1f}")
+
+
+def part_plain_d2(c):
+    out_dir = c.path("plain_d2")
+    c.tool("plain_d2", ["-c", "import sys; from loco_det.gpu_check import plain_trainer_main; "
+                              "sys.exit(plain_trainer_main(sys.argv[1:]))", DET_CONFIG,
+                        *detection_opts(c, out_dir, c.s["plain_iters"])])
+    plain = _last_with(os.path.join(out_dir, "metrics.json"), "time")
+    fig = f"{c.s['plain_iters']} it, {plain:.3f} s/it"
+    if getattr(c, "det_time", None):
+        fig += f"; loco_det Trainer / plain DefaultTrainer time per it {c.det_time / plain:.2f}"
+    return fig
+
+
+def part_cityscapes(c):
+    import numpy
+
+    why = cityscapes_blocked(numpy.__version__)
+    if why:
+        raise PartSkipped(why)
+    weights = c.path("weights.pkl")
+    if not os.path.isfile(weights):
+        raise PartFailed("no converted weights (the convert part failed)")
+    out_dir = c.path("det_cityscapes")
+    c.tool("cityscapes", ["tools/train_net.py", "--config-file", CITYSCAPES_CONFIG,
+                          "MODEL.WEIGHTS", weights, *detection_opts(c, out_dir, c.s["det_iters"])])
+    r = _json(os.path.join(out_dir, "results.json"), "cityscapes")
+    segm = r.get("segm") or {}
+    return f"{c.s['det_iters']} it; mask AP {segm.get('AP', float('nan')):.1f} (cityscapesscripts)"
+
+
+PART_FUNCS = {name: globals()[f"part_{name}"] for name in PARTS}
+
+
+def plain_trainer_main(argv):
+    """Child process of the plain_d2 part: Detectron2's own DefaultTrainer on CONFIG with
+    KEY VALUE overrides, loco_det used only to read the config and register the datasets. The
+    weights are not loaded (the timing does not depend on their values) and there is no
+    evaluation (DefaultTrainer has no evaluator of its own)."""
+    import torch
+
+    from loco_det.detection import train as det_train
+    from loco_det.detection.config import apply_single_process_norm, setup_cfg
+    from detectron2.engine import DefaultTrainer
+    from detectron2.utils.logger import setup_logger
+
+    config_file, opts = argv[0], argv[1:]
+    det_train._register_datasets()
+    cfg = setup_cfg(config_file, opts)
+    cfg.defrost()
+    apply_single_process_norm(cfg, 1)
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.DATASETS.TEST = ()
+    cfg.freeze()
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    setup_logger(cfg.OUTPUT_DIR)
+    DefaultTrainer(cfg).train()
+    return 0
+
+
+# ----------------------------------------------------------------------------- install
+
+def install_wheels(wheel_dir, site):
+    """Install the carried wheels and the Detectron2 sdist (without its C++ extension, as
+    tools/install_detectron2.py does) into `site` with this interpreter; nothing is fetched."""
+    from . import gpu_wheels
+
+    d2 = _install_detectron2_module()
+    errors = gpu_wheels.check_folder(wheel_dir, d2.sdist_name())
+    if errors:
+        raise PartFailed("; ".join(errors))
+    wheels = sorted(os.path.join(wheel_dir, f) for f in os.listdir(wheel_dir)
+                    if f.endswith(".whl"))
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+           "--no-compile", "--no-cache-dir", "--upgrade", "--target", site]
+    subprocess.run(pip + wheels, check=True)
+    sdist = os.path.join(wheel_dir, d2.sdist_name())
+    if d2.sha256_of(sdist) != d2.SHA256:
+        raise PartFailed(f"{sdist} does not have the pinned sha256 {d2.SHA256}")
+    top = f"{d2.PACKAGE}-{d2.VERSION}"
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(sdist) as tar:
+        tar.extractall(tmp, members=list(d2._safe_members(tar, os.path.join(top, "detectron2"))))
+        src = os.path.join(tmp, top)
+        with open(os.path.join(src, "setup.py"), "w") as f:
+            f.write(d2.SETUP_PY)
+        subprocess.run(pip[:-3] + ["--no-build-isolation", "--target", site, src], check=True)
+
+
+def _install_detectron2_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "install_detectron2", os.path.join(ROOT, "tools", "install_detectron2.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- summary
+
+def format_table(rows, header):
+    widths = [max(len(str(r[i])) for r in rows + [("part", "status", "key figures", "s")])
+              for i in range(3)]
+    lines = [header, "",
+             f"{'part':<{widths[0]}}  {'status':<{widths[1]}}  {'seconds':>7}  key figures",
+             "-" * (widths[0] + widths[1] + 20 + min(widths[2], 60))]
+    for name, status, figures, secs in rows:
+        lines.append(f"{name:<{widths[0]}}  {status:<{widths[1]}}  {secs:>7.1f}  {figures}")
+    failed = [r[0] for r in rows if r[1] == "FAIL"]
+    lines += ["", f"{len(rows) - len(failed)} of {len(rows)} parts passed or were skipped"
+              + (f"; FAILED: {', '.join(failed)}" if failed else "")]
+    return "\n".join(lines)
+
+
+def environment_line(device):
+    import numpy
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "none (CPU smoke run)"
+    return (f"gpu_check {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: GPU {gpu}; "
+            f"python {sys.version.split()[0]}, torch {torch.__version__}, numpy "
+            f"{numpy.__version__}")
+
+
+def run(cpu_smoke=False, work=None, wheels=None, site=None, parts=PARTS, out_dir=None):
+    """Run the check; returns (exit status, summary text). `work`: scratch folder (a fresh
+    temporary one if None); `wheels`: the carried folder to install first (into `site`)."""
+    import torch
+
+    settings = CPU_SMOKE if cpu_smoke else GPU
+    if not cpu_smoke and not torch.cuda.is_available():
+        raise PartFailed("no CUDA device here; the CPU form of this check is --cpu-smoke")
+    work = work or tempfile.mkdtemp(prefix="loco_det_gpu_check_")
+    os.makedirs(work, exist_ok=True)
+    start = time.monotonic()
+    rows = []
+    if wheels:
+        site = site or os.path.join(work, "site")
+        t = time.monotonic()
+        try:
+            install_wheels(wheels, site)
+            rows.append(("install", "ok", f"wheels from {wheels} into {site}",
+                         time.monotonic() - t))
+        except (PartFailed, subprocess.CalledProcessError) as e:
+            rows.append(("install", "FAIL", str(e)[:200], time.monotonic() - t))
+    check = Check(settings, work, site)
+    check.rows = rows
+    if not any(r[1] == "FAIL" for r in rows):
+        for name in parts:
+            check.run_part(name, lambda n=name: PART_FUNCS[n](check))
+    header = environment_line(settings["device"]) + (
+        f"; {time.monotonic() - start:.0f} s in all, budget {settings['budget_s']} s")
+    text = format_table(check.rows, header)
+    for name, status, _, _ in check.rows:
+        if status == "FAIL" and name in check.logs:
+            with open(check.logs[name]) as f:
+                tail = f.read().splitlines()[-25:]
+            text += f"\n\n--- last lines of {name}'s log ({check.logs[name]}) ---\n" + "\n".join(tail)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = os.path.join(out_dir, SUMMARY_NAME + ".part")
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, os.path.join(out_dir, SUMMARY_NAME))
+    failed = any(r[1] == "FAIL" for r in check.rows)
+    return (1 if failed else 0), text
+
+
+__all__ = ["run", "PARTS", "GPU", "CPU_SMOKE", "cityscapes_blocked", "format_table",
+           "install_wheels", "plain_trainer_main", "PartFailed", "PartSkipped"]

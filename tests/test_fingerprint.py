@@ -1,0 +1,76 @@
+"""Run identity (loco_det/fingerprint.py): what changes a fingerprint and what does not, and that
+converted weights carry their checkpoint's fingerprint and seed through to Detectron2."""
+import os
+
+import torch
+import torchvision
+
+from loco_det import fingerprint as fp
+from loco_det.pretrain.config import load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cfg(*overrides):
+    return load_config(os.path.join(REPO, "pretrain", "cpu_loco.yaml"), list(overrides))
+
+
+def test_pretrain_fingerprint_ignores_exactly_the_run_only_keys():
+    base = fp.pretrain_fingerprint(cfg("SEED=0"))
+    for override in ("SEED=5", "DATA.NUM_WORKERS=7", "RUN.LOG_PERIOD=3", "RUN.CHECKPOINT_PERIOD=9",
+                     "RUN.CHANNELS_LAST=False", "MODEL.LOCO_SCHEDULE=recompute",
+                     "DATA.MAX_BAD_FRACTION=0.5", "RUN.KNN_PERIOD=2"):
+        assert fp.pretrain_fingerprint(cfg("SEED=0", override)) == base, override
+    for override in ("LOSS.TEMPERATURE=0.5", "MODEL.DECODER.CONV_BLOCKS=1", "OPTIM.BASE_LR=0.1",
+                     "DATA.COLOR_JITTER=0.1", "OPTIM.EPOCHS=3", "MODEL.METHOD=gim",
+                     "DATA.ROOT=/elsewhere", "RUN.AMP=True"):
+        assert fp.pretrain_fingerprint(cfg("SEED=0", override)) != base, override
+    # the checkpoint's YAML string gives the same fingerprint as the live config
+    c = cfg("SEED=0")
+    assert fp.pretrain_fingerprint(c.dump()) == fp.pretrain_fingerprint(c) == base
+    assert set(fp.PRETRAIN_RUN_ONLY) <= set(fp.flatten(fp.plain(c)))   # no stale names
+
+
+def test_detection_fingerprint_generalises_the_split_and_ignores_run_only_keys():
+    from loco_det.detection.config import setup_cfg
+
+    path = os.path.join(REPO, "det_configs", "coco10k_R50_FPN_finetune.yaml")
+    a = setup_cfg(path, ["DATASETS.TRAIN", "('coco_2017_train_10k_seed1',)", "SEED", "1",
+                         "OUTPUT_DIR", "/a"])
+    b = setup_cfg(path, ["DATASETS.TRAIN", "('coco_2017_train_10k_seed4',)", "SEED", "4",
+                         "OUTPUT_DIR", "/b", "DATALOADER.NUM_WORKERS", "1",
+                         "LOCO_DET.LABEL", "other"])
+    c = setup_cfg(path, ["SOLVER.BASE_LR", "0.05"])
+    assert fp.detection_fingerprint(a, "w1") == fp.detection_fingerprint(b, "w1")
+    assert fp.detection_fingerprint(a, "w1") != fp.detection_fingerprint(a, "w2")
+    assert fp.detection_fingerprint(a, "w1") != fp.detection_fingerprint(c, "w1")
+    names = set(fp.flatten(fp.plain(a)))
+    assert set(fp.DETECTION_RUN_ONLY) <= names   # every listed run-only key exists
+
+
+def test_changed_keys_names_both_values():
+    old = fp.pretrain_identity(cfg("SEED=0"))
+    new = fp.pretrain_identity(cfg("SEED=1", "LOSS.TEMPERATURE=0.3", "RUN.LOG_PERIOD=1"))
+    assert fp.changed_keys(old, new, fp.PRETRAIN_RUN_ONLY) == [("LOSS.TEMPERATURE", 0.2, 0.3)]
+
+
+def test_converted_weights_carry_the_checkpoint_fingerprint_and_seed(tmp_path):
+    from loco_det.detection import convert
+    from loco_det.detection.checkpoint import read_weights_metadata
+
+    c = cfg("SEED=3", "MODEL.ARCH=resnet18")
+    ckpt = {"format": 1, "encoder": torchvision.models.resnet18().state_dict(), "decoders": {},
+            "config": c.dump(), "fingerprint": fp.pretrain_fingerprint(c), "method": "loco",
+            "arch": "resnet18"}
+    torch.save(ckpt, tmp_path / "checkpoint_last.pth")
+    convert.convert(tmp_path / "checkpoint_last.pth", tmp_path / "w.pkl")
+    meta = read_weights_metadata(str(tmp_path / "w.pkl"))
+    assert meta["fingerprint"] == fp.pretrain_fingerprint(c) and meta["seed"] == 3
+    assert fp.weights_fingerprint(meta) == fp.pretrain_fingerprint(c)
+    # torchvision weights (published): no fingerprint; identified by the source's sha256
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "tv.pth")
+    convert.convert(tmp_path / "tv.pth", tmp_path / "tv.pkl")
+    meta = read_weights_metadata(str(tmp_path / "tv.pkl"))
+    assert meta["fingerprint"] is None and meta["seed"] is None
+    assert fp.weights_fingerprint(meta) == "sha256:" + meta["source_sha256"][:16]
+    assert fp.weights_fingerprint(None, from_scratch=True) == fp.RANDOM_INIT
