@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loco_det.pretrain.knn import knn_eval, knn_predict, knn_splits
+from loco_det.pretrain.knn import knn_predict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
