@@ -346,7 +346,8 @@ def install_wheels(wheel_dir, site):
     from . import gpu_wheels
 
     d2 = _install_detectron2_module()
-    errors = gpu_wheels.check_folder(wheel_dir, d2.sdist_name())
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    errors = gpu_wheels.check_folder(wheel_dir, d2.sdist_name(), here)
     if errors:
         raise PartFailed("; ".join(errors))
     wheels = sorted(os.path.join(wheel_dir, f) for f in os.listdir(wheel_dir)
