@@ -15,6 +15,7 @@ instead of nccl, float32), which is what the test suite runs so the check cannot
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -23,6 +24,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_NAME = "gpu_check_summary.txt"
+LOGS_NAME = "gpu_check_logs.txt"  # every part's full output, one after the other
 DET_CONFIG = "det_configs/cpu_synth_coco_R18_FPN_frozen.yaml"
 CITYSCAPES_CONFIG = "det_configs/cpu_synth_cityscapes_R18_FPN_frozen.yaml"
 
@@ -51,6 +53,7 @@ CPU_SMOKE = dict(
     det_iters=5, det_steps="(4,)", det_warmup=1, plain_iters=5,
     det_sizes=["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
                "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "96",
+               "MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [64], [128], [256]]",
                "TEST.DETECTIONS_PER_IMAGE", "20"],
     # generous: a shared 2-core machine under load runs these several times slower than idle
     timeouts=dict(data=300, bench=300, pretrain=300, linear_readout=300, knn_readout=300,
@@ -106,16 +109,21 @@ class Check:
         if limit <= 0:
             raise PartFailed("not run: the check's time budget is spent")
         log = self.path(f"{part}.log")
+        self.logs[part] = log
         cmd = [sys.executable, *python_args, *args]
         with open(log, "a") as f:
             f.write("+ " + " ".join(cmd) + "\n")
             f.flush()
+            # Its own process group, so that a timeout also ends what it started (torchrun's
+            # worker, data-loader workers).
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=f,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                proc = subprocess.run(cmd, cwd=ROOT, env=self.env, stdout=f,
-                                      stderr=subprocess.STDOUT, timeout=limit)
+                proc.wait(timeout=limit)
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 raise PartFailed(f"timed out after {limit:.0f} s (log: {log})") from None
-        self.logs[part] = log
         with open(log) as f:
             out = f.read()
         if proc.returncode != 0:
@@ -440,10 +448,15 @@ def run(cpu_smoke=False, work=None, wheels=None, site=None, parts=PARTS, out_dir
             text += f"\n\n--- last lines of {name}'s log ({check.logs[name]}) ---\n" + "\n".join(tail)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        tmp = os.path.join(out_dir, SUMMARY_NAME + ".part")
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, os.path.join(out_dir, SUMMARY_NAME))
+        logs = []
+        for name, log in check.logs.items():
+            with open(log) as f:
+                logs.append(f"===== {name} ({log})\n{f.read()}")
+        for name, content in ((SUMMARY_NAME, text + "\n"), (LOGS_NAME, "\n".join(logs))):
+            tmp = os.path.join(out_dir, name + ".part")
+            with open(tmp, "w") as f:
+                f.write(content)
+            os.replace(tmp, os.path.join(out_dir, name))
     failed = any(r[1] == "FAIL" for r in check.rows)
     return (1 if failed else 0), text
 

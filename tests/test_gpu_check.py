@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -42,6 +43,8 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert "2 steps, gloo world 1 on cpu" in rows["pretrain"][1]
     assert "loco_det Trainer / plain DefaultTrainer" in rows["plain_d2"][1]
     assert (out / gpu_check.SUMMARY_NAME).read_text().strip() == proc.stdout.strip()
+    logs = (out / gpu_check.LOGS_NAME).read_text()
+    assert [ln.split()[1] for ln in logs.splitlines() if ln.startswith("===== ")] == parts
 
 
 def test_failing_part_fails_the_check(tmp_path, monkeypatch):
@@ -59,6 +62,29 @@ def test_failing_part_fails_the_check(tmp_path, monkeypatch):
     assert rows["bench"] == ("ok", "fine")
     assert "FAILED: data" in text and "last lines of data's log" in text
     assert "FAILED: data" in (tmp_path / "out" / gpu_check.SUMMARY_NAME).read_text()
+
+
+def test_timeout_ends_the_part_and_what_it_started(tmp_path, monkeypatch):
+    """A part past its time limit is a FAIL row, and its child processes are gone too."""
+    pid_file = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+              "'import time; time.sleep(60)']); open(sys.argv[1], 'w').write(str(p.pid)); "
+              "time.sleep(60)")
+    monkeypatch.setitem(gpu_check.CPU_SMOKE["timeouts"], "data", 3)
+    monkeypatch.setitem(gpu_check.PART_FUNCS, "data",
+                        lambda c: c.tool("data", ["-c", script, str(pid_file)]))
+    status, text = gpu_check.run(cpu_smoke=True, work=str(tmp_path), parts=("data",))
+    assert status == 1
+    assert _table_rows(text)["data"][1].startswith("timed out after 3 s")
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # the killed grandchild is reaped by init shortly after
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {pid} started by the part is still running")
 
 
 def test_budget_spent_is_a_failure(tmp_path, monkeypatch):
