@@ -141,11 +141,13 @@ class Check:
             status, figures = "skipped", str(e)
         except PartFailed as e:
             status, figures = "FAIL", str(e)
+        except Exception as e:  # a bug in a part's checks: its row says what, the others run
+            status, figures = "FAIL", f"{type(e).__name__}: {e}"[:300]
         self.rows.append((name, status, figures, time.monotonic() - start))
         return status
 
 
-def _json(path, part):
+def _json(path):
     if not os.path.isfile(path):
         raise PartFailed(f"{path} was not written")
     with open(path) as f:
@@ -154,6 +156,8 @@ def _json(path, part):
 
 def _last_with(path, key):
     """The last record of a Detectron2 metrics.json (one JSON object per line) that has `key`."""
+    if not os.path.isfile(path):
+        raise PartFailed(f"{path} was not written")
     value = None
     with open(path) as f:
         for line in f:
@@ -179,7 +183,7 @@ def part_bench(c):
     out = c.path("bench.json")
     c.tool("bench", ["tools/bench_pretrain.py", "--device", c.s["device"], *c.s["bench"],
                      "--json", out])
-    r = _json(out, "bench")
+    r = _json(out)
     locos = {n: v for n, v in r["time_ratio"].items() if n.startswith("loco")}
     best = min(locos, key=locos.get)
     fig = (f"{r['arch']} {r['image_size']} px x{r['batch']}: e2e {r['batch'] / r['time']['e2e']:.0f}"
@@ -211,7 +215,7 @@ def part_pretrain(c):
                               "--config", "pretrain/cpu_loco.yaml", "--output-dir", out_dir,
                               *pretrain_overrides(c)],
                  python_args=["-m", "torch.distributed.run"])
-    summary = _json(os.path.join(out_dir, "summary.json"), "pretrain")
+    summary = _json(os.path.join(out_dir, "summary.json"))
     expected = s["pretrain_epochs"] * (s["n_train"] // s["pretrain_batch"])
     if not summary.get("finished") or summary["steps"] != expected:
         raise PartFailed(f"summary.json: {summary.get('steps')} steps, expected {expected}")
@@ -245,7 +249,7 @@ def part_linear_readout(c):
     c.tool("linear_readout", ["tools/linear_readout.py", "--checkpoint", _checkpoint(c),
                               "--output-dir", out, "--workers", str(c.s["workers"]),
                               "--no-progress", *c.s["readout"]])
-    r = _json(os.path.join(out, "readout.json"), "linear_readout")
+    r = _json(os.path.join(out, "readout.json"))
     return "top-1 " + ", ".join(f"{k} {v:.1f}" for k, v in r["top1"].items())
 
 
@@ -256,7 +260,7 @@ def part_knn_readout(c):
     c.tool("knn_readout", ["tools/knn_readout.py", "--checkpoint", _checkpoint(c),
                            "--output-dir", out, "--device", c.s["device"],
                            "--workers", str(c.s["workers"]), "--no-progress", *c.s["knn"]])
-    r = _json(os.path.join(out, "knn.json"), "knn_readout")
+    r = _json(os.path.join(out, "knn.json"))
     return "top-1 res5 " + ", ".join(f"{k} {v['res5']:.1f}" for k, v in r["top1"].items())
 
 
@@ -281,7 +285,7 @@ def part_detection(c):
     out_dir = c.path("det")
     c.tool("detection", ["tools/train_net.py", "--config-file", DET_CONFIG, "MODEL.WEIGHTS",
                          weights, *detection_opts(c, out_dir, c.s["det_iters"])])
-    r = _json(os.path.join(out_dir, "results.json"), "detection")
+    r = _json(os.path.join(out_dir, "results.json"))
     c.det_time = _last_with(os.path.join(out_dir, "metrics.json"), "time")
     bbox, segm = r.get("bbox") or {}, r.get("segm") or {}
     return (f"{c.s['det_iters']} it, {c.det_time:.3f} s/it (median of the last 20); "
@@ -312,7 +316,7 @@ def part_cityscapes(c):
     out_dir = c.path("det_cityscapes")
     c.tool("cityscapes", ["tools/train_net.py", "--config-file", CITYSCAPES_CONFIG,
                           "MODEL.WEIGHTS", weights, *detection_opts(c, out_dir, c.s["det_iters"])])
-    r = _json(os.path.join(out_dir, "results.json"), "cityscapes")
+    r = _json(os.path.join(out_dir, "results.json"))
     segm = r.get("segm") or {}
     return f"{c.s['det_iters']} it; mask AP {segm.get('AP', float('nan')):.1f} (cityscapesscripts)"
 

@@ -279,3 +279,15 @@ def test_one_torchrun_process_joins_the_process_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
     assert DistEnv().distributed
+
+
+def test_a_bug_in_a_part_is_its_failure_not_the_checks(tmp_path, monkeypatch):
+    def buggy(c):
+        return {}["missing"]
+
+    monkeypatch.setitem(gpu_check.PART_FUNCS, "bench", buggy)
+    monkeypatch.setitem(gpu_check.PART_FUNCS, "convert", lambda c: "fine")
+    status, text = gpu_check.run(cpu_smoke=True, work=str(tmp_path), parts=("bench", "convert"))
+    assert status == 1
+    rows = _table_rows(text)
+    assert rows["bench"] == ("FAIL", "KeyError: 'missing'") and rows["convert"][0] == "ok"
