@@ -186,8 +186,9 @@ def part_bench(c):
     r = _json(out)
     locos = {n: v for n, v in r["time_ratio"].items() if n.startswith("loco")}
     best = min(locos, key=locos.get)
-    fig = (f"{r['arch']} {r['image_size']} px x{r['batch']}: e2e {r['batch'] / r['time']['e2e']:.0f}"
-           f" img/s; time/e2e {best} {locos[best]:.2f}, gim {r['time_ratio']['gim']:.2f}")
+    e2e_rate = r["batch"] / r["time"]["e2e"]
+    fig = (f"{r['arch']} {r['image_size']} px x{r['batch']}: e2e {e2e_rate:.0f} img/s; "
+           f"time/e2e {best} {locos[best]:.2f}, gim {r['time_ratio']['gim']:.2f}")
     mem = r["memory"]
     if c.s["device"] == "cuda":
         if not mem or mem["e2e"] <= 0:
@@ -287,9 +288,9 @@ def part_detection(c):
                          weights, *detection_opts(c, out_dir, c.s["det_iters"])])
     r = _json(os.path.join(out_dir, "results.json"))
     c.det_time = _last_with(os.path.join(out_dir, "metrics.json"), "time")
-    bbox, segm = r.get("bbox") or {}, r.get("segm") or {}
+    box, mask = (r.get(k) or {} for k in ("bbox", "segm"))
     return (f"{c.s['det_iters']} it, {c.det_time:.3f} s/it (median of the last 20); "
-            f"box AP {bbox.get('AP', float('nan')):.1f}, mask AP {segm.get('AP', float('nan')):.1f}")
+            f"box AP {box.get('AP', float('nan')):.1f}, mask AP {mask.get('AP', float('nan')):.1f}")
 
 
 def part_plain_d2(c):
@@ -449,7 +450,8 @@ def run(cpu_smoke=False, work=None, wheels=None, site=None, parts=PARTS, out_dir
         if status == "FAIL" and name in check.logs:
             with open(check.logs[name]) as f:
                 tail = f.read().splitlines()[-25:]
-            text += f"\n\n--- last lines of {name}'s log ({check.logs[name]}) ---\n" + "\n".join(tail)
+            text += (f"\n\n--- last lines of {name}'s log ({check.logs[name]}) ---\n"
+                     + "\n".join(tail))
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         logs = []

@@ -291,3 +291,32 @@ def test_a_bug_in_a_part_is_its_failure_not_the_checks(tmp_path, monkeypatch):
     assert status == 1
     rows = _table_rows(text)
     assert rows["bench"] == ("FAIL", "KeyError: 'missing'") and rows["convert"][0] == "ok"
+
+
+def _bench_result(memory):
+    names = ["e2e", "gim", "loco:fused", "loco:fused_stem", "bare"]
+    return {"arch": "resnet50", "image_size": 224, "batch": 128, "time": {"e2e": 0.5},
+            "time_ratio": dict(zip(names, [1.0, 0.9, 1.2, 1.1, 0.8])), "memory": memory}
+
+
+def test_bench_part_on_cuda_reports_and_requires_max_memory_allocated(tmp_path, monkeypatch):
+    """The CUDA-only branch of the bench part (the CPU smoke runs it with --no-memory)."""
+    import json
+
+    check = gpu_check.Check(gpu_check.GPU, str(tmp_path))
+    memory = {"e2e": 1000 << 20, "gim": 500 << 20, "loco:fused": 900 << 20,
+              "loco:fused_stem": 700 << 20, "bare": 600 << 20}
+    for mem, expected in ((memory, None), (None, "no CUDA peak memory measured")):
+        def fake_tool(part, args, result=_bench_result(mem)):
+            assert args[args.index("--device") + 1] == "cuda"
+            (tmp_path / "bench.json").write_text(json.dumps(result))
+
+        monkeypatch.setattr(check, "tool", fake_tool)
+        if expected is None:
+            figures = gpu_check.part_bench(check)
+            assert figures == ("resnet50 224 px x128: e2e 256 img/s; time/e2e loco:fused_stem "
+                               "1.10, gim 0.90; max_memory_allocated e2e 1000 MiB, mem/e2e "
+                               "loco:fused_stem 0.70, gim 0.50")
+        else:
+            with pytest.raises(gpu_check.PartFailed, match=expected):
+                gpu_check.part_bench(check)
