@@ -124,7 +124,10 @@ def requires_dist(wheel_path):
 def missing_dependencies(requirements, available, target=TARGET_PYTHON):
     """Requirements (Requires-Dist strings) that apply on the target and name no project in
     `available` (canonical names): what `pip install --no-index` would lack there."""
-    from packaging.requirements import Requirement
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # an interpreter without packaging still has pip's copy (pip is needed)
+        from pip._vendor.packaging.requirements import Requirement
 
     markers = dict(TARGET_MARKERS, python_version=target, python_full_version=f"{target}.0")
     missing = []
