@@ -289,7 +289,8 @@ def part_detection(c):
     r = _json(os.path.join(out_dir, "results.json"))
     c.det_time = _last_with(os.path.join(out_dir, "metrics.json"), "time")
     box, mask = (r.get(k) or {} for k in ("bbox", "segm"))
-    return (f"{c.s['det_iters']} it, {c.det_time:.3f} s/it (median of the last 20); "
+    return (f"{c.s['det_iters']} it, {c.det_time:.3f} s/it = {1 / c.det_time:.2f} it/s (median "
+            "of the last 20); "
             f"box AP {box.get('AP', float('nan')):.1f}, mask AP {mask.get('AP', float('nan')):.1f}")
 
 
@@ -299,7 +300,7 @@ def part_plain_d2(c):
                               "sys.exit(plain_trainer_main(sys.argv[1:]))", DET_CONFIG,
                         *detection_opts(c, out_dir, c.s["plain_iters"])])
     plain = _last_with(os.path.join(out_dir, "metrics.json"), "time")
-    fig = f"{c.s['plain_iters']} it, {plain:.3f} s/it"
+    fig = f"{c.s['plain_iters']} it, {plain:.3f} s/it = {1 / plain:.2f} it/s"
     if getattr(c, "det_time", None):
         fig += f"; loco_det Trainer / plain DefaultTrainer time per it {c.det_time / plain:.2f}"
     return fig
