@@ -29,6 +29,8 @@ Grid format (see det_configs/grids/demo.yaml and paper.yaml for complete, commen
                 "{recipe}"), seeds: [0],
                 overrides: [KEY=VALUE, ...], resources: {...}}]
     readout: {args: [...], random_init: {arch: resnet18}, resources: {...}}
+    knn: {args: [...], resources: {...}}  # tools/knn_readout.py per readout, into the same
+                                          # folder (knn.json beside readout.json); optional
     convert: {resources: {...}}
     detection: {supervised_weights: PATH or null, overrides: {KEY: VALUE},
                 resources: {...}, configs: [{config, seeds, overrides, resources}]}
@@ -55,7 +57,7 @@ import yaml
 from .utils import LocoError, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("data", "pretrain", "readout", "convert", "detection", "report")
+STAGES = ("data", "pretrain", "readout", "knn", "convert", "detection", "report")
 DEFAULT_RESOURCES = {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 2, "mem_gb": None,
                      "time_min": 60}
 # Published supervised weights (detection.supervised_weights) get their own label, distinct from
@@ -153,7 +155,7 @@ def load_grid(path, profile=None, sets=()):
     if not isinstance(grid, dict):
         raise LocoError(f"{path}: a grid is a mapping (name, vars, pretrain, detection, ...)")
     unknown = set(grid) - {"name", "out", "vars", "env", "slurm", "data", "pretrain", "readout",
-                           "convert", "detection", "profiles", "description"}
+                           "knn", "convert", "detection", "profiles", "description"}
     if unknown:
         raise LocoError(f"{path}: unknown grid key(s): {', '.join(sorted(unknown))}")
     overrides = []
@@ -291,6 +293,22 @@ def expand(grid, out):
     if readout is not None:
         _check_keys(readout, ("args", "random_init", "resources"), "readout")
     _check_keys(grid.get("convert"), ("resources",), "convert")
+    knn = grid.get("knn")
+    _check_keys(knn, ("args", "resources"), "knn")
+    if knn is not None and readout is None:
+        raise LocoError("grid: knn needs a readout section (knn.json goes beside readout.json)")
+
+    def add_knn(source, ro_id, ro_dir, deps, **local):
+        """kNN readout job (id knn/...) writing knn.json into readout job `ro_id`'s folder."""
+        if knn is None:
+            return
+        argv = ["python", "tools/knn_readout.py", *source, "--output-dir", ro_dir]
+        add(Job("knn/" + ro_id.split("/", 1)[1], "knn",
+                _python(argv + tpl(knn.get("args", []), **local)), ro_dir,
+                done_file=os.path.join(ro_dir, "knn.json"), deps=deps,
+                resources=_resources(knn.get("resources")), label=local["label"],
+                seed=local.get("seed")))
+
     for i, block in enumerate(grid.get("pretrain") or []):
         _check_keys(block, ("methods", "recipe", "label", "seeds", "overrides", "resources"),
                     f"pretrain[{i}]")
@@ -323,6 +341,7 @@ def expand(grid, out):
                         ro_dir, done_file=os.path.join(ro_dir, "readout.json"),
                         deps=[pre.id], resources=_resources(readout.get("resources")),
                         label=label, seed=seed))
+                    add_knn(["--checkpoint", ckpt], job_id, ro_dir, [pre.id], **local)
                 job_id, pkl = path("weights", f"{label.replace('/', '_')}_seed{seed}.pkl")
                 conv = add(Job(job_id, "convert", _python(
                     ["python", "tools/convert_to_detectron2.py", ckpt, pkl, "--verify"]), pkl,
@@ -341,6 +360,8 @@ def expand(grid, out):
              "--output-dir", ro_dir] + tpl(readout.get("args", []), label="random", seed=0)),
             ro_dir, done_file=os.path.join(ro_dir, "readout.json"), deps=list(data_ids),
             resources=_resources(readout.get("resources")), label="random"))
+        add_knn(["--random-init", "--arch", arch], job_id, ro_dir, list(data_ids),
+                label="random", seed=0)
 
     # baselines: random init always; supervised from a path (converted here unless a .pkl)
     det = grid.get("detection") or {}

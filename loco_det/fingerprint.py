@@ -32,6 +32,9 @@ PRETRAIN_RUN_ONLY = {
     "RUN.CHECKPOINT_PERIOD": "checkpointing",
     "RUN.CHANNELS_LAST": "memory layout: speed only",
     "MODEL.LOCO_SCHEDULE": "LoCo's backward schedule: same gradients, other time/memory",
+    "RUN.KNN_PERIOD": "monitoring (kNN readout during training), not what is trained",
+    "RUN.KNN_DATA": "monitoring (kNN readout during training), not what is trained",
+    "RUN.KNN_MAX_TRAIN_IMAGES": "monitoring (kNN readout during training), not what is trained",
 }
 READOUT_RUN_ONLY = {
     "seed": "the repetition, recorded separately",

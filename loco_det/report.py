@@ -112,7 +112,7 @@ PROTOCOL_FIELDS = {
 COMPARE_FREE = {"pretrain": ("decoder",), "readout": ("pretraining", "decoder"),
                 "detection": ("weights", "decoder", "backbone")}
 # The metrics compared between methods, per kind (higher is better).
-COMPARED = {"detection": ("APbb", "APmk"), "readout": ("top1/res5",)}
+COMPARED = {"detection": ("APbb", "APmk", "mIoU"), "readout": ("top1/res5",)}
 DEFAULT_REFERENCE = "e2e"
 RANDOM_LABELS = ("random", "random init")
 
@@ -499,7 +499,8 @@ def _read_detection(d, files):
     if not weights_fp:   # weights of unknown identity: never pooled with other labels' runs
         weights_fp = f"unidentified:{label}:{p.get('weights', _get(cfg, 'MODEL.WEIGHTS'))}"
     run.fingerprint = res.get("fingerprint") or (
-        fp.detection_fingerprint(cfg, weights_fp) if cfg else fp.digest([p, weights_fp]))
+        fp.detection_fingerprint(cfg, weights_fp) if cfg else fp.digest(
+            [{k: v for k, v in p.items() if k not in ("seed", "weights")}, weights_fp]))
     run.identity = dict(pre_identity, **(fp.detection_identity(cfg, weights_fp) if cfg else {}))
     run.method = str(_get(pre_cfg, "MODEL.METHOD") or pre_info.get("method") or (
         "random" if weights_fp == fp.RANDOM_INIT else label))
@@ -926,6 +927,9 @@ def render_markdown(rows, runs, plots, run_dirs, problems, reference=DEFAULT_REF
     if problems:
         md.append("")
 
+    md += render_comparisons(comparisons(rows, reference), reference)
+    md += render_paper_differences()
+
     md += ["## Detection (Mask R-CNN), measured", ""]
     det = [r for r in rows["detection"] if r.protocol.get("benchmark") not in OTHER_TASKS]
     if det:
@@ -942,9 +946,6 @@ def render_markdown(rows, runs, plots, run_dirs, problems, reference=DEFAULT_REF
                    f"Plot: `{plots['detection']}`", ""]
     else:
         md += ["No detection runs found.", ""]
-
-    md += render_comparisons(comparisons(rows, reference), reference)
-    md += render_paper_differences()
 
     md += ["## Linear readout, measured (top-1 %, frozen encoder, per stage)", ""]
     ro = rows["readout"]

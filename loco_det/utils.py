@@ -63,18 +63,19 @@ def atomic_write(path, mode="wb"):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix(path))
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with signals_deferred():  # a SIGTERM mid-write (torch.save) takes effect after the rename
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=temp_prefix(path))
+        try:
+            with os.fdopen(fd, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def _umask():
@@ -161,8 +162,30 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_deferred = {"depth": 0, "pending": []}
+
+
 def _raise_interrupted(signum, frame):
+    if _deferred["depth"]:
+        _deferred["pending"].append(signum)  # raised when the critical section ends
+        return
     raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold back `interruptible`'s SIGINT/SIGTERM until the block ends (writers such as
+    torch.save turn an exception raised inside them into an unrelated error). A signal that
+    arrived meanwhile is raised as `Interrupted` right after the block, if it ended normally."""
+    _deferred["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferred["depth"] -= 1
+    if not _deferred["depth"] and _deferred["pending"]:
+        signum = _deferred["pending"][0]
+        _deferred["pending"].clear()
+        raise Interrupted(signum)
 
 
 @contextlib.contextmanager

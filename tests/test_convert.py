@@ -254,11 +254,16 @@ def test_cli_help_and_bad_inputs(tmp_path):
     corrupt.write_bytes(b"not a checkpoint at all" * 10)
     existing = tmp_path / "existing.pkl"
     existing.write_bytes(b"previous conversion")
+    nan = tmp_path / "nan.pth"
+    state = randomised_resnet(18).state_dict()
+    state["bn1.weight"] = torch.full_like(state["bn1.weight"], float("nan"))
+    torch.save(state, nan)
     cases = [[str(truncated), str(tmp_path / "a.pkl")],
              [str(corrupt), str(tmp_path / "b.pkl")],
              [str(tmp_path / "missing.pth"), str(tmp_path / "c.pkl")],
              [str(good), str(existing)],
-             [str(good), str(tmp_path / "d.pth")]]
+             [str(good), str(tmp_path / "d.pth")],
+             [str(nan), str(existing), "--verify"]]
     # One process (imports are slow here): the first case writes to the real stderr and gives
     # the exit code; the others report through stdout.
     script = (
@@ -278,14 +283,15 @@ def test_cli_help_and_bad_inputs(tmp_path):
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "truncated.pth" in proc.stderr and "truncated" in proc.stderr.split("truncated.pth")[1]
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 4, proc.stdout
-    for line, name in zip(lines, ["corrupt.pth", "missing.pth", "good.pth", "d.pth"]):
+    assert len(lines) == 5, proc.stdout
+    for line, name in zip(lines, ["corrupt.pth", "missing.pth", "good.pth", "d.pth", "nan.pth"]):
         rc, err = line.split(" ", 1)
         err = eval(err)
         assert rc == "1" and err.startswith("error: ") and err.count("\n") == 1, line
         assert name in err, line
     assert "not found" in lines[1] and "not a torchvision ResNet" in lines[2]
     assert "must end in .pkl" in lines[3]
+    assert "non-finite (NaN/Inf) values in 1 encoder tensor: bn1.weight (64 of 64)" in lines[4]
     for name in "abc":
         assert not (tmp_path / f"{name}.pkl").exists()
     assert not (tmp_path / "d.pth").exists()
@@ -296,6 +302,25 @@ def test_cli_help_and_bad_inputs(tmp_path):
 def test_cli_help_has_examples():
     rc, out, _ = _run_cli("--help")
     assert rc == 0 and "examples:" in out and "--verify" in out and "--prefix" in out
+
+
+def test_conversion_is_byte_identical_when_repeated(tmp_path):
+    """Same input -> same bytes (what a resumed or repeated conversion must give)."""
+    src = tmp_path / "r18.pth"
+    torch.save(randomised_resnet(18, seed=5).state_dict(), src)
+    conv.convert(src, tmp_path / "a.pkl")
+    conv.convert(src, tmp_path / "b.pkl")
+    assert (tmp_path / "a.pkl").read_bytes() == (tmp_path / "b.pkl").read_bytes()
+
+
+def test_overflowing_weights_are_not_blamed_on_the_conversion(tmp_path):
+    state = randomised_resnet(18, seed=6).state_dict()
+    state["layer3.0.conv1.weight"] = torch.full_like(state["layer3.0.conv1.weight"], 3e38)
+    src = tmp_path / "huge.pth"
+    torch.save(state, src)
+    with pytest.raises(LocoError, match="torchvision's own ResNet gives non-finite layer3 features"):
+        conv.convert(src, tmp_path / "o.pkl", verify=True, verify_image_size=64)
+    assert not (tmp_path / "o.pkl").exists()
 
 
 def test_failed_verify_leaves_existing_output(tmp_path, monkeypatch):
@@ -438,7 +463,8 @@ def build_layout(name, sd, other, path):
                       **_heads("projector.", "0.weight", "3.weight"),
                       **_heads("momentum_projector.", "0.weight"),
                       **_heads("classifier.", "weight", "bias")}
-        torch.save(_lightning(state_dict, {"cfg": {"method": "byol", "backbone": {"name": "resnet18"}}}), path)
+        hparams = {"cfg": {"method": "byol", "backbone": {"name": "resnet18"}}}
+        torch.save(_lightning(state_dict, hparams), path)
         return {}, "solo-learn"
     if name == "mmselfsup":
         def make(c):
@@ -527,6 +553,14 @@ def build_layout(name, sd, other, path):
         model.load_state_dict(sd)
         torch.save(model, path)
         return {}, "pickled model object"
+    if name == "mmselfsup-0.x":  # mmcv era: encoder_q = Sequential(backbone, neck), saved twice
+        shared = prefixed(sd, "", drop_fc=True)
+        torch.save({"meta": {"mmcv_version": "1.3.8", "epoch": 200},
+                    "state_dict": {**prefixed(shared, "backbone."), **prefixed(shared, "encoder_q.0."),
+                                   **prefixed(prefixed(other, "", drop_fc=True), "encoder_k.0."),
+                                   **_heads("encoder_q.1.mlp.", "0.weight"), "queue": torch.zeros(4, 8)},
+                    "optimizer": {"state": {}, "param_groups": []}}, path)
+        return {}, "MMPretrain / mmselfsup"
     if name == "legacy-serialization":  # torch < 1.6 files (the original MoCo releases)
         state_dict = {**prefixed(prefixed(sd, "", drop_fc=True), "module.encoder_q."),
                       **prefixed(prefixed(other, "", drop_fc=True), "module.encoder_k."),
@@ -542,9 +576,11 @@ def build_layout(name, sd, other, path):
 
 
 LAYOUTS = ["torchvision", "timm", "timm-safetensors", "timm-train", "lightning", "solo-learn",
-           "mmselfsup", "vissl", "moco-v2", "moco-v3", "dino-teacher", "dino-student", "ibot",
-           "swav", "byol", "loco_det", "torch-compile-ddp", "sequential-children",
-           "byol-online-target", "pickled-module", "legacy-serialization", "half-precision"]
+           "mmselfsup", "mmselfsup-0.x", "vissl", "moco-v2", "moco-v3", "dino-teacher",
+           "dino-student", "ibot", "swav", "byol", "loco_det",
+           # further variants, not one library's layout
+           "torch-compile-ddp", "sequential-children", "byol-online-target", "pickled-module",
+           "legacy-serialization", "half-precision"]
 
 
 @pytest.fixture(scope="module")
@@ -575,6 +611,21 @@ def test_layout_converts_and_verifies(name, two_resnets, tmp_path):
     print(f"{name}: {result.layout}, encoder {result.prefix!r}, verify {result.verify_error:.2e}")
 
 
+@pytest.mark.parametrize("name", ["vissl", "dino-teacher"])
+def test_layout_r50(name, r50, tmp_path):
+    """The same for ResNet-50 (bottleneck blocks, stride in the 3x3 conv) in two nested layouts."""
+    sd = r50["model"].state_dict()
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+    src = tmp_path / "ckpt.pth"
+    kwargs, layout = build_layout(name, sd, other, src)
+    result = conv.convert(src, tmp_path / "o.pkl", verify=True, verify_image_size=64, **kwargs)
+    assert layout in result.layout and result.depth == 50 and result.verify_error <= 1e-4
+    data = safe_load_pkl(tmp_path / "o.pkl")["model"]
+    np.testing.assert_array_equal(data["res5.2.conv3.norm.running_var"],
+                                  sd["layer4.2.bn3.running_var"].numpy())
+    print(f"R50 {name}: verify {result.verify_error:.2e} {result.stage_errors}")
+
+
 def test_lightning_hparams_never_imported(two_resnets, tmp_path):
     """The file names classes (Lightning's AttributeDict) that do not exist here: torch's
     weights-only load refuses, the placeholder load reads the weights without importing them."""
@@ -597,11 +648,13 @@ def test_dino_teacher_by_default_student_on_request(two_resnets, tmp_path):
     build_layout("dino-teacher", sd, other, src)
     obj, _ = conv.load_checkpoint(str(src))
     state, dropped, info = conv.extract_encoder(obj, "dino")
-    assert info["prefix"] == "teacher.module.backbone." and torch.equal(state["conv1.weight"], sd["conv1.weight"])
+    assert info["prefix"] == "teacher.module.backbone."
+    assert torch.equal(state["conv1.weight"], sd["conv1.weight"])
     assert "student.module.backbone.* (another ResNet, 120 tensors)" in dropped
     assert "args" not in " ".join(dropped)  # the Namespace holds no tensors
     state, _, info = conv.extract_encoder(obj, "dino", take="student")
-    assert info["prefix"] == "student.module.backbone." and torch.equal(state["conv1.weight"], other["conv1.weight"])
+    assert info["prefix"] == "student.module.backbone."
+    assert torch.equal(state["conv1.weight"], other["conv1.weight"])
 
 
 def test_timm_ema_is_ambiguous_without_take(two_resnets, tmp_path):
@@ -656,8 +709,8 @@ def _bad_case(name, root, sd):
         (root / "junk.pth").write_bytes(b"\x80\x04junk" * 50)
         return [root / "junk.pth", out], r"junk\.pth.*corrupt"
     if name == "not a resnet":
-        torch.save(meta_free_state("vgg11"), root / "vgg.pth")
-        return [root / "vgg.pth", out], r"vgg\.pth is not a torchvision ResNet checkpoint.*--prefix"
+        torch.save(meta_free_state("squeezenet1_0"), root / "sq.pth")
+        return [root / "sq.pth", out], r"sq\.pth is not a torchvision ResNet checkpoint.*--prefix"
     if name == "resnext":
         torch.save(meta_free_state("resnext50_32x4d"), root / "rx.pth")
         return [root / "rx.pth", out], r"rx\.pth: layer1\.0\.conv1\.weight has shape .*grouped or wide"
@@ -706,11 +759,13 @@ def _bad_case(name, root, sd):
         return argv, (r"nan\.pth: non-finite \(NaN/Inf\) values in 2 encoder tensors: "
                       r"layer2\.0\.bn1\.running_var \(3 of 128\), layer4\.1\.conv2\.weight \(1 of 2359296\)")
     if name == "two unrelated encoders":
-        torch.save({**prefixed(sd, "net_a."), **prefixed(sd, "net_b.")}, root / "two.pth")
+        shifted = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+        torch.save({**prefixed(sd, "net_a."), **prefixed(shifted, "net_b.")}, root / "two.pth")
         return [root / "two.pth", out], r"two\.pth holds 2 candidate encoders: .*--take net_a or --take net_b"
     if name == "--take names nothing":
         torch.save({"teacher": sd, "student": sd}, root / "ts.pth")
-        return [root / "ts.pth", out, "--take ema"], r"--take ema: none of the encoders in .*ts\.pth .*--take student or --take teacher"
+        return [root / "ts.pth", out, "--take ema"], (r"--take ema: none of the encoders in .*ts\.pth "
+                                                      r".*--take student or --take teacher")
     if name == "--prefix names nothing":
         return [good, out, "--prefix", "nope."], r"no key in .*good\.pth starts with prefix 'nope\.'"
     if name == "--prefix incomplete resnet":
@@ -723,7 +778,15 @@ def _bad_case(name, root, sd):
         return [root / "evil.pth", out], r"refusing to load .*evil\.pth: it asks to import posix\.system"
     if name == "hostile pickle (eval)":
         torch.save({"state_dict": sd, "x": _HostileEval()}, root / "evil2.pth")
-        return [root / "evil2.pth", out], r"refusing to load .*evil2\.pth: it asks to import __builtin__\.eval"
+        return [root / "evil2.pth", out], (r"refusing to load .*evil2\.pth: it asks to import "
+                                           r"__builtin__\.eval")
+    if name == "torchscript archive":
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(root / "ts.pt"))
+        return [root / "ts.pt", out], r"ts\.pt is a TorchScript archive .*state_dict\(\)"
+    if name == "caffe2 blobs pickle":
+        with open(root / "R-50.pkl", "wb") as f:
+            pickle.dump({"blobs": {"conv1_w": np.zeros((64, 3, 7, 7), np.float32)}}, f, protocol=2)
+        return [root / "R-50.pkl", out], r"R-50\.pkl is already in Detectron2's weights format"
     if name == "corrupt safetensors":
         (root / "bad.safetensors").write_bytes((40).to_bytes(8, "little") + b"{" + b"x" * 20)
         return [root / "bad.safetensors", out], r"bad\.safetensors: corrupt safetensors file"
@@ -741,7 +804,8 @@ BAD_CASES = ["missing input", "input is a directory", "empty input", "truncated 
              "output is a directory", "output parent is a file", "already converted",
              "detectron2 model_final", "nan weights", "inf weights --verify",
              "two unrelated encoders", "--take names nothing", "--prefix names nothing",
-             "--prefix incomplete resnet", "--take with --prefix", "hostile pickle (os.system)", "hostile pickle (eval)",
+             "--prefix incomplete resnet", "--take with --prefix", "hostile pickle (os.system)",
+             "hostile pickle (eval)", "torchscript archive", "caffe2 blobs pickle",
              "corrupt safetensors"]
 
 
@@ -794,14 +858,41 @@ def test_bad_input_table(case, tmp_path, capsys, cli_module, two_resnets, good_f
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_bad_input_real_process_nan(tmp_path, two_resnets):
-    """The same contract through a real process: exit status 1, one stderr line, nothing else."""
-    sd = dict(two_resnets[0])
-    sd["bn1.weight"] = torch.full_like(sd["bn1.weight"], float("nan"))
-    src, out = tmp_path / "nan.pth", tmp_path / "out.pkl"
-    torch.save(sd, src)
-    rc, stdout, stderr = _run_cli(src, out, "--verify")
-    assert rc == 1 and stdout == ""
-    assert re.fullmatch(r"error: .*nan\.pth: non-finite \(NaN/Inf\) values in 1 encoder tensor: "
-                        r"bn1\.weight \(64 of 64\).*\n", stderr), stderr
-    assert sorted(os.listdir(tmp_path)) == ["nan.pth"]
+
+def test_real_lightning_checkpoint(tmp_path):
+    """A checkpoint written by PyTorch Lightning itself (Trainer.fit, one step, then
+    save_checkpoint) converts with --verify, and the values are the trained backbone's."""
+    import pytorch_lightning as pl
+
+    class Module(pl.LightningModule):
+        def __init__(self, lr=0.01, arch="resnet18"):
+            super().__init__()
+            self.save_hyperparameters()
+            self.backbone = randomised_resnet(18, seed=21)
+            self.backbone.fc = torch.nn.Identity()
+            self.projector = torch.nn.Linear(512, 16)
+
+        def training_step(self, batch, _):
+            return self.projector(self.backbone(batch[0])).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32))
+    module = Module()
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+    src = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(str(src))
+    result = conv.convert(src, tmp_path / "pl.pkl", verify=True, verify_image_size=64)
+    assert result.layout == "PyTorch Lightning" and result.prefix == "state_dict.backbone."
+    assert result.verify_error <= 1e-4
+    assert "state_dict.projector.weight" in result.dropped
+    trained = module.backbone.state_dict()
+    data = safe_load_pkl(tmp_path / "pl.pkl")["model"]
+    for key, value in trained.items():
+        np.testing.assert_array_equal(data[conv.rename_key(key)], value.numpy(), err_msg=key)
+    print(f"Lightning {pl.__version__}: placeholders {result.placeholders}, "
+          f"verify {result.verify_error:.2e}")

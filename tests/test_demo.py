@@ -1,13 +1,14 @@
 """The demo's whole chain, reduced: `make demo` runs det_configs/grids/demo.yaml; here the same
 grid and code path run with its `reduced` profile (a few images and iterations), and the report
-must have measured rows for every method on both benchmarks and the plots it names."""
+must have measured rows for every method (the supervised ceiling trained here included) on both
+benchmarks, say "not resolved" wherever it cannot rank, and have the plots it names."""
 import os
 import re
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("e2e", "gim", "loco", "random")
+METHODS = ("e2e", "gim", "loco", "supervised (trained here)", "random")
 BENCHMARKS = ("cpu_synth_coco_R18_FPN_frozen", "cpu_synth_cityscapes_R18_FPN_frozen")
 
 
@@ -37,6 +38,13 @@ def test_reduced_demo_writes_a_full_report(tmp_path):
         rows = [r for r in readout.splitlines() if r.startswith(f"| {method} |")]
         assert len(rows) == 1 and rows[0].endswith("| ok |"), rows
         assert re.search(r"\|\s*\d+\.\d+", rows[0]), rows
+    # one run per method: every comparison is unresolved, and says so
+    comparisons = _section(md, "## Comparisons")
+    for bench in BENCHMARKS:
+        rows = [r for r in comparisons.splitlines() if bench in r]
+        assert len(rows) >= 2 * 4, rows   # APbb, APmk x (4 methods vs random, ...)
+        assert all(r.endswith("| not resolved (1 run) |") for r in rows), rows
+        assert any("| supervised (trained here) |" in r for r in rows)
     for png in re.findall(r"\(([^)]+\.png)\)", md):
         assert (out / png).is_file(), png
     assert len(re.findall(r"\.png\)", md)) >= 3

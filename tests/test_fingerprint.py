@@ -19,11 +19,11 @@ def test_pretrain_fingerprint_ignores_exactly_the_run_only_keys():
     base = fp.pretrain_fingerprint(cfg("SEED=0"))
     for override in ("SEED=5", "DATA.NUM_WORKERS=7", "RUN.LOG_PERIOD=3", "RUN.CHECKPOINT_PERIOD=9",
                      "RUN.CHANNELS_LAST=False", "MODEL.LOCO_SCHEDULE=recompute",
-                     "DATA.MAX_BAD_FRACTION=0.5"):
+                     "DATA.MAX_BAD_FRACTION=0.5", "RUN.KNN_PERIOD=2"):
         assert fp.pretrain_fingerprint(cfg("SEED=0", override)) == base, override
     for override in ("LOSS.TEMPERATURE=0.5", "MODEL.DECODER.CONV_BLOCKS=1", "OPTIM.BASE_LR=0.1",
                      "DATA.COLOR_JITTER=0.1", "OPTIM.EPOCHS=3", "MODEL.METHOD=gim",
-                     "DATA.ROOT=/elsewhere", "RUN.AMP=False"):
+                     "DATA.ROOT=/elsewhere", "RUN.AMP=True"):
         assert fp.pretrain_fingerprint(cfg("SEED=0", override)) != base, override
     # the checkpoint's YAML string gives the same fingerprint as the live config
     c = cfg("SEED=0")

@@ -163,3 +163,24 @@ def test_knn_period_logs_per_stage_during_pretraining(synth_root, tmp_path, one_
     events = EventAccumulator(str(out / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("knn/k20/res5")] == [3, 6]
+
+
+def test_knn_period_with_two_gloo_processes(synth_root, tmp_path):
+    """torchrun, 2 gloo processes: rank 0 evaluates, rank 1 waits at its next collective; the
+    run finishes with identical weights on both ranks and one kNN record per epoch."""
+    import subprocess
+
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+           os.path.join(REPO, "tools", "pretrain.py"), "--output-dir", str(out),
+           f"DATA.ROOT={synth_root / 'imagefolder' / 'train'}", "SEED=0", "MODEL.ARCH=resnet18",
+           "DATA.IMAGE_SIZE=32", "OPTIM.BATCH_SIZE=8", "OPTIM.EPOCHS=2",
+           "OPTIM.WARMUP_EPOCHS=0", "DATA.NUM_WORKERS=0", "RUN.KNN_PERIOD=1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and len(set(summary["param_sha256"])) == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "knn/k200/res5" in r] == [1, 2]

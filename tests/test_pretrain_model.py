@@ -273,5 +273,185 @@ def test_supervised_needs_one_label_per_image():
     model = build_model("supervised", "resnet18", num_classes=4)
     with pytest.raises(ValueError, match="needs 4 labels, got None"):
         model.forward_backward(*views())
-    with pytest.raises(ValueError, match=r"needs 4 labels, got \(3,\)"):
+    with pytest.raises(ValueError, match=r"need 4 labels, got \(3,\)"):
         model.forward_backward(*views(), torch.tensor([0, 1, 2]))
+
+
+# ---- any rule: random partitions and overlaps ------------------------------------------------
+
+def random_rule(seed, arch, granularity):
+    """A random valid rule: units of random length going up with random overlaps (0 up to
+    length - 1), random per-unit decoder options, NT-Xent."""
+    from loco_det.pretrain.rules import Rule, RuleContext, Unit, contrastive_loss, validate_rule
+
+    gen = torch.Generator().manual_seed(seed)
+    ctx = RuleContext(arch=arch)
+    top = ctx.num_pieces(granularity) - 1
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    units, start, stop = [], 0, -1
+    while stop < top:
+        # Start above the previous start, at most one piece above the previous stop (no gap);
+        # end above the previous stop.
+        start = 0 if not units else draw(units[-1].pieces[0] + 1, stop + 1)
+        stop = draw(max(start, stop + 1), min(top, max(start, stop + 1) + 3))
+        decoder = {"conv_blocks": draw(0, 1), "mlp_layers": (2, 4)[draw(0, 1)],
+                   "proj_dim": 16} if draw(0, 1) else None
+        units.append(Unit(tuple(range(start, stop + 1)), decoder))
+    rule = Rule(f"random{seed}", tuple(units), contrastive_loss(0.2), granularity=granularity)
+    validate_rule(rule, ctx)
+    return rule
+
+
+def rule_model(rule, arch, schedule="fused"):
+    from loco_det.pretrain.model import PretrainModel
+
+    return PretrainModel(rule, arch, loco_schedule=schedule)
+
+
+def reference_any_rule(model, view1, view2, labels=None):
+    """Obviously correct for any rule: every unit separately, from scratch, its input computed
+    without a graph, its own pieces and decoder with autograd; shared pieces run once per unit
+    and receive the sum of the units' gradients by accumulation."""
+    from loco_det.pretrain.model import run_piece
+
+    rule = model.rule
+    x = torch.cat([view1, view2]) if rule.views == 2 else view1
+    losses = {}
+    for k, unit in enumerate(rule.units):
+        h = x
+        with torch.no_grad():
+            for p in range(unit.pieces[0]):
+                h = run_piece(model.encoder, rule.granularity, p, h)
+        for p in unit.pieces:
+            h = run_piece(model.encoder, rule.granularity, p, h)
+        loss = rule.loss(model.decoders[k](h), labels)
+        loss.backward()
+        losses[model.unit_names[k]] = loss.item()
+    return losses
+
+
+RANDOM_CASES = [(arch, granularity, seed) for arch in ("resnet18", "resnet50")
+                for granularity in ("stage", "block") for seed in range(3)]
+
+
+@pytest.mark.parametrize("arch,granularity,seed", RANDOM_CASES)
+def test_random_rule_equals_reference(arch, granularity, seed):
+    rule = random_rule(seed + 10 * (granularity == "block") + 100 * (arch == "resnet50"),
+                       arch, granularity)
+    schedule = LOCO_SCHEDULES[seed % len(LOCO_SCHEDULES)]
+    torch.manual_seed(0)
+    model = rule_model(rule, arch, schedule)
+    ref = copy.deepcopy(model)
+    plain = copy.deepcopy(model.encoder)
+    v1, v2 = views()
+    losses = model.forward_backward(v1, v2)
+    assert losses == pytest.approx(reference_any_rule(ref, v1, v2), rel=1e-5), rule.units
+    g = grads(model)
+    missing = [n for n, v in g.items() if v is None and not n.startswith("encoder.fc.")]
+    assert not missing, (rule.units, missing)
+    assert_same_grads(g, grads(ref))
+    # BN statistics moved once, as in one plain forward.
+    with torch.no_grad():
+        plain(torch.cat([v1, v2]))
+    for (name, a), b in zip(model.encoder.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("schedule", LOCO_SCHEDULES)
+def test_overlap_two_and_blocks_equal_reference_every_schedule(schedule):
+    """Two shared pieces per unit pair (loco_overlap2) and block granularity with overlap 2
+    (a piece in three units): every schedule matches the reference."""
+    for method, kwargs in (("loco_overlap2", {}), ("loco_blocks", dict(unit_length=3, overlap=2))):
+        torch.manual_seed(0)
+        model = build_model(method, "resnet18", loco_schedule=schedule, **kwargs)
+        ref = copy.deepcopy(model)
+        v1, v2 = views()
+        model.forward_backward(v1, v2)
+        reference_any_rule(ref, v1, v2)
+        assert_same_grads(grads(model), grads(ref))
+
+
+def test_registered_rules_units():
+    from loco_det.pretrain.rules import RULES
+
+    assert {"e2e", "gim", "loco", "supervised", "loco_overlap2", "loco_blocks"} <= set(RULES)
+    assert build_model("loco_overlap2", "resnet18").units == ((0, 1, 2), (1, 2, 3))
+    # ResNet-18 at block granularity: stem + 8 blocks; units of 2 overlapping by 1.
+    assert build_model("loco_blocks", "resnet18").units == tuple((p, p + 1) for p in range(8))
+    assert build_model("loco_blocks", "resnet50", unit_length=4, overlap=1).units == (
+        (0, 1, 2, 3), (3, 4, 5, 6), (6, 7, 8, 9), (9, 10, 11, 12), (12, 13, 14, 15), (15, 16))
+    assert build_model("loco_blocks", "resnet18", unit_length=3, overlap=0).units == (
+        (0, 1, 2), (3, 4, 5), (6, 7, 8))
+
+
+# ---- locality as a black box, for every registered rule and random ones ----------------------
+
+def piece_grads(build, labels, perturb=None):
+    """Per piece, the flat gradient after one step from fixed weights, optionally with piece
+    `perturb`'s weights changed first."""
+    from loco_det.pretrain.model import atom_modules, piece_atoms
+
+    torch.manual_seed(0)
+    model = build()
+    pieces = piece_atoms(model.encoder, model.rule.granularity)
+
+    def params(p):
+        return [q for atom in pieces[p] for m in atom_modules(model.encoder, atom)
+                for q in m.parameters()]
+
+    if perturb is not None:
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for q in params(perturb):
+                q.add_(0.5 * q.std() * torch.randn(q.shape, generator=gen) + 0.1)
+    model.forward_backward(*views(), labels)
+    return [torch.cat([q.grad.flatten() for q in params(p)]) for p in range(len(pieces))]
+
+
+def check_locality(build, labels=None, pairs=None):
+    """Perturbing piece q (above p) changes p's gradient iff some unit contains both."""
+    base_model = build()
+    units = base_model.units
+    n = len(piece_atoms_of(base_model))
+    pairs = pairs or [(p, q) for q in range(1, n) for p in range(q)]
+    base = piece_grads(build, labels)
+    by_q = {}
+    for p, q in pairs:
+        if q not in by_q:
+            by_q[q] = piece_grads(build, labels, perturb=q)
+        expect = any(u[0] <= p and q <= u[-1] for u in units)
+        moved = not torch.allclose(base[p], by_q[q][p], rtol=1e-5, atol=1e-8)
+        assert moved == expect, f"units {units}: piece {q} -> piece {p}: {moved}, expected {expect}"
+
+
+def piece_atoms_of(model):
+    from loco_det.pretrain.model import piece_atoms
+
+    return piece_atoms(model.encoder, model.rule.granularity)
+
+
+@pytest.mark.parametrize("method", ["e2e", "gim", "loco", "supervised", "loco_overlap2",
+                                    "loco_blocks"])
+def test_locality_every_registered_rule(method):
+    labels = torch.tensor([0, 1, 2, 0]) if method == "supervised" else None
+    pairs = None
+    if method == "loco_blocks":  # 9 pieces: neighbours and two apart, top and bottom
+        pairs = [(p, p + d) for p in (0, 3, 6) for d in (1, 2)] + [(0, 8)]
+    check_locality(lambda: build_model(method, "resnet18", num_classes=3), labels, pairs)
+
+
+@pytest.mark.parametrize("arch,seed", [("resnet18", 0), ("resnet18", 1), ("resnet50", 2)])
+def test_locality_random_rules(arch, seed):
+    # The first random rule from this seed on whose units overlap somewhere.
+    rule = next(r for r in (random_rule(seed + 1000 + i, arch, "block" if seed else "stage")
+                            for i in range(100))
+                if any(a.pieces[-1] >= b.pieces[0] for a, b in zip(r.units, r.units[1:])))
+    n = len(piece_atoms_of(rule_model(rule, arch)))
+    gen = torch.Generator().manual_seed(seed)
+    pairs = sorted({tuple(sorted(torch.randperm(n, generator=gen)[:2].tolist()))
+                    for _ in range(4)})
+    pairs += [(u.pieces[0], u.pieces[-1]) for u in rule.units if len(u.pieces) > 1][:1]
+    check_locality(lambda: rule_model(rule, arch, "hybrid_stem"), None, pairs)

@@ -66,16 +66,17 @@ def _with(commands, *tokens):
 
 def test_paper_grid_counts(paper):
     # data: 5 COCO-10K + 5 COCO-1K splits; pretrain: 3 methods x {100, 800} ep + e2e with
-    # LoCo's decoder at 100 and 800 ep; readout: 8 + random init; convert: 8 + supervised;
-    # detection: (8 pretrainings + random + supervised) x (COCO frozen + Cityscapes frozen +
-    # 5 COCO-10K splits + 5 COCO-1K splits); report.
-    assert paper["lines"][-1] == ("# 157 jobs: 10 data, 8 pretrain, 9 readout, 9 convert, "
-                                  "120 detection, 1 report")
-    assert len(paper["commands"]) == 157
+    # LoCo's decoder at 100 and 800 ep; readout: 8 + random init; a kNN readout per readout;
+    # convert: 8 + supervised; detection: (8 pretrainings + random + supervised) x (COCO frozen +
+    # Cityscapes frozen + 5 COCO-10K splits + 5 COCO-1K splits + 2 x 5 VOC trials + 2 semantic
+    # segmentation); report.
+    assert paper["lines"][-1] == ("# 286 jobs: 10 data, 8 pretrain, 9 readout, 9 knn, "
+                                  "9 convert, 240 detection, 1 report")
+    assert len(paper["commands"]) == 286
     cmds = paper["commands"]
-    assert len(_with(cmds, "tools/train_net.py")) == 120
-    assert len(_with(cmds, "LOCO_DET.FROM_SCRATCH", "True")) == 12   # random init everywhere
-    assert len(_with(cmds, "LOCO_DET.LABEL", "supervised (published weights)")) == 12
+    assert len(_with(cmds, "tools/train_net.py")) == 240
+    assert len(_with(cmds, "LOCO_DET.FROM_SCRATCH", "True")) == 24   # random init everywhere
+    assert len(_with(cmds, "LOCO_DET.LABEL", "supervised (published weights)")) == 24
     for config, n in (("coco_R50_FPN_1x_frozen", 10), ("cityscapes_R50_FPN_frozen", 10),
                       ("coco10k_R50_FPN_finetune", 50), ("coco1k_R50_FPN_finetune", 50)):
         assert len(_with(cmds, f"det_configs/{config}.yaml")) == n
@@ -103,7 +104,7 @@ def test_paper_grid_runs_the_fair_end_to_end_baseline(paper):
         assert pre[-2:] == ["--output-dir", run]
         assert _with(cmds, "tools/linear_readout.py", f"{run}/checkpoint_last.pth")
         assert len(_with(cmds, "tools/train_net.py",
-                         f"runs/paper/weights/simclr_r50_{ep}ep_deepdecoder_seed0.pkl")) == 12
+                         f"runs/paper/weights/simclr_r50_{ep}ep_deepdecoder_seed0.pkl")) == 24
 
 
 def _opts(cmd):
@@ -178,7 +179,7 @@ def test_paper_grid_commands(paper):
             assert _with(cmds, "tools/linear_readout.py", f"{run}/checkpoint_last.pth")
             det = _with(cmds, "tools/train_net.py",
                         f"runs/paper/weights/{method}_r50_{ep}ep_seed0.pkl")
-            assert len(det) == 12
+            assert len(det) == 24
             assert all(c[c.index("LOCO_DET.LABEL") + 1] == f"{method}_r50_{ep}ep" for c in det)
             assert all(c[c.index("--num-gpus") + 1] == "8" for c in det)
     (sup,) = _with(cmds, "tools/convert_to_detectron2.py", "weights/resnet50-0676ba61.pth")

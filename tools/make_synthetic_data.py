@@ -102,6 +102,9 @@ def main(argv=None):
                                   height=height, width=width, params=params,
                                   overwrite=args.overwrite, progress=progress)
     except LocoError as e:
+        if bar is not None:
+            bar.close()  # the error starts its own line
+            bar = None
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -177,6 +177,17 @@ def _sniff(path):
     if not head:
         raise LocoError(f"cannot load input checkpoint {path}: file is empty")
     if head.startswith(b"PK"):
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "zip"  # torch.load names the damage
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            raise LocoError(f"{path} is a TorchScript archive (torch.jit.save): it holds code, "
+                            "which the converter does not load; save the model's state_dict() "
+                            "with torch.save and convert that")
         return "zip"
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 27):
         return "safetensors"
@@ -255,7 +266,7 @@ def _placeholder_names(obj, seen=None):
 
 def _refuse_detectron2(path, data):
     """A Detectron2 weights file (ours or anyone's) given as input: one line saying so."""
-    model = data.get("model") if isinstance(data, dict) else None
+    model = data.get("model", data.get("blobs")) if isinstance(data, dict) else None
     if not isinstance(model, dict):
         return
     meta = data.get(METADATA_KEY) if isinstance(data.get(METADATA_KEY), dict) else None
@@ -313,9 +324,42 @@ def _components(prefix):
 
 
 def _candidates(tensors):
-    """Dotted prefixes under which a torchvision-style ResNet (`...layer1.0.conv1.weight`) sits."""
-    return sorted({k[:-len(_ANCHOR)] for k in tensors if k.endswith(_ANCHOR)
-                   and (k == _ANCHOR or k[:-len(_ANCHOR)].endswith("."))})
+    """Dotted prefixes under which a torchvision-style ResNet sits: `P.layer1.0.conv1.weight`
+    with a stem `P.conv1.*` beside it (or, if no prefix has one, `layer1` alone, so that
+    infer_resnet can say what the stem is missing)."""
+    anchored = sorted({k[:-len(_ANCHOR)] for k in tensors if k.endswith(_ANCHOR)
+                       and (k == _ANCHOR or k[:-len(_ANCHOR)].endswith("."))})
+    with_stem = [p for p in anchored if any(k.startswith(p + "conv1.") for k in tensors)]
+    return with_stem or anchored
+
+
+def _same_weights(a, b, tensors):
+    """Whether candidates `a` and `b` hold identical ResNet tensors (one module saved twice,
+    as mmselfsup 0.x's `backbone.` and `encoder_q.0.`, or a momentum copy at step 0)."""
+    ka = {k[len(a):] for k in tensors if k.startswith(a) and _RESNET_KEY.match(k[len(a):])}
+    kb = {k[len(b):] for k in tensors if k.startswith(b) and _RESNET_KEY.match(k[len(b):])}
+    return ka == kb and all(tensors[a + k].shape == tensors[b + k].shape
+                            and not tensors[a + k].is_meta  # shapes only: values unknown
+                            and torch.equal(tensors[a + k], tensors[b + k]) for k in ka)
+
+
+def _preference(path):
+    """Which of identical candidates names the encoder: the trained one, the teacher, the
+    shortest path."""
+    parts = set(_components(path))
+    return (bool(parts & set(MOMENTUM_COPIES)), "student" in parts, len(path), path)
+
+
+def _dedupe(candidates, tensors):
+    """Collapse candidates holding identical weights; returns (representatives, {copy: rep})."""
+    reps, copies = [], {}
+    for c in sorted(candidates, key=_preference):
+        rep = next((r for r in reps if _same_weights(r, c, tensors)), None)
+        if rep is None:
+            reps.append(c)
+        else:
+            copies[c] = rep
+    return sorted(reps), copies
 
 
 def _match_prefix(candidates, tensors, prefix):
@@ -382,6 +426,9 @@ def _choose(candidates, tensors, source, prefix, take):
         return found[0], f"--take {take}"
     if len(candidates) == 1:
         return candidates[0], "the only ResNet"
+    candidates, copies = _dedupe(candidates, tensors)
+    if len(candidates) == 1:
+        return candidates[0], f"the only ResNet (also stored as {', '.join(map(repr, copies))})"
     firsts = {_components(c)[0] for c in candidates if _components(c)}
     if len(candidates) == 2 and firsts == set(TEACHER_STUDENT):
         return next(c for c in candidates if _components(c)[0] == "teacher"), \
@@ -436,8 +483,10 @@ def layout_name(obj, path, tensors):
     if "base_encoder" in _components(path):
         return "MoCo v3 (base encoder)"
     if "pytorch-lightning_version" in top or ("state_dict" in top and "global_step" in top):
-        solo = any(k.startswith("state_dict.momentum_backbone.") or k.startswith("state_dict.projector.")
-                   for k in tensors)
+        # solo-learn's methods all keep an online `classifier` beside the `projector`, and the
+        # momentum ones a `momentum_backbone`.
+        heads = {k.split(".")[1] for k in tensors if k.startswith("state_dict.") and "." in k[11:]}
+        solo = "momentum_backbone" in heads or {"projector", "classifier"} <= heads
         return "solo-learn (PyTorch Lightning)" if solo else "PyTorch Lightning"
     if first == "state_dict" and isinstance(top.get("meta"), dict) and "backbone" in _components(path):
         return "MMPretrain / mmselfsup (mmengine)"
@@ -512,7 +561,8 @@ def extract_encoder(obj, source="checkpoint", prefix=None, take=None):
         else:
             dropped.append(key)
     dropped += [f"{k} (training state, {n} tensors)" for k, n in training.items() if n]
-    dropped += [f"{c}* (another ResNet, {n} tensors)" for c, n in other_counts.items() if n]
+    dropped += [f"{c}* ({'the same weights again' if _same_weights(c, path, tensors) else 'another ResNet'}"
+                f", {n} tensors)" for c, n in other_counts.items() if n]
     if not state:
         raise LocoError(f"{source} holds no ResNet weights under prefix {path!r}")
     return state, dropped, info
@@ -776,6 +826,11 @@ def stage_errors(d2_features, tv_model, images):
             if ours.shape != x.shape:
                 raise LocoError(f"{name} has shape {tuple(ours.shape)} in Detectron2 but "
                                 f"{tuple(x.shape)} in torchvision")
+            if not bool(torch.isfinite(x).all()):
+                # The weights themselves overflow (finite but huge): not a conversion error.
+                raise LocoError(f"torchvision's own ResNet gives non-finite layer{i} features "
+                                "with these weights on random input: the weights are broken, "
+                                "not the conversion")
             errors[name] = float((ours - x).abs().max() / x.abs().max().clamp_min(1e-12))
     return errors
 

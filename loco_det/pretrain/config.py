@@ -10,7 +10,8 @@ import os
 from fvcore.common.config import CfgNode as _FvCfgNode
 
 from ..utils import ConfigError
-from .model import DECODER_DEFAULTS, LOCO_SCHEDULES, METHODS
+from .model import DECODER_DEFAULTS, LOCO_SCHEDULES
+from .rules import RuleError, find_factory
 
 
 class CfgNode(_FvCfgNode):
@@ -26,7 +27,11 @@ _C.MODEL = CfgNode()
 # Learning rule: "e2e" (SimCLR, one loss at the top), "gim" (one unit per stage, inputs
 # detached), "loco" (overlapping units {S1,S2},{S2,S3},{S3,S4}, inputs detached) or
 # "supervised" (cross-entropy on the ImageFolder labels with one linear classifier on the
-# pooled res5 features: the labelled baseline; MODEL.DECODER and LOSS.TEMPERATURE do not apply).
+# pooled res5 features: the labelled baseline; MODEL.DECODER and LOSS.TEMPERATURE do not apply),
+# "loco_overlap2" (three-stage units {S1,S2,S3},{S2,S3,S4}), "loco_blocks" (LoCo over residual
+# blocks, see MODEL.LOCO_BLOCKS); or a rule from outside the library: an import path
+# "package.module:rule" or the name of a `loco_det.rules` entry point (README, "Your own
+# learning rule"; loco_det/pretrain/rules.py).
 _C.MODEL.METHOD = "loco"
 # torchvision ResNet: resnet18, resnet34, resnet50 or resnet101 (parameter names unchanged).
 _C.MODEL.ARCH = "resnet50"
@@ -50,6 +55,13 @@ _C.MODEL.DECODER.HIDDEN_DIM = 0
 # upper unit (less memory, more time); "hybrid" recomputes S2 only; "*_stem" also recomputes the
 # stem during S1's backward. "fused_stem" meets both of the time and memory targets.
 _C.MODEL.LOCO_SCHEDULE = "fused_stem"
+
+# "loco_blocks" only. Pieces are the stem and every residual block (ResNet-18: 1 + 8, ResNet-50:
+# 1 + 16); each unit is UNIT_LENGTH consecutive pieces and shares OVERLAP of them with the next
+# (the last unit ends at the top block, shorter if the pieces run out).
+_C.MODEL.LOCO_BLOCKS = CfgNode()
+_C.MODEL.LOCO_BLOCKS.UNIT_LENGTH = 2
+_C.MODEL.LOCO_BLOCKS.OVERLAP = 1
 
 _C.LOSS = CfgNode()
 # NT-Xent temperature tau (SimCLR ImageNet recipe: 0.1).
@@ -150,7 +162,6 @@ def load_config(path=None, overrides=()):
 
 def validate(cfg):
     choices = {
-        "MODEL.METHOD": METHODS,
         "MODEL.ARCH": ("resnet18", "resnet34", "resnet50", "resnet101"),
         "MODEL.DECODER.CONV_BLOCKS": (0, 1, 2),
         "MODEL.DECODER.MLP_LAYERS": (2, 4),
@@ -159,6 +170,10 @@ def validate(cfg):
         "OPTIM.SCHEDULE": ("cosine", "step"),
         "LOSS.SUPERVISED_VIEWS": (1, 2),
     }
+    try:
+        find_factory(cfg.MODEL.METHOD)
+    except RuleError as e:
+        raise ConfigError(f"MODEL.METHOD: {e}") from None
     for key, allowed in choices.items():
         value = cfg
         for part in key.split("."):

@@ -337,13 +337,19 @@ def with_seed(cfg, seed):
 def setup_model(cfg, env, num_classes=None):
     """The model of `cfg`; `num_classes` (the ImageFolder's) sizes the supervised classifier."""
     from .model import build_model
+    from .rules import RuleError
 
     d = cfg.MODEL.DECODER
-    model = build_model(cfg.MODEL.METHOD, cfg.MODEL.ARCH, conv_blocks=d.CONV_BLOCKS,
-                        mlp_layers=d.MLP_LAYERS, proj_dim=d.PROJ_DIM, hidden_dim=d.HIDDEN_DIM,
-                        temperature=cfg.LOSS.TEMPERATURE, loco_schedule=cfg.MODEL.LOCO_SCHEDULE,
-                        num_classes=num_classes if cfg.MODEL.METHOD == "supervised" else None,
-                        supervised_views=cfg.LOSS.SUPERVISED_VIEWS)
+    try:
+        model = build_model(cfg.MODEL.METHOD, cfg.MODEL.ARCH, conv_blocks=d.CONV_BLOCKS,
+                            mlp_layers=d.MLP_LAYERS, proj_dim=d.PROJ_DIM,
+                            hidden_dim=d.HIDDEN_DIM, temperature=cfg.LOSS.TEMPERATURE,
+                            loco_schedule=cfg.MODEL.LOCO_SCHEDULE, num_classes=num_classes,
+                            supervised_views=cfg.LOSS.SUPERVISED_VIEWS,
+                            unit_length=cfg.MODEL.LOCO_BLOCKS.UNIT_LENGTH,
+                            overlap=cfg.MODEL.LOCO_BLOCKS.OVERLAP)
+    except RuleError as e:
+        raise ConfigError(f"MODEL.METHOD: {e}") from None
     if cfg.MODEL.SYNC_BN:
         if not env.distributed:
             notice(env, "MODEL.SYNC_BN has no effect on a single process")

@@ -1,28 +1,35 @@
-"""One torchvision ResNet trained by one of four learning rules: e2e (SimCLR), GIM, LoCo or
-supervised (the labelled baseline in the same harness).
+"""One torchvision ResNet trained by a learning rule, and the one engine that runs every rule.
 
-The encoder is split into four stages (REFERENCE.md section 1):
+The encoder is cut into pieces (REFERENCE.md section 1): its four stages
 
     S1 = stem (conv1, bn1, relu, maxpool) + layer1   ("res2")
     S2 = layer2 ("res3"),  S3 = layer3 ("res4"),  S4 = layer4 ("res5")
 
-and trained by units, each a run of consecutive stages with its own decoder and NT-Xent loss:
+or, at block granularity, the stem and every residual block. A learning rule (rules.py) is a
+list of units, each a run of consecutive pieces with its own decoder and loss, consecutive units
+overlapping by zero or more pieces. The registered rules:
 
-    e2e : {S1..S4}                  one loss at the top
+    e2e : {S1..S4}                  one NT-Xent loss at the top (SimCLR)
     gim : {S1} {S2} {S3} {S4}       each unit's input detached
     loco: {S1,S2} {S2,S3} {S3,S4}   each unit's input detached; S2 and S3 shared by two units
     supervised: {S1..S4}            cross-entropy on the ImageFolder labels; the "decoder" is one
                                     linear classifier on the globally pooled res5 features
                                     (torchvision's own head, so the trained network *is* a
                                     torchvision classifier)
+    loco_overlap2: {S1,S2,S3} {S2,S3,S4}
+    loco_blocks: LoCo over residual blocks, units of UNIT_LENGTH pieces overlapping by OVERLAP
 
-`PretrainModel.forward_backward(view1, view2, labels)` runs one step's forward and backward and leaves
-the gradients in `.grad` (no optimizer step, no zero_grad). The encoder stays a plain torchvision
-ResNet (its unused `fc` included) so that `encoder.state_dict()` loads with `strict=True` into
-`torchvision.models.resnetXX()`.
+`PretrainModel.forward_backward(view1, view2, labels)` runs one step's forward and backward and
+leaves the gradients in `.grad` (no optimizer step, no zero_grad); its class docstring gives the
+schedule. The encoder stays a plain torchvision ResNet (its unused `fc` included) so that
+`encoder.state_dict()` loads with `strict=True` into `torchvision.models.resnetXX()`.
 
-LoCo schedules (how the shared stages' backward is organised; all give the same gradients, see
-tests/test_pretrain_model.py; measured trade-offs: tools/bench_pretrain.py):
+Schedules (MODEL.LOCO_SCHEDULE: how the shared pieces' backward is organised; all give the same
+gradients, see tests/test_pretrain_model.py; measured trade-offs: tools/bench_pretrain.py). Written
+for LoCo's stages; in general "shared stage" is any segment in two or more units, "S2" in
+"hybrid" is every shared segment starting in the lower half of the pieces, and the "_stem"
+variants apply when the first segment is more than the stem alone. Rules without shared pieces
+(e2e, gim, supervised) have nothing to schedule and run plain, one backward per unit:
 
     "fused"       every stage's forward runs once; a shared stage keeps its graph until the
                   upper unit's gradient arrives, then computes its weight gradient once from the
@@ -42,8 +49,9 @@ tests/test_pretrain_model.py; measured trade-offs: tools/bench_pretrain.py):
                   idea used where it pays most.
     "hybrid_stem" "hybrid" plus the stem recompute: the least memory.
 
-Measured with tools/bench_pretrain.py (ResNet-50, 224 px, 16 images, this project's 2-core CPU
-shared with other jobs, load average 4-8; three runs), step time / peak memory against e2e:
+Measured with the hand-written e2e/gim/loco step functions this engine replaced, with
+tools/bench_pretrain.py (ResNet-50, 224 px, 16 images, this project's 2-core CPU shared with
+other jobs, load average 4-8; three runs), step time / peak memory against e2e:
 
     fused 1.18-1.29 / 0.84-0.87     recompute 1.36-1.40 / 0.74-0.77   hybrid 1.23-1.37 / 0.75
     fused_stem 1.15-1.27 / 0.76-0.78                  hybrid_stem 1.22-1.59 / 0.66-0.68
@@ -64,29 +72,12 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .losses import nt_xent
+from .rules import RULES
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
-METHODS = ("e2e", "gim", "loco", "supervised")
+METHODS = tuple(RULES)  # the registered rules; others come by import path or entry point
 LOCO_SCHEDULES = ("fused", "recompute", "hybrid", "fused_stem", "hybrid_stem")
 NUM_STAGES = 4
-
-# Stages (0-based) of each unit, per method.
-UNITS = {
-    "e2e": ((0, 1, 2, 3),),
-    "gim": ((0,), (1,), (2,), (3,)),
-    "loco": ((0, 1), (1, 2), (2, 3)),
-    "supervised": ((0, 1, 2, 3),),
-}
-# Per shared stage (1 = S2, 2 = S3): keep its graph ("fused") or recompute its forward; "stem":
-# whether the stem's forward is recomputed in S1's backward instead of keeping its activations.
-_SCHEDULE_POLICY = {
-    "fused": {1: "fused", 2: "fused"},
-    "recompute": {1: "recompute", 2: "recompute"},
-    "hybrid": {1: "recompute", 2: "fused"},
-    "fused_stem": {1: "fused", 2: "fused", "stem": "recompute"},
-    "hybrid_stem": {1: "recompute", 2: "fused", "stem": "recompute"},
-}
 
 
 def _check_choice(name, value, choices):
@@ -209,43 +200,162 @@ def frozen_bn_stats(module):
                 m.num_batches_tracked.copy_(count)
 
 
-class PretrainModel(nn.Module):
-    """Encoder + one decoder per unit; `forward_backward` is one training step's gradients."""
+# ----------------------------------------------------------------------------- pieces
+def piece_atoms(encoder, granularity):
+    """The encoder's pieces, each a list of atoms ("stem", "layerN" or "layerN.i"), bottom-up:
+    "stage": S1 = stem + layer1, S2..S4 = layer2..layer4; "block": the stem, then every
+    residual block."""
+    if granularity == "stage":
+        return [["stem", "layer1"], ["layer2"], ["layer3"], ["layer4"]]
+    pieces = [["stem"]]
+    for stage in range(1, NUM_STAGES + 1):
+        pieces += [[f"layer{stage}.{i}"] for i in range(len(getattr(encoder, f"layer{stage}")))]
+    return pieces
 
-    def __init__(self, method, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_dim=0,
-                 temperature=0.1, loco_schedule="fused_stem", num_classes=None,
-                 supervised_views=2):
+
+def atom_modules(encoder, atom):
+    if atom == "stem":
+        return [encoder.conv1, encoder.bn1]
+    layer, _, index = atom.partition(".")
+    module = getattr(encoder, layer)
+    return [module[int(index)] if index else module]
+
+
+def run_atom(encoder, atom, x):
+    """Forward of one atom; modules are looked up on every call (SyncBatchNorm conversion
+    swaps them in place)."""
+    if atom == "stem":
+        return run_stem(encoder, x)
+    return atom_modules(encoder, atom)[0](x)
+
+
+def atom_channels(encoder, atom):
+    """Output channels of an atom (the input width of a decoder placed on it)."""
+    if atom == "stem":
+        return encoder.conv1.out_channels
+    last = atom_modules(encoder, atom)[0]
+    if isinstance(last, nn.Sequential):
+        last = last[-1]
+    return (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
+
+
+def run_piece(encoder, granularity, piece, x):
+    """Forward of piece `piece` at `granularity` (the tests' reference uses it)."""
+    for atom in piece_atoms(encoder, granularity)[piece]:
+        x = run_atom(encoder, atom, x)
+    return x
+
+
+class Segment:
+    """A maximal run of consecutive pieces trained by the same set of units: the engine's unit
+    of forward, backward, recompute and release (a segment always receives the gradients of
+    all its units over its whole length, so it behaves as one piece)."""
+
+    def __init__(self, index, pieces, atoms, members, starts):
+        self.index = index
+        self.pieces = pieces            # piece indices, bottom-up
+        self.atoms = atoms              # atoms of those pieces
+        self.members = members          # indices of the units containing it, ascending
+        self.last_unit = members[-1]    # its weight gradient is complete after this unit
+        # Some unit continues below it: its input needs a gradient.
+        self.needs_input_grad = any(starts[k] < pieces[0] for k in members)
+        self.shared = len(members) > 1
+        self.recompute = False          # drop the graph after each use, recompute when needed
+        self.stem = False               # forward the stem without a graph, recompute it
+
+
+def make_segments(encoder, rule):
+    atoms = piece_atoms(encoder, rule.granularity)
+    starts = [u.pieces[0] for u in rule.units]
+    member = [tuple(k for k, u in enumerate(rule.units) if p in u.pieces)
+              for p in range(len(atoms))]
+    segments, run = [], [0]
+    for p in range(1, len(atoms) + 1):
+        if p < len(atoms) and member[p] == member[run[0]]:
+            run.append(p)
+            continue
+        segments.append(Segment(len(segments), tuple(run), [a for q in run for a in atoms[q]],
+                                member[run[0]], starts))
+        run = [p]
+    return segments
+
+
+def apply_schedule(segments, schedule, num_pieces):
+    """Set each segment's recompute / stem flags from a LOCO_SCHEDULE name. Only rules with
+    shared segments have anything to schedule; the others (e2e, gim, supervised) run plain."""
+    if not any(s.shared for s in segments):
+        return
+    for s in segments:
+        if s.shared:
+            s.recompute = (schedule.startswith("recompute")
+                           or (schedule.startswith("hybrid") and s.pieces[0] < num_pieces / 2))
+    first = segments[0]
+    first.stem = schedule.endswith("_stem") and first.atoms[0] == "stem" and len(first.atoms) > 1
+
+
+# ----------------------------------------------------------------------------- the engine
+class PretrainModel(nn.Module):
+    """Encoder + one decoder per unit of a learning rule (rules.py); `forward_backward` is one
+    training step's gradients.
+
+    The schedule, for any rule whose units are runs of consecutive pieces going up with zero
+    or more pieces of overlap (identical gradients to computing each unit separately; tests/
+    test_pretrain_model.py):
+
+    * units are processed bottom-up; each segment's forward runs once, when the first unit
+      containing it needs it; its input is the detached output of the segment below (a leaf
+      with a gradient when some unit continues below it);
+    * per unit k: embeddings (its decoder on its top segment) and loss; then its gradient goes
+      down its segments. If the top segment belongs to unit k alone the loss's backward runs
+      straight through decoder and segment (e2e and gim are exactly one plain backward per
+      unit). Otherwise the decoder's backward stops at a leaf and, per segment, only the input
+      gradient is computed while upper units still contain the segment;
+    * a segment's weight gradient is computed once, when its last unit's gradient arrives, from
+      the sum of all its units' output gradients; then its activations are released;
+    * a shared segment with `recompute` frees its graph after each input-gradient pass and
+      recomputes its forward (BN statistics untouched) when it is needed again; `stem` keeps
+      only the stem's output and recomputes the stem in the first segment's backward.
+    """
+
+    def __init__(self, rule, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_dim=0,
+                 loco_schedule="fused_stem", method=None):
         super().__init__()
-        _check_choice("method", method, METHODS)
         _check_choice("loco_schedule", loco_schedule, LOCO_SCHEDULES)
-        if method == "supervised":
-            given = {"conv_blocks": conv_blocks, "mlp_layers": mlp_layers, "proj_dim": proj_dim,
-                     "hidden_dim": hidden_dim}
-            extra = {k: v for k, v in given.items() if v != DECODER_DEFAULTS[k]}
-            if extra:
-                raise ValueError(f"decoder options {extra} do not apply to method 'supervised' "
-                                 f"(one linear classifier on pooled res5)")
-            if not isinstance(num_classes, int) or num_classes < 2:
-                raise ValueError(f"method 'supervised' needs num_classes >= 2, got {num_classes!r}")
-            _check_choice("supervised_views", supervised_views, (1, 2))
-        self.num_classes = num_classes
-        self.supervised_views = supervised_views
-        self.method, self.arch = method, arch
-        self.temperature = temperature
+        self.rule = rule
+        self.method, self.arch = method or rule.name, arch
+        self.temperature = getattr(rule.loss, "temperature", None)
         self.loco_schedule = loco_schedule
         # When set (e.g. torch.bfloat16), forwards run under torch.autocast; backwards outside.
         self.autocast_dtype = None
         self.encoder = build_encoder(arch)
-        channels = stage_channels(self.encoder)
-        self.units = UNITS[method]
+        self.units = tuple(tuple(u.pieces) for u in rule.units)
         self.unit_names = [f"unit{k + 1}" for k in range(len(self.units))]
-        if method == "supervised":
-            self.decoders = nn.ModuleList([LinearClassifier(channels[-1], num_classes)])
-        else:
-            self.decoders = nn.ModuleList(
-                Decoder(channels[unit[-1]], conv_blocks, mlp_layers, proj_dim, hidden_dim,
-                        block_type=type(self.encoder.layer1[0]))
-                for unit in self.units)
+        self.segments = make_segments(self.encoder, rule)
+        pieces = piece_atoms(self.encoder, rule.granularity)
+        apply_schedule(self.segments, loco_schedule, len(pieces))
+        seg_of = {p: s for s in self.segments for p in s.pieces}
+        # Per unit, its segments bottom-up.
+        self.unit_segments = [[s.index for s in self.segments if k in s.members]
+                              for k in range(len(self.units))]
+        assert all(self.unit_segments[k][-1] == seg_of[u[-1]].index
+                   for k, u in enumerate(self.units))
+        block_type = type(self.encoder.layer1[0])
+        defaults = {"conv_blocks": conv_blocks, "mlp_layers": mlp_layers, "proj_dim": proj_dim,
+                    "hidden_dim": hidden_dim}
+        if all(callable(u.decoder) for u in rule.units):
+            extra = {k: v for k, v in defaults.items() if v != DECODER_DEFAULTS[k]}
+            if extra:
+                raise ValueError(f"decoder options {extra} do not apply to method "
+                                 f"{self.method!r} (its units bring their own heads)")
+        decoders = []
+        for unit in rule.units:
+            channels = atom_channels(self.encoder, pieces[unit.pieces[-1]][-1])
+            if callable(unit.decoder):
+                decoders.append(unit.decoder(channels, block_type))
+            else:
+                decoders.append(Decoder(channels, **{**defaults, **(unit.decoder or {})},
+                                        block_type=block_type))
+        self.decoders = nn.ModuleList(decoders)
 
     # -- helpers -------------------------------------------------------------------------------
     def _autocast(self, x):
@@ -257,18 +367,22 @@ class PretrainModel(nn.Module):
         with self._autocast(x):
             return run_stage(self.encoder, stage, x)
 
-    def _unit_loss(self, unit, h, n):
-        with self._autocast(h):
-            z = self.decoders[unit](h)
-        return nt_xent(z[:n], z[n:], self.temperature)
+    def _run_atoms(self, atoms, x):
+        with self._autocast(x):
+            for atom in atoms:
+                x = run_atom(self.encoder, atom, x)
+        return x
 
-    def _head(self, unit, h, n):
-        """Loss of `unit` on stage output `h`; backward through the decoder only. Returns the
-        loss and its gradient at `h`, which the caller routes through the encoder."""
-        leaf = h.detach().requires_grad_()
-        loss = self._unit_loss(unit, leaf, n)
-        loss.backward()
-        return loss.detach(), leaf.grad
+    def _seg_modules(self, atoms):
+        return [m for atom in atoms for m in atom_modules(self.encoder, atom)]
+
+    def _params(self, atoms):
+        return [p for m in self._seg_modules(atoms) for p in m.parameters() if p.requires_grad]
+
+    def _loss(self, k, h, labels):
+        with self._autocast(h):
+            z = self.decoders[k](h)
+        return self.rule.loss(z, labels)
 
     def forward(self, x):
         """Features of the four stages (res2..res5) for a batch of images."""
@@ -283,163 +397,180 @@ class PretrainModel(nn.Module):
         """Compute every unit's loss on two batches of views of the same images, accumulate all
         gradients into `.grad`, and return {"unit1": loss, ...} as floats.
 
-        Both views go through the encoder as one 2N batch, so BatchNorm sees both (SimCLR).
-        `labels` (N class indices) are used by the supervised rule only."""
+        Both views go through the encoder as one 2N batch, so BatchNorm sees both (SimCLR);
+        a rule with views=1 uses view1 only. `labels` (N ImageFolder class indices) are passed
+        to the rule's loss (the supervised rule needs them)."""
         if view1.shape != view2.shape:
             raise ValueError(f"views differ in shape: {tuple(view1.shape)} vs {tuple(view2.shape)}")
         n = view1.shape[0]
-        if self.method == "supervised":
-            if labels is None or labels.shape != (n,):
-                raise ValueError(f"method 'supervised' needs {n} labels, got "
-                                 f"{None if labels is None else tuple(labels.shape)}")
-            losses = self._supervised_step(view1, view2, labels.to(view1.device))
-            return {name: float(loss) for name, loss in zip(self.unit_names, losses)}
-        x = torch.cat([view1, view2], dim=0)
-        if self.method == "e2e":
-            losses = self._e2e_step(x, n)
-        elif self.method == "gim":
-            losses = self._gim_step(x, n)
-        else:
-            losses = self._loco_step(x, n, _SCHEDULE_POLICY[self.loco_schedule])
-        return {name: float(loss) for name, loss in zip(self.unit_names, losses)}
+        if labels is not None and tuple(labels.shape) != (n,):
+            raise ValueError(f"{n} views need {n} labels, got {tuple(labels.shape)}")
+        if labels is None and self.method == "supervised":
+            raise ValueError(f"method 'supervised' needs {n} labels, got None")
+        x = torch.cat([view1, view2], dim=0) if self.rule.views == 2 else view1
+        if labels is not None:
+            labels = labels.to(x.device)
+        return {name: float(loss)
+                for name, loss in zip(self.unit_names, self._step(x, labels))}
 
-    def _e2e_step(self, x, n):
-        h = x
-        for stage in range(NUM_STAGES):
-            h = self._stage(stage, h)
-        loss = self._unit_loss(0, h, n)
-        loss.backward()
-        return [loss.detach()]
-
-    def _supervised_step(self, view1, view2, labels):
-        """Cross-entropy of the linear classifier on pooled res5, mean over the views used: both
-        (each image's label twice; the same crops and BN batch as the contrastive rules) or,
-        with supervised_views=1, view1 only (one crop per image, torchvision's recipe)."""
-        if self.supervised_views == 2:
-            x, y = torch.cat([view1, view2], dim=0), torch.cat([labels, labels], dim=0)
-        else:
-            x, y = view1, labels
-        h = x
-        for stage in range(NUM_STAGES):
-            h = self._stage(stage, h)
-        with self._autocast(h):
-            logits = self.decoders[0](h)
-        loss = nn.functional.cross_entropy(logits.float(), y)
-        loss.backward()
-        return [loss.detach()]
-
-    def _gim_step(self, x, n):
-        """Stage by stage: forward, loss, backward, free; the next stage sees a detached input."""
-        losses, h = [], x
-        for stage in range(NUM_STAGES):
-            out = self._stage(stage, h.detach())
-            loss = self._unit_loss(stage, out, n)
-            loss.backward()
-            losses.append(loss.detach())
-            h = out.detach()
-            del out, loss
-        return losses
-
-    def _loco_step(self, x, n, policy):
-        """LoCo: unit k covers stages k and k+1; shared stage s gets its weight gradient once,
-        from (gradient of the lower unit + gradient of the upper unit) at its output.
-
-        Per unit k, top-down: stage k+1's forward, the unit's loss and decoder backward; the
-        gradient reaching stage k+1's input (from unit k only) via an input-only backward
-        through stage k+1 (or, for the top stage, a full backward); then stage k's weight
-        gradient, after which nothing of stage k is kept."""
-        enc = self.encoder
-        last = NUM_STAGES - 1
-        inp = [None] * NUM_STAGES    # detached input of each stage (leaf when it needs a grad)
-        out = [None] * NUM_STAGES    # output of each stage, with graph while it is needed
-        g_lo = [None] * NUM_STAGES   # gradient at a stage's output from the unit below's loss
+    def _step(self, x, labels):
+        segs = self.segments
+        st = _StepState(len(segs))
         losses = []
-        inp[0] = x
-        stem_leaf = None
-        if policy.get("stem") == "recompute":
-            # The stem holds ~10 % of ResNet-50's saved activations for ~3 % of its FLOPs: keep
-            # only its output now, recompute it when stage 0's backward reaches it.
-            with torch.no_grad(), self._autocast(x):
-                stem_leaf = run_stem(enc, x)
-            stem_leaf.requires_grad_()
-            with self._autocast(x):
-                out[0] = enc.layer1(stem_leaf)
-        else:
-            out[0] = self._stage(0, x)
         for k in range(len(self.units)):
-            top = k + 1
-            inp[top] = out[top - 1].detach().requires_grad_()
-            out[top] = self._stage(top, inp[top])
-            loss, g_lo[top] = self._head(k, out[top], n)
-            losses.append(loss)
-            if top == last:
-                # Top stage belongs to this unit only: weights and input gradient in one pass.
-                torch.autograd.backward(out[top], g_lo[top],
-                                        inputs=stage_parameters(enc, top) + [inp[top]])
-                g_hi = inp[top].grad
-                out[top] = None
+            # Forward: the segments this unit needs that have not run yet (each runs once).
+            top = self.unit_segments[k][-1]
+            while st.forwarded <= top:
+                self._forward_segment(st, x)
+            # Embeddings, loss and the decoder's backward; g: unit k's gradient at the output
+            # of the segment below its top (None when the unit ends there).
+            seg = segs[top]
+            if seg.members == (k,):
+                # The top segment is this unit's alone: one backward through decoder and it.
+                loss = self._loss(k, st.out[top], labels)
+                loss.backward()
+                g = st.inp[top].grad if seg.needs_input_grad else None
+                self._finish(st, top, x)
             else:
-                keep = policy[top] == "fused"
-                (g_hi,) = torch.autograd.grad(out[top], inp[top], g_lo[top], retain_graph=keep)
-                if not keep:
-                    out[top] = out[top].detach()
-                    inp[top] = inp[top].detach()
-            # Weight gradient of stage k (the unit's lower stage), then forget stage k.
-            if k == 0 and stem_leaf is not None:
-                self._stage0_backward_recomputing_stem(x, stem_leaf, out[0], g_hi)
-                stem_leaf = None
-            else:
-                # In place: g_lo[k] is ours (a detached leaf's .grad) and no longer needed.
-                grad = g_hi if g_lo[k] is None else g_lo[k].add_(g_hi)
-                self._stage_weight_backward(k, inp[k], out[k], grad, policy)
-                del grad
-            inp[k] = out[k] = g_lo[k] = None
-            del g_hi, loss
+                leaf = st.out[top].detach().requires_grad_()
+                loss = self._loss(k, leaf, labels)
+                loss.backward()
+                g = self._through(st, top, k, leaf.grad, x)
+                del leaf
+            losses.append(loss.detach())
+            del loss
+            # Down the unit's remaining segments.
+            for s in reversed(self.unit_segments[k][:-1]):
+                g = self._through(st, s, k, g, x)
         return losses
 
-    def _stage0_backward_recomputing_stem(self, x, stem_leaf, stage_out, grad):
-        enc = self.encoder
-        layer1 = [p for p in enc.layer1.parameters() if p.requires_grad]
-        torch.autograd.backward(stage_out, grad, inputs=layer1 + [stem_leaf])
-        stem_grad = stem_leaf.grad
-        del stage_out, grad
-        stem = nn.ModuleList([enc.conv1, enc.bn1])
-        with frozen_bn_stats(stem):
-            out = self._autocast_call(run_stem, x)
-            torch.autograd.backward(out, stem_grad,
-                                    inputs=[p for p in stem.parameters() if p.requires_grad])
+    def _forward_segment(self, st, x):
+        s = st.forwarded
+        seg = self.segments[s]
+        if s == 0:
+            inp = x
+        else:
+            inp = st.out[s - 1].detach()
+            if seg.needs_input_grad:
+                inp.requires_grad_()
+        st.inp[s] = inp
+        if seg.stem:
+            # The stem holds ~10 % of ResNet-50's saved activations for ~3 % of its FLOPs: keep
+            # only its output now, recompute it when this segment's backward reaches it.
+            with torch.no_grad():
+                h = self._run_atoms(seg.atoms[:1], inp)
+            st.stem_leaf = h.requires_grad_()
+            st.out[s] = self._run_atoms(seg.atoms[1:], st.stem_leaf)
+        else:
+            st.out[s] = self._run_atoms(seg.atoms, inp)
+        if s > 0 and st.finished[s - 1]:
+            st.out[s - 1] = None  # kept (detached) only to be this segment's input
+        st.forwarded += 1
 
-    def _autocast_call(self, fn, x):
-        with self._autocast(x):
-            return fn(self.encoder, x)
-
-    def _stage_weight_backward(self, stage, stage_in, stage_out, grad, policy):
-        params = stage_parameters(self.encoder, stage)
-        if stage_out.grad_fn is not None:
-            torch.autograd.backward(stage_out, grad, inputs=params)
+    @contextlib.contextmanager
+    def _graph(self, st, s):
+        """Segment s's (output, input) with a graph: the kept one, or recomputed (BN running
+        statistics restored once the backward inside the block has run)."""
+        if st.out[s].grad_fn is not None:
+            yield st.out[s], st.inp[s]
             return
-        # Graph dropped after the input path: recompute it. BatchNorm saves its running-stat
-        # buffers for backward, so they are restored only once the backward has run.
-        with frozen_bn_stats(nn.ModuleList(stage_modules(self.encoder, stage))):
-            stage_out = self._stage(stage, stage_in.detach())
-            torch.autograd.backward(stage_out, grad, inputs=params)
+        seg = self.segments[s]
+        with frozen_bn_stats(nn.ModuleList(self._seg_modules(seg.atoms))):
+            inp = st.inp[s].detach().requires_grad_(seg.needs_input_grad)
+            yield self._run_atoms(seg.atoms, inp), inp
+
+    def _through(self, st, s, k, g, x):
+        """Unit k's gradient `g` at segment s's output: add it to the segment's sum; compute
+        the weight gradient if k is the segment's last unit; return unit k's gradient at the
+        segment's input if unit k continues below (else None)."""
+        seg = self.segments[s]
+        down = self.units[k][0] < seg.pieces[0]
+        if k != seg.last_unit:
+            # An upper unit still contains this segment: input gradient only; keep the sum.
+            st.acc[s] = g if st.acc[s] is None else st.acc[s].add_(g)
+            if not down:
+                return None
+            with self._graph(st, s) as (out, inp):
+                (g_in,) = torch.autograd.grad(out, inp, g, retain_graph=not seg.recompute)
+            if seg.recompute:
+                st.out[s] = st.out[s].detach()
+                st.inp[s] = st.inp[s].detach()
+            return g_in
+        # Last unit of the segment: weight gradient once, from the sum of its units' gradients.
+        # In place: the sum is ours (a leaf's .grad or an input gradient) and no longer needed.
+        alone = st.acc[s] is None
+        total = g if alone else st.acc[s].add_(g)
+        st.acc[s] = None
+        params = self._params(seg.atoms[1:] if seg.stem else seg.atoms)
+        extra = [st.stem_leaf] if seg.stem else []
+        g_in = None
+        with self._graph(st, s) as (out, inp):
+            if down and alone:
+                torch.autograd.backward(out, total, inputs=params + extra + [inp])
+                g_in = inp.grad
+            else:
+                if down:
+                    (g_in,) = torch.autograd.grad(out, inp, g, retain_graph=True)
+                torch.autograd.backward(out, total, inputs=params + extra)
+            del out, inp
+        del total, g
+        self._finish(st, s, x)
+        return g_in
+
+    def _finish(self, st, s, x):
+        """After segment s's weight gradient: recompute the stem for its own, then release."""
+        seg = self.segments[s]
+        st.finished[s] = True
+        # The output's value stays (without graph) while the segment above has not run yet.
+        value = st.out[s].detach() if st.forwarded == s + 1 < len(st.out) else None
+        st.out[s] = st.inp[s] = None
+        if seg.stem:
+            stem_grad = st.stem_leaf.grad
+            st.stem_leaf = None
+            stem = nn.ModuleList(self._seg_modules(seg.atoms[:1]))
+            with frozen_bn_stats(stem):
+                out = self._run_atoms(seg.atoms[:1], x)
+                torch.autograd.backward(out, stem_grad,
+                                        inputs=[p for p in stem.parameters() if p.requires_grad])
+        st.out[s], st.acc[s] = value, None
+
+
+class _StepState:
+    """Per-segment tensors of one step: input (leaf), output (with graph while needed), the
+    sum of the units' output gradients received so far."""
+
+    def __init__(self, n):
+        self.inp = [None] * n
+        self.out = [None] * n
+        self.acc = [None] * n
+        self.finished = [False] * n
+        self.stem_leaf = None
+        self.forwarded = 0
 
 
 def build_model(method, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_dim=0,
                 temperature=0.1, loco_schedule="fused_stem", num_classes=None,
-                supervised_views=2):
+                supervised_views=2, unit_length=2, overlap=1):
     """Encoder (torchvision `arch`) + per-unit decoders for learning rule `method`.
 
-    method: "e2e" | "gim" | "loco" | "supervised"; arch: resnet18 | resnet34 | resnet50 |
-    resnet101. "supervised" takes no decoder options, needs num_classes (the ImageFolder's
-    classes) and trains on both views (supervised_views=2) or view1 only (1).
-    Decoder options apply to every unit (e2e included, for a fair baseline): conv_blocks 0/1/2
-    stride-2 residual blocks, an MLP of mlp_layers (2 or 4) Linear layers, hidden width
-    hidden_dim (0: the unit's output channels), output proj_dim. loco_schedule (LoCo only): see
-    the module doc; the default "fused_stem" is the schedule that meets both of issue 2's LoCo
-    targets (time <= 1.25x e2e, peak memory <= 0.85x e2e) with a memory margin.
+    method: a registered rule (e2e, gim, loco, supervised, loco_overlap2, loco_blocks), an
+    import path 'package.module:rule' or a `loco_det.rules` entry point (see rules.py);
+    arch: resnet18 | resnet34 | resnet50 | resnet101. Decoder options are the defaults of every
+    unit (e2e included, for a fair baseline; a rule may override them per unit): conv_blocks
+    0/1/2 stride-2 residual blocks, an MLP of mlp_layers (2 or 4) Linear layers, hidden width
+    hidden_dim (0: the unit's output channels), output proj_dim. loco_schedule: see the module
+    doc (rules without shared pieces ignore it); the default "fused_stem" is the schedule that
+    meets both of the LoCo targets (time <= 1.25x e2e, peak memory <= 0.85x e2e) with a memory
+    margin. "supervised" needs num_classes and trains on both views (supervised_views=2) or
+    view1 only (1); "loco_blocks" takes unit_length and overlap (in pieces).
     """
-    return PretrainModel(method, arch, conv_blocks=conv_blocks, mlp_layers=mlp_layers,
-                         proj_dim=proj_dim, hidden_dim=hidden_dim, temperature=temperature,
-                         loco_schedule=loco_schedule, num_classes=num_classes,
-                         supervised_views=supervised_views)
+    from .rules import RuleContext, load_rule
+
+    _check_choice("architecture", arch, ARCHS)
+    ctx = RuleContext(arch=arch, temperature=temperature, num_classes=num_classes,
+                      supervised_views=supervised_views, unit_length=unit_length,
+                      overlap=overlap)
+    rule = load_rule(method, ctx)
+    return PretrainModel(rule, arch, conv_blocks=conv_blocks, mlp_layers=mlp_layers,
+                         proj_dim=proj_dim, hidden_dim=hidden_dim, loco_schedule=loco_schedule,
+                         method=method)
