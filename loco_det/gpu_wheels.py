@@ -65,9 +65,8 @@ wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
 TARGET_PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
-# Markers of the target, for evaluating the wheels' Requires-Dist lines.
-TARGET_MARKERS = {"python_version": "3.12", "python_full_version": "3.12.3",
-                  "implementation_name": "cpython", "platform_python_implementation": "CPython",
+# Markers of the target (its python_version is filled in), for the wheels' Requires-Dist lines.
+TARGET_MARKERS = {"implementation_name": "cpython", "platform_python_implementation": "CPython",
                   "sys_platform": "linux", "os_name": "posix", "platform_system": "Linux",
                   "platform_machine": "x86_64", "extra": ""}
 # The carried folder travels with every device call; the whole tree may be 64 MiB.
@@ -79,10 +78,10 @@ def canonical(name):
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def download_command(name, version, dest, python=sys.executable):
+def download_command(name, version, dest, python=sys.executable, target=TARGET_PYTHON):
     """`pip download` of one binary wheel for the target interpreter, no dependencies."""
     cmd = [python, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-           "--python-version", TARGET_PYTHON, "--implementation", "cp"]
+           "--python-version", target, "--implementation", "cp"]
     for platform in PLATFORMS:
         cmd += ["--platform", platform]
     return cmd + ["-d", dest, f"{name}=={version}"]
@@ -102,12 +101,13 @@ def wheel_tags(filename):
     return parts[0], parts[1], parts[-3], parts[-2], parts[-1]
 
 
-def installable_on_target(filename):
-    """Whether a wheel installs on CPython 3.12 x86-64 manylinux."""
+def installable_on_target(filename, target=TARGET_PYTHON):
+    """Whether a wheel installs on CPython `target` ("3.12") on x86-64 manylinux."""
     _, _, py, abi, plat = wheel_tags(filename)
+    minor = int(target.split(".")[1])
     pys = py.split(".")
-    py_ok = any(t in ("py3", "cp312") or (t.startswith("cp3") and abi == "abi3"
-                                           and int(t[3:]) <= 12) for t in pys)
+    py_ok = any(t in ("py3", f"cp3{minor}") or (t.startswith("cp3") and abi == "abi3"
+                                                 and int(t[3:]) <= minor) for t in pys)
     plat_ok = plat == "any" or any(p.endswith("x86_64") and p.startswith("manylinux")
                                    for p in plat.split("."))
     return py_ok and plat_ok
@@ -121,22 +121,26 @@ def requires_dist(wheel_path):
     return msg.get_all("Requires-Dist") or []
 
 
-def missing_dependencies(requirements, available):
+def missing_dependencies(requirements, available, target=TARGET_PYTHON):
     """Requirements (Requires-Dist strings) that apply on the target and name no project in
     `available` (canonical names): what `pip install --no-index` would lack there."""
-    from packaging.requirements import Requirement
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # an interpreter without packaging still has pip's copy (pip is needed)
+        from pip._vendor.packaging.requirements import Requirement
 
+    markers = dict(TARGET_MARKERS, python_version=target, python_full_version=f"{target}.0")
     missing = []
     for line in requirements:
         req = Requirement(line)
-        if req.marker is not None and not req.marker.evaluate(TARGET_MARKERS):
+        if req.marker is not None and not req.marker.evaluate(markers):
             continue
         if canonical(req.name) not in available:
             missing.append(line)
     return missing
 
 
-def check_folder(dest, sdist_name):
+def check_folder(dest, sdist_name, target=TARGET_PYTHON):
     """Errors (strings) about a prepared folder: one wheel per needed project at its pinned
     version, every wheel installable there, every dependency there or carried, the sdist present,
     the total under SIZE_LIMIT."""
@@ -146,8 +150,8 @@ def check_folder(dest, sdist_name):
     for f in wheels:
         project, version = wheel_tags(f)[:2]
         found.setdefault(canonical(project), []).append((version, f))
-        if not installable_on_target(f):
-            errors.append(f"{f}: does not install on CPython {TARGET_PYTHON} x86-64 Linux")
+        if not installable_on_target(f, target):
+            errors.append(f"{f}: does not install on CPython {target} x86-64 Linux")
     for name, (version, _) in GPU_WHEELS.items():
         got = found.get(canonical(name), [])
         if [v for v, _ in got] != [version]:
@@ -157,7 +161,8 @@ def check_folder(dest, sdist_name):
         errors.append(f"{found[project][0][1]}: not one of the needed wheels")
     available = set(found) | GPU_PREINSTALLED
     for f in wheels:
-        for line in missing_dependencies(requires_dist(os.path.join(dest, f)), available):
+        for line in missing_dependencies(requires_dist(os.path.join(dest, f)), available,
+                                         target):
             errors.append(f"{f} needs {line!r}: neither carried nor on the GPU machine")
     if not os.path.isfile(os.path.join(dest, sdist_name)):
         errors.append(f"{sdist_name}: missing")
@@ -172,7 +177,8 @@ def folder_size(path):
                for root, _, files in os.walk(path) for f in files)
 
 
-def prepare(dest, fetch_sdist, sdist_name, python=sys.executable, run=subprocess.run):
+def prepare(dest, fetch_sdist, sdist_name, python=sys.executable, run=subprocess.run,
+            target=TARGET_PYTHON):
     """Fill `dest` with every wheel in GPU_WHEELS and the Detectron2 sdist, then check it.
 
     Wheels already in `dest` at the pinned version are kept; everything new is fetched into a
@@ -185,17 +191,19 @@ def prepare(dest, fetch_sdist, sdist_name, python=sys.executable, run=subprocess
         for name, (version, how) in GPU_WHEELS.items():
             if have.get(canonical(name)) == version:
                 continue
-            cmd = (download_command if how == "binary" else build_command)(name, version, tmp,
-                                                                             python)
+            if how == "binary":
+                cmd = download_command(name, version, tmp, python, target)
+            else:
+                cmd = build_command(name, version, tmp, python)
             print("+", " ".join(cmd), flush=True)
             run(cmd, check=True)
         for f in os.listdir(tmp):
             os.replace(os.path.join(tmp, f), os.path.join(dest, f))
-    target = os.path.join(dest, sdist_name)
-    if not os.path.isfile(target):
-        shutil.copyfile(fetch_sdist(), target + ".part")
-        os.replace(target + ".part", target)
-    return check_folder(dest, sdist_name)
+    sdist = os.path.join(dest, sdist_name)
+    if not os.path.isfile(sdist):
+        shutil.copyfile(fetch_sdist(), sdist + ".part")
+        os.replace(sdist + ".part", sdist)
+    return check_folder(dest, sdist_name, target)
 
 
 __all__ = ["GPU_WHEELS", "GPU_PREINSTALLED", "prepare", "check_folder", "download_command",

@@ -32,6 +32,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dest", default=os.path.join(ROOT, ".gpu_wheels"), help="wheel folder")
     p.add_argument("--check", action="store_true", help="check the folder, fetch nothing")
+    p.add_argument("--python-version", default=gpu_wheels.TARGET_PYTHON,
+                   help="CPython version of the target machine (default: the GPU machine's)")
     args = p.parse_args(argv)
     d2 = _install_detectron2()
     if args.check:
@@ -39,10 +41,11 @@ def main(argv=None):
             print(f"error: {args.dest}: no such folder (run without --check first)",
                   file=sys.stderr)
             return 1
-        errors = gpu_wheels.check_folder(args.dest, d2.sdist_name())
+        errors = gpu_wheels.check_folder(args.dest, d2.sdist_name(), args.python_version)
     else:
         try:
-            errors = gpu_wheels.prepare(args.dest, d2.fetch_sdist, d2.sdist_name())
+            errors = gpu_wheels.prepare(args.dest, d2.fetch_sdist, d2.sdist_name(),
+                                        target=args.python_version)
         except subprocess.CalledProcessError as e:
             print(f"error: {' '.join(e.cmd)} failed with status {e.returncode} (its output is "
                   "above)", file=sys.stderr)

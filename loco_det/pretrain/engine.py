@@ -67,9 +67,10 @@ class DistEnv:
 
     @property
     def distributed(self):
-        """In a process group: several processes, or one started by torchrun (MASTER_ADDR set),
-        which then takes the same nccl / gloo and SyncBN paths as a multi-process run."""
-        return self.world_size > 1 or "MASTER_ADDR" in os.environ
+        """In a process group: several processes, or one started by torchrun (which sets what
+        the env:// rendezvous reads), taking the same nccl / gloo and SyncBN paths as many."""
+        return self.world_size > 1 or all(k in os.environ for k in ("WORLD_SIZE", "RANK",
+                                                                    "MASTER_ADDR"))
 
     @property
     def main(self):
