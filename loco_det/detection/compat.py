@@ -16,8 +16,9 @@ source install, real `_C`, an old numpy or a setuptools with pkg_resources, it i
 - Pillow >= 10 removed `Image.LINEAR` (an import-time default in Detectron2's transforms); it
   was always `Image.BILINEAR`.
 - setuptools >= 81 has no `pkg_resources`, which `detectron2.model_zoo` imports for
-  `resource_filename` only; a minimal module providing that (from `importlib.resources`) is
-  registered when the real one is absent.
+  `resource_filename` only; a minimal module providing that (from `importlib.resources`, plus a
+  no-op `fixup_namespace_packages` for tools such as pytest) is registered when the real one is
+  absent.
 - Checkpoints: fvcore's `Checkpointer.save` / `tag_last_checkpoint` write the real file name
   directly, so a kill leaves a truncated `model_XXXXXXX.pth` or `last_checkpoint`; on local
   paths they now go through a temporary file and a rename (`loco_det.utils.atomic_write`).
@@ -71,6 +72,9 @@ def _patch_pkg_resources():
         stub.__doc__ = ("loco_det's stand-in for setuptools' removed pkg_resources: only "
                         "resource_filename (what detectron2.model_zoo needs)")
         stub.resource_filename = _resource_filename
+        # Tools that see a pkg_resources module call this (pytest's monkeypatch.syspath_prepend
+        # does); without setuptools, namespace packages are native (PEP 420): nothing to fix up.
+        stub.fixup_namespace_packages = lambda path_item, parent=None: None
         stub.LOCO_DET_STUB = True
         sys.modules["pkg_resources"] = stub
 
