@@ -246,6 +246,8 @@ def _argv_value(argv, flag):
 
 def _decoder(cfg):
     """'conv C, mlp M' of a pretraining config's MODEL.DECODER, '?' when not recorded."""
+    if _get(cfg, "MODEL.METHOD") == "supervised":
+        return "linear classifier"   # the supervised rule has no decoder (pooled res5 -> fc)
     conv, mlp = _get(cfg, "MODEL.DECODER.CONV_BLOCKS"), _get(cfg, "MODEL.DECODER.MLP_LAYERS")
     if conv is None and mlp is None:
         return "?"
