@@ -162,10 +162,16 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-_deferred = {"depth": 0, "pending": []}
+_deferred = {"depth": 0, "pending": [], "pid": None}
 
 
 def _raise_interrupted(signum, frame):
+    if os.getpid() != _deferred["pid"]:
+        # A forked child (multiprocessing pool, DataLoader worker) inherited this handler: it
+        # ends the way it would have without loco_det (its parent reports the interruption).
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     if _deferred["depth"]:
         _deferred["pending"].append(signum)  # raised when the critical section ends
         return
@@ -202,6 +208,7 @@ def interruptible():
         yield
         return
     old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    _deferred["pid"] = os.getpid()
     signal.signal(signal.SIGTERM, _raise_interrupted)
     if old[signal.SIGINT] is signal.default_int_handler:
         signal.signal(signal.SIGINT, _raise_interrupted)

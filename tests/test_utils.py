@@ -72,3 +72,19 @@ def test_interrupted_line_names_signal_and_resume_command():
                     "tools/pretrain.py --config 'a b.yaml' --resume")
     assert utils.resume_command(["--c", "x", "K", "V"], insert_at=2, script="t.py") == \
         "python t.py --c x --resume K V"
+
+
+def test_forked_child_ends_by_the_signal_not_a_traceback():
+    """multiprocessing pools terminate their (forked) workers with SIGTERM: a worker must die
+    quietly as without loco_det, not raise `Interrupted` with a traceback."""
+    import multiprocessing as mp
+    import time
+
+    with utils.interruptible():
+        ctx = mp.get_context("fork")
+        child = ctx.Process(target=time.sleep, args=(30,))
+        child.start()
+        time.sleep(0.2)
+        child.terminate()
+        child.join(10)
+    assert child.exitcode == -signal.SIGTERM

@@ -24,6 +24,8 @@ source install, real `_C`, an old numpy or a setuptools with pkg_resources, it i
   paths they now go through a temporary file and a rename (`loco_det.utils.atomic_write`).
 - fvcore's "unused keys" warning no longer lists BatchNorm's `num_batches_tracked` counters
   (converted torchvision weights carry them; FrozenBN has none; nothing is lost).
+- Detectron2's Cityscapes loader uses a thread pool instead of forking a process pool (the
+  forked workers could deadlock on a lock held at fork time).
 - Warnings about Detectron2's own code (torch.jit.script deprecation, torch.meshgrid indexing)
   that say nothing about the user's run are silenced.
 
@@ -186,11 +188,27 @@ def _patch_checkpointer():
     Checkpointer._loco_det_atomic = True
 
 
+def _patch_cityscapes_pool():
+    """Detectron2's Cityscapes loader forks a `multiprocessing.Pool` from a process that already
+    runs threads and never closes it; under load the forked workers deadlocked here (a lock held
+    at fork time) and the run hung. A thread pool has the same API, forks nothing, and the work
+    (reading JSON/PNG files) runs in parallel enough."""
+    import multiprocessing
+    from multiprocessing.pool import ThreadPool
+
+    from detectron2.data.datasets import cityscapes
+
+    cityscapes.mp = types.SimpleNamespace(Pool=ThreadPool, cpu_count=multiprocessing.cpu_count)
+
+
 def _quiet_warnings():
     # About Detectron2's code, not the user's run; they would bury the one-line errors.
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*torch\.meshgrid: in an upcoming release.*",
                             category=UserWarning)
+    # Detectron2's Cityscapes loader calls shapely's buffer(resolution=...)
+    warnings.filterwarnings("ignore", message=r"The 'resolution' argument is deprecated",
+                            category=DeprecationWarning)
 
 
 _patch_pillow()
@@ -201,6 +219,7 @@ HAS_COMPILED_OPS = _install_c_stub()
 if not HAS_COMPILED_OPS:
     _patch_coco_eval()
 _patch_checkpointer()
+_patch_cityscapes_pool()
 
 
 def has_compiled_ops():
