@@ -4,6 +4,7 @@
 test that needs real files on disk in the docs/formats.md layout uses the same data instead of
 each writing its own. Treat it as read-only: other tests share it.
 """
+import logging
 import os
 import pathlib
 
@@ -53,3 +54,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def restore_loggers():
+    """Tests that run a tool's main() in this process run Detectron2's setup_logger, which stops
+    these loggers from propagating (a later test's caplog would see nothing) and adds console
+    and file handlers; put them back as they were after every test."""
+    names = ("loco_det", "detectron2", "fvcore")
+    saved = {n: (logging.getLogger(n).propagate, list(logging.getLogger(n).handlers),
+                 logging.getLogger(n).level) for n in names}
+    yield
+    for n, (propagate, handlers, level) in saved.items():
+        logger = logging.getLogger(n)
+        for h in logger.handlers:
+            if h not in handlers:
+                h.close()
+        logger.handlers[:] = handlers
+        logger.propagate, logger.level = propagate, level

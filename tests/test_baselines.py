@@ -2,7 +2,6 @@
 tiny images): on a fine-tuning protocol the grid's random-init job trains every backbone stage
 from scratch with trainable BN; on a frozen protocol it stays frozen. And train_net refuses a
 random-init backbone with partly frozen stages."""
-import logging
 import os
 
 import pytest
@@ -16,23 +15,6 @@ FAST = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MIN
         "SOLVER.WARMUP_ITERS", "1", "SOLVER.MAX_ITER", "3", "SOLVER.STEPS", "(2,)",
         "SOLVER.CHECKPOINT_PERIOD", "1000", "SEED", "1"]
 STAGES = ("stem", "res2", "res3", "res4", "res5")
-
-
-@pytest.fixture(autouse=True)
-def restore_loggers():
-    """train.main() runs Detectron2's setup_logger in this process, which stops the loggers
-    from propagating (later tests' caplog would see nothing) and adds file handlers; undo it."""
-    names = ("loco_det", "detectron2", "fvcore")
-    saved = {n: (logging.getLogger(n).propagate, list(logging.getLogger(n).handlers),
-                 logging.getLogger(n).level) for n in names}
-    yield
-    for n, (propagate, handlers, level) in saved.items():
-        logger = logging.getLogger(n)
-        for h in logger.handlers:
-            if h not in handlers:
-                h.close()
-        logger.handlers[:] = handlers
-        logger.propagate, logger.level = propagate, level
 
 
 def _train(config, opts, out, monkeypatch):
