@@ -7,6 +7,9 @@ STAMP := $(VENV)/.loco_det-installed
 DEMO_GRID ?= det_configs/grids/demo.yaml
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
+# pytest-xdist workers: most tests wait on one single-threaded subprocess, so two workers use
+# both cores (measured: 13m52s with one, 7m25s with two on 2 cores).
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test clean-demo
 
@@ -26,7 +29,7 @@ endif
 	$(PY) tools/run_benchmark.py $(DEMO_GRID) --out $(DEMO_OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

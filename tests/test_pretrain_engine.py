@@ -171,6 +171,18 @@ def test_bad_input_one_line_and_output_untouched(case, straight_run, data16, tmp
         assert rc == 1 and not fresh.exists()
 
 
+def test_resume_at_the_last_step_reports_the_final_losses(straight_run, data16, tmp_path):
+    """Killed after the last checkpoint but before summary.json: the resume runs no step, yet
+    its summary gives the same final losses (kept in the checkpoint) as the straight run."""
+    import shutil
+
+    for name in ("checkpoint_last.pth", "config.yaml", "run_info.json", "metrics.jsonl"):
+        shutil.copy(straight_run[0] / name, tmp_path / name)
+    summary = train(tiny_cfg(data16), str(tmp_path), resume=True)
+    assert summary["steps"] == 4
+    assert summary["final_losses"] == straight_run[1]["final_losses"] is not None
+
+
 def test_resume_accepts_changed_run_only_keys(straight_run, data16):
     """Run-only keys (loco_det/fingerprint.py) may change on resume; the fingerprint ignores them
     and the seed, and is recorded in the checkpoint and run_info.json."""

@@ -244,7 +244,7 @@ def encoder_state(model):
 
 
 def save_checkpoint(path, model, optimizer, scheduler, cfg, env, epoch, step, steps_per_epoch,
-                    bad_indices, wall_time_s):
+                    bad_indices, wall_time_s, last_log=None):
     """Gather every rank's RNG state, then rank 0 writes the checkpoint atomically."""
     if env.distributed:
         average_buffers(model, env.world_size)
@@ -268,6 +268,7 @@ def save_checkpoint(path, model, optimizer, scheduler, cfg, env, epoch, step, st
         "rng": rng,                          # one entry per rank
         "bad_images": sorted(bad_indices),
         "wall_time_s": wall_time_s,
+        "last_log": last_log,                # the last metrics.jsonl record (final losses)
     }
     with atomic_write(path) as f:
         torch.save(ckpt, f)
@@ -433,7 +434,7 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
     epochs = cfg.OPTIM.EPOCHS
     total_steps = epochs * steps_per_epoch
 
-    start_step, bad, wall_before = 0, set(), 0.0
+    start_step, bad, wall_before, last_logged = 0, set(), 0.0, None
     if ckpt is not None:
         model.encoder.load_state_dict(ckpt["encoder"])
         model.decoders.load_state_dict(ckpt["decoders"])
@@ -442,6 +443,7 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
         start_step = ckpt["step"]
         bad = set(ckpt.get("bad_images", []))
         wall_before = ckpt.get("wall_time_s", 0.0)
+        last_logged = ckpt.get("last_log")
         rng = ckpt["rng"]
         set_rng_state(rng[env.rank] if len(rng) == env.world_size else rng[0], env.device)
         del ckpt
@@ -473,14 +475,14 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
     try:
         return _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sampler,
                      loader, logger, start_step, steps_per_epoch, total_steps, bad, wall_before,
-                     t_start, stop_after_steps, knn)
+                     t_start, stop_after_steps, knn, last_logged)
     finally:
         logger.close()
 
 
 def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sampler, loader,
           logger, start_step, steps_per_epoch, total_steps, bad, wall_before, t_start,
-          stop_after_steps, knn=None):
+          stop_after_steps, knn=None, last_logged=None):
     epochs = cfg.OPTIM.EPOCHS
     ckpt_path = os.path.join(output_dir, CHECKPOINT)
     units = list(model.unit_names)
@@ -489,7 +491,7 @@ def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sa
     memory_format = (torch.channels_last if env.device.type == "cuda" and cfg.RUN.CHANNELS_LAST
                      else torch.contiguous_format)
     step = start_step
-    last = None
+    last = last_logged   # a run resumed at its end still reports its final losses
     window = {"loss": torch.zeros(len(units) + 1, dtype=torch.float64), "t": time.time()}
 
     def note_bad(indices):
@@ -508,7 +510,7 @@ def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sa
 
     def checkpoint(done_epochs):
         save_checkpoint(ckpt_path, model, optimizer, scheduler, cfg, env, done_epochs, step,
-                        steps_per_epoch, bad, wall_before + time.time() - t_start)
+                        steps_per_epoch, bad, wall_before + time.time() - t_start, last)
 
     def log(lr):
         stats = window["loss"].clone()
