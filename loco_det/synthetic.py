@@ -32,7 +32,7 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .utils import LocoError, atomic_write
+from .utils import LocoError, atomic_write, remove_stale_temps, temp_prefix
 
 GENERATOR = "loco_det.synthetic"
 FORMAT_VERSION = 3  # 2: a main object per scene; 3: + VOC view and labelTrainIds
@@ -647,7 +647,10 @@ def generate(out, seed, n_train, n_val, height, width, params=None, overwrite=Fa
                             f"{', '.join(diff)}); pass --overwrite to replace it")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp_" + os.path.basename(out) + ".")
+    old_name = os.path.join(parent, os.path.basename(out) + "_old")
+    for leftover in (out, old_name):  # folders of earlier generator runs that were killed
+        remove_stale_temps(leftover)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=temp_prefix(out))
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -658,7 +661,7 @@ def generate(out, seed, n_train, n_val, height, width, params=None, overwrite=Fa
         meta = dict(req, counts=counts)
         _write_json(os.path.join(tmp, "meta.json"), meta, indent=2)
         if os.path.exists(out):
-            old = tempfile.mkdtemp(dir=parent, prefix=".tmp_old_" + os.path.basename(out) + ".")
+            old = tempfile.mkdtemp(dir=parent, prefix=temp_prefix(old_name))
             os.rename(out, os.path.join(old, "data"))
             os.rename(tmp, out)
             shutil.rmtree(old)

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,8 +40,8 @@ def _pid_alive(pid):
 
 
 def remove_stale_temps(path):
-    """Remove temporary files that `atomic_write(path)` calls of dead processes on this host left
-    beside `path` (SIGKILL, power loss). Files of live writers and of other hosts (a shared file
+    """Remove temporary files (or folders named by `temp_prefix`) that dead processes on this
+    host left beside `path` (SIGKILL, power loss). Files of live writers and of other hosts (a shared file
     system) are kept. Returns the removed paths."""
     directory = os.path.dirname(os.path.abspath(path))
     host_prefix = temp_prefix(path, pid=0)[:-2]  # ".tmp_<name>.<host>-"
@@ -50,7 +51,10 @@ def remove_stale_temps(path):
         if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
             continue
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            if os.path.isdir(tmp) and not os.path.islink(tmp):  # a temporary folder
+                shutil.rmtree(tmp)
+            else:
+                os.unlink(tmp)
             removed.append(tmp)
     return removed
 

@@ -151,12 +151,17 @@ def test_conversion_survives_kills_identical_file(tmp_path):
         # The conversion itself takes a fraction of a second after ~3 s of imports: kill
         # anywhere in the whole run (start-up included).
         proc = subprocess.Popen(cmd + [str(out)], cwd=tmp_path, env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         delay = RNG.uniform(0, 6.0)
         time.sleep(delay)
         if proc.poll() is None:
             proc.send_signal(sig)
-        history.append((signal.Signals(sig).name, round(delay, 2), proc.wait(timeout=120)))
+        _, err = proc.communicate(timeout=120)
+        history.append((signal.Signals(sig).name, round(delay, 2), proc.returncode))
+        assert "Traceback" not in err, (history, err[-3000:])
+        if sig != signal.SIGKILL and proc.returncode == 128 + sig:  # interrupted: one line
+            lines = [l for l in err.splitlines() if l.startswith("interrupted by ")]
+            assert len(lines) == 1 and signal.Signals(sig).name in lines[0], (history, err)
         if out.exists():  # whatever is under the real name is a whole, identical file
             assert out.read_bytes() == (tmp_path / "ref.pkl").read_bytes(), history
     final = subprocess.run(cmd + [str(out)], cwd=tmp_path, env=_env(), capture_output=True,

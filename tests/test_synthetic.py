@@ -253,3 +253,22 @@ def test_cli(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--size", "64"])
+
+
+def test_generator_removes_folders_left_by_a_killed_run(tmp_path):
+    """A generator run killed with SIGKILL leaves its `.tmp_*` folder (and, while replacing a
+    dataset, the old one); the next run removes those of dead processes, not a live writer's."""
+    from loco_det.utils import temp_prefix
+
+    out = tmp_path / "loco_synth"
+    dead_pid = 2 ** 22 + 1  # above Linux's pid_max: no such process
+    stale = [tmp_path / (temp_prefix(str(out), pid=dead_pid) + "abc"),
+             tmp_path / (temp_prefix(str(out) + "_old", pid=dead_pid) + "def")]
+    live = tmp_path / (temp_prefix(str(out), pid=os.getppid()) + "ghi")
+    for d in stale + [live]:
+        (d / "coco").mkdir(parents=True)
+        (d / "coco" / "half.png").write_bytes(b"x")
+    synthetic.generate(str(out), seed=0, n_train=2, n_val=1, height=32, width=40)
+    assert not any(d.exists() for d in stale)
+    assert live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["loco_synth", live.name])

@@ -68,13 +68,14 @@ def main(argv=None):
     # which would bury the one-line result/error of this tool.
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
                             category=FutureWarning)
-    from loco_det.utils import LocoError
+    from loco_det.utils import LocoError, interruptible
 
     try:
         from loco_det.detection.convert import convert
 
-        result = convert(args.input, args.output, prefix=args.prefix, verify=args.verify,
-                         take=args.take)
+        with interruptible():  # SIGTERM like Ctrl-C: one line from run_tool, no partial output
+            result = convert(args.input, args.output, prefix=args.prefix, verify=args.verify,
+                             take=args.take)
     except LocoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -97,4 +98,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from loco_det.utils import run_tool
+
+    sys.exit(run_tool(main))
