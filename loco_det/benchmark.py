@@ -381,8 +381,8 @@ def expand(grid, out):
                 requires=[weights]))
             sources.append((PUBLISHED_NAME, PUBLISHED_LABEL, pkl, conv.id))
     elif det.get("configs"):
-        supervised_missing = ("no supervised-ImageNet weights given in the grid "
-                              "(detection.supervised_weights): supervised baseline not run")
+        supervised_missing = ("no published supervised-ImageNet weights given in the grid "
+                              "(detection.supervised_weights): that baseline is not run")
         notes.append(supervised_missing)
 
     det_res = det.get("resources")
