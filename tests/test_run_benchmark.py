@@ -205,7 +205,7 @@ def test_demo_grid_and_reduced_profile(tmp_path):
         assert res.returncode == 0, res.stderr
         assert res.stdout.splitlines()[-1] == ("# 40 jobs: 1 data, 4 pretrain, 5 readout, "
                                                "5 knn, 4 convert, 20 detection, 1 report")
-        assert "no supervised-ImageNet weights" in res.stdout
+        assert "no published supervised-ImageNet weights" in res.stdout
     ids = lambda r: [l.split()[3] for l in r.stdout.splitlines() if l.startswith("# [")]
     assert ids(full) == ids(reduced)   # the same jobs, the same code path
     cmds = [shlex.split(l) for l in reduced.stdout.splitlines() if not l.startswith("#")]
@@ -417,7 +417,7 @@ def test_supervised_weights_missing(fake_repo, capsys):
     out = fake_repo["out"]
     assert tool.main([str(path), "--out", str(out), "-q"]) == 0
     text = capsys.readouterr().out
-    assert "note: no supervised-ImageNet weights given in the grid" in text
+    assert "note: no published supervised-ImageNet weights given in the grid" in text
     md = (out / "report.md").read_text()
     line = next(l for l in md.splitlines() if l.startswith("| supervised (published weights) |"))
     assert "missing" in line
