@@ -42,6 +42,22 @@ def _wait_for(path, marker, proc, timeout=240):
     raise AssertionError(f"{marker!r} not seen in {path} within {timeout} s")
 
 
+def _wait_for_torch(proc, timeout=120):
+    """Wait until `proc` has started importing torch, i.e. runs the tool's `main` (every tool
+    imports torch inside `run_tool`). Before that the Python interpreter itself is starting:
+    a SIGINT there ends in CPython's own "init_import_site" traceback, which no Python program
+    can catch, so only SIGKILL is sent that early."""
+    deadline = time.time() + timeout
+    maps = f"/proc/{proc.pid}/maps"
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if "libtorch" in open(maps).read():
+                return
+        except OSError:  # the process ended between poll() and open()
+            return
+        time.sleep(0.01)
+
+
 def kill_and_resume(cmd, workdir, marker, max_delay, env, rounds=SIGNALS, done_markers=()):
     """Start `cmd` once per signal in `rounds`, wait for `marker` in its output, sleep a random
     time in [0, max_delay] s, send the signal, and check how the process ended. Returns the
@@ -148,10 +164,12 @@ def test_conversion_survives_kills_identical_file(tmp_path):
     stale.write_bytes(b"partial")
     history = []
     for sig in SIGNALS + (signal.SIGKILL,):
-        # The conversion itself takes a fraction of a second after ~3 s of imports: kill
-        # anywhere in the whole run (start-up included).
+        # The conversion itself takes a fraction of a second after ~3 s of imports: SIGKILL
+        # anywhere in the whole run; SIGTERM/SIGINT anywhere once the tool's own code runs.
         proc = subprocess.Popen(cmd + [str(out)], cwd=tmp_path, env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if sig != signal.SIGKILL:
+            _wait_for_torch(proc)
         delay = RNG.uniform(0, 6.0)
         time.sleep(delay)
         if proc.poll() is None:
