@@ -96,6 +96,14 @@ _C.OPTIM = CfgNode()
 _C.OPTIM.NAME = "lars"
 # Global batch over all processes (views are twice this). Must divide by the world size.
 _C.OPTIM.BATCH_SIZE = 4096
+# Exact gradient accumulation for every rule (GradCache, Gao et al. 2021): each process's batch
+# (BATCH_SIZE / world size images) is split into this many equal micro-batches that run one at a
+# time, so that activation memory is that of one micro-batch; every unit's loss still sees all
+# negatives of the global batch. Gradients equal those of one full-batch step except for
+# BatchNorm, whose batch statistics (and running-statistics updates) are per micro-batch. Costs
+# about one extra forward per step (README, "Gradient accumulation"). 1: off. The per-process
+# batch must divide by it.
+_C.OPTIM.ACCUM_STEPS = 1
 # Learning rate per 256 images of global batch: lr = BASE_LR * BATCH_SIZE / 256 (SimCLR).
 _C.OPTIM.BASE_LR = 0.3
 _C.OPTIM.WEIGHT_DECAY = 1e-6
@@ -187,6 +195,13 @@ def validate(cfg):
                 raise ConfigError(f"MODEL.DECODER.{key.upper()}={value} does not apply to "
                                   f"MODEL.METHOD=supervised (one linear classifier on pooled "
                                   f"res5); leave it at {default}")
+    accum = cfg.OPTIM.ACCUM_STEPS
+    if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
+        raise ConfigError(f"OPTIM.ACCUM_STEPS: {accum!r} must be a positive integer")
+    if cfg.OPTIM.BATCH_SIZE % accum:
+        raise ConfigError(f"OPTIM.ACCUM_STEPS={accum} does not divide OPTIM.BATCH_SIZE="
+                          f"{cfg.OPTIM.BATCH_SIZE}: each process's batch must split into equal "
+                          f"micro-batches")
     steps = list(cfg.OPTIM.LR_STEPS)
     if cfg.OPTIM.SCHEDULE == "step":
         if not steps or steps != sorted(set(steps)) or steps[0] < 1 \

@@ -399,6 +399,11 @@ def train(cfg, output_dir, resume=False, stop_after_steps=None, config_file=None
         raise ConfigError(f"OPTIM.BATCH_SIZE={cfg.OPTIM.BATCH_SIZE} does not divide by the "
                           f"world size {env.world_size}: batch sizes are global, choose a "
                           f"multiple of {env.world_size}")
+    local_batch = cfg.OPTIM.BATCH_SIZE // env.world_size
+    if local_batch % cfg.OPTIM.ACCUM_STEPS:
+        raise ConfigError(f"OPTIM.ACCUM_STEPS={cfg.OPTIM.ACCUM_STEPS} does not divide the batch "
+                          f"of each process, {local_batch} (OPTIM.BATCH_SIZE="
+                          f"{cfg.OPTIM.BATCH_SIZE} on {env.world_size} processes)")
     env.init()
     try:
         return _train(cfg, output_dir, resume, stop_after_steps, config_file, env)
@@ -535,7 +540,8 @@ def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sa
         view2 = view2.to(env.device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = labels.to(env.device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        losses = model.forward_backward(view1, view2, labels)
+        losses = model.forward_backward(view1, view2, labels,
+                                        accum_steps=cfg.OPTIM.ACCUM_STEPS)
         if not all(math.isfinite(v) for v in losses.values()):
             raise LocoError(f"non-finite loss at step {step + 1} ({losses}); lower "
                             f"OPTIM.BASE_LR or check the data")

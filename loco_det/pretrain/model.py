@@ -293,6 +293,15 @@ def apply_schedule(segments, schedule, num_pieces):
     first.stem = schedule.endswith("_stem") and first.atoms[0] == "stem" and len(first.atoms) > 1
 
 
+def check_accum_steps(batch, accum_steps):
+    """A batch of `batch` images splits into `accum_steps` equal micro-batches, or ValueError."""
+    if not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"accum_steps must be a positive integer, got {accum_steps!r}")
+    if batch % accum_steps:
+        raise ValueError(f"a batch of {batch} images does not split into {accum_steps} equal "
+                         f"micro-batches (accum_steps={accum_steps})")
+
+
 # ----------------------------------------------------------------------------- the engine
 class PretrainModel(nn.Module):
     """Encoder + one decoder per unit of a learning rule (rules.py); `forward_backward` is one
@@ -327,6 +336,9 @@ class PretrainModel(nn.Module):
         self.loco_schedule = loco_schedule
         # When set (e.g. torch.bfloat16), forwards run under torch.autocast; backwards outside.
         self.autocast_dtype = None
+        # False during all but the last micro-batch of an accumulated step: gradients are final
+        # (and a grads_ready_hook may fire) only in the last micro-batch's replay.
+        self.last_micro_batch = True
         self.encoder = build_encoder(arch)
         self.units = tuple(tuple(u.pieces) for u in rule.units)
         self.unit_names = [f"unit{k + 1}" for k in range(len(self.units))]
@@ -387,10 +399,17 @@ class PretrainModel(nn.Module):
     def _params(self, atoms):
         return [p for m in self._seg_modules(atoms) for p in m.parameters() if p.requires_grad]
 
-    def _loss(self, k, h, labels):
+    def _loss(self, k, h, labels, cached=None):
+        """Unit k's loss on the output `h` of its top segment. `cached` (GradCache replay): the
+        full batch's loss gradient w.r.t. these embeddings, which replaces the loss by the
+        surrogate (z * cached).sum() (same gradient w.r.t. everything below z)."""
         with self._autocast(h):
             z = self.decoders[k](h)
-        loss = self.rule.loss(z, labels)
+        if cached is not None:
+            return (z.float() * cached.float()).sum()
+        return self._check_loss(k, self.rule.loss(z, labels))
+
+    def _check_loss(self, k, loss):
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
             raise RuleError(f"method {self.method!r}: the loss of unit {k + 1} returned "
                             f"{type(loss).__name__}"
@@ -407,13 +426,17 @@ class PretrainModel(nn.Module):
         return feats
 
     # -- one step ------------------------------------------------------------------------------
-    def forward_backward(self, view1, view2, labels=None):
+    def forward_backward(self, view1, view2, labels=None, accum_steps=1):
         """Compute every unit's loss on two batches of views of the same images, accumulate all
         gradients into `.grad`, and return {"unit1": loss, ...} as floats.
 
         Both views go through the encoder as one 2N batch, so BatchNorm sees both (SimCLR);
         a rule with views=1 uses view1 only. `labels` (N ImageFolder class indices) are passed
-        to the rule's loss (the supervised rule needs them)."""
+        to the rule's loss (the supervised rule needs them).
+
+        accum_steps > 1: exact gradient accumulation (GradCache, Gao et al. 2021) over that many
+        micro-batches of N / accum_steps images (both views of each): every unit's loss still
+        sees the whole batch's negatives. See `_accumulate`."""
         if view1.shape != view2.shape:
             raise ValueError(f"views differ in shape: {tuple(view1.shape)} vs {tuple(view2.shape)}")
         n = view1.shape[0]
@@ -421,13 +444,74 @@ class PretrainModel(nn.Module):
             raise ValueError(f"{n} views need {n} labels, got {tuple(labels.shape)}")
         if labels is None and self.method == "supervised":
             raise ValueError(f"method 'supervised' needs {n} labels, got None")
-        x = torch.cat([view1, view2], dim=0) if self.rule.views == 2 else view1
+        check_accum_steps(n, accum_steps)
         if labels is not None:
-            labels = labels.to(x.device)
-        return {name: float(loss)
-                for name, loss in zip(self.unit_names, self._step(x, labels))}
+            labels = labels.to(view1.device)
+        if accum_steps > 1:
+            losses = self._accumulate(view1, view2, labels, accum_steps)
+        else:
+            x = torch.cat([view1, view2], dim=0) if self.rule.views == 2 else view1
+            losses = self._step(x, labels)
+        return {name: float(loss) for name, loss in zip(self.unit_names, losses)}
 
-    def _step(self, x, labels):
+    def _micro_batch(self, view1, view2, labels, i, m):
+        """Micro-batch i of size m: its slice of view1 and the same slice of view2 (positives
+        stay paired), in the order the loss expects ([view1 part; view2 part])."""
+        part = slice(i * m, (i + 1) * m)
+        x = torch.cat([view1[part], view2[part]]) if self.rule.views == 2 else view1[part]
+        return x, None if labels is None else labels[part]
+
+    def _accumulate(self, view1, view2, labels, accum_steps):
+        """GradCache: (1) every micro-batch's embeddings of every unit, without a graph and
+        without moving BN running statistics (batch statistics per micro-batch, as the replay
+        uses); (2) per unit, the loss of the whole batch and its gradient w.r.t. all embeddings,
+        once; (3) each micro-batch replayed through the unchanged `_step` schedule with each
+        unit's loss replaced by (z * cached gradient).sum(): the gradients accumulate into
+        `.grad` and equal the full batch's, up to BN (statistics per micro-batch; running
+        statistics move once per micro-batch). Returns the full batch's losses."""
+        n, m = view1.shape[0], view1.shape[0] // accum_steps
+        micro = [self._micro_batch(view1, view2, labels, i, m) for i in range(accum_steps)]
+        with torch.no_grad(), frozen_bn_stats(self):
+            embeddings = [self._embeddings(x) for x, _ in micro]
+        losses, cached = [], []
+        for k in range(len(self.units)):
+            parts = [z[k] for z in embeddings]
+            if self.rule.views == 2:  # [view1 all; view2 all], as one full-batch step
+                parts = [z[:m] for z in parts] + [z[m:] for z in parts]
+            z = torch.cat(parts).requires_grad_()
+            loss = self._check_loss(k, self.rule.loss(z, labels))
+            (grad,) = torch.autograd.grad(loss, z)
+            losses.append(loss.detach())
+            if self.rule.views == 2:
+                cached.append([torch.cat([grad[i * m:(i + 1) * m], grad[n + i * m:n + (i + 1) * m]])
+                               for i in range(accum_steps)])
+            else:
+                cached.append([grad[i * m:(i + 1) * m] for i in range(accum_steps)])
+            del parts, z, loss, grad
+        del embeddings
+        try:
+            for i, (x, y) in enumerate(micro):
+                # Gradients are final only in the last replay (grads_ready_hook fires then).
+                self.last_micro_batch = i == accum_steps - 1
+                self._step(x, y, cached=[c[i] for c in cached])
+        finally:
+            self.last_micro_batch = True
+        return losses
+
+    def _embeddings(self, x):
+        """Every unit's decoder output on batch x (plain forward; call without a graph)."""
+        tops = {unit[-1]: k for k, unit in enumerate(self.units)}
+        out = [None] * len(self.units)
+        for piece, atoms in enumerate(piece_atoms(self.encoder, self.rule.granularity)):
+            x = self._run_atoms(atoms, x)
+            if piece in tops:
+                with self._autocast(x):
+                    out[tops[piece]] = self.decoders[tops[piece]](x)
+        return out
+
+    def _step(self, x, labels, cached=None):
+        """One pass of the schedule over batch x; returns the units' losses. `cached` (one
+        tensor per unit) replaces each unit's loss by its GradCache surrogate (`_loss`)."""
         segs = self.segments
         st = _StepState(len(segs))
         losses = []
@@ -441,13 +525,13 @@ class PretrainModel(nn.Module):
             seg = segs[top]
             if seg.members == (k,):
                 # The top segment is this unit's alone: one backward through decoder and it.
-                loss = self._loss(k, st.out[top], labels)
+                loss = self._loss(k, st.out[top], labels, None if cached is None else cached[k])
                 loss.backward()
                 g = st.inp[top].grad if seg.needs_input_grad else None
                 self._finish(st, top, x)
             else:
                 leaf = st.out[top].detach().requires_grad_()
-                loss = self._loss(k, leaf, labels)
+                loss = self._loss(k, leaf, labels, None if cached is None else cached[k])
                 loss.backward()
                 g = self._through(st, top, k, leaf.grad, x)
                 del leaf

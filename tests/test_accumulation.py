@@ -1,0 +1,184 @@
+"""Exact gradient accumulation (OPTIM.ACCUM_STEPS, GradCache): with BatchNorm on fixed
+statistics, ACCUM_STEPS micro-batches give the full batch's gradients and losses for every rule
+and schedule; with batch statistics, BN running statistics move once per micro-batch; a batch
+that does not split is one clear error; one engine step with ACCUM_STEPS=2 runs end to end."""
+import copy
+
+import pytest
+import torch
+import yaml
+
+from loco_det.pretrain.config import load_config
+from loco_det.pretrain.engine import train
+from loco_det.pretrain.model import build_model
+from loco_det.utils import ConfigError
+
+from test_pretrain_data import make_folder
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def views(batch=8, size=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 3, size, size, generator=gen),
+            torch.randn(batch, 3, size, size, generator=gen))
+
+
+def fixed_bn_model(method, schedule="fused", labels=None, **kwargs):
+    """A resnet18 model whose BN layers use (and keep) running statistics, moved away from
+    their initial values by one training step so that fixed-statistics BN is not trivial."""
+    torch.manual_seed(0)
+    model = build_model(method, "resnet18", loco_schedule=schedule, **kwargs)
+    model.forward_backward(*views(seed=1), labels)
+    return model.eval()
+
+
+def step(model, accum_steps, labels=None):
+    model.zero_grad(set_to_none=True)
+    losses = model.forward_backward(*views(), labels, accum_steps=accum_steps)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return losses, grads
+
+
+def assert_same_grads(a, b):
+    assert a.keys() == b.keys() and a
+    for name in a:
+        scale = b[name].abs().max().item() + 1e-12
+        torch.testing.assert_close(a[name] / scale, b[name] / scale, rtol=0, atol=2e-5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("method,schedule", [("e2e", "fused"), ("gim", "fused"),
+                                             ("loco", "fused"), ("loco", "recompute"),
+                                             ("loco", "hybrid_stem")])
+def test_accumulated_gradients_equal_full_batch(method, schedule):
+    """4 micro-batches of 2 images = one batch of 8: every encoder and decoder gradient and
+    every unit's loss (each loss sees all 16 views' negatives)."""
+    model = fixed_bn_model(method, schedule)
+    full_losses, full = step(model, 1)
+    accum_losses, accum = step(model, 4)
+    assert accum_losses.keys() == full_losses.keys() == set(model.unit_names)
+    for unit in full_losses:
+        assert accum_losses[unit] == pytest.approx(full_losses[unit], rel=1e-6)
+    assert_same_grads(accum, full)
+    assert any(n.startswith("decoders.") for n in full) and any(n.startswith("encoder.")
+                                                                for n in full)
+
+
+@pytest.mark.parametrize("supervised_views", [1, 2])
+def test_accumulated_supervised_equals_full_batch(supervised_views):
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 2, 1])
+    model = fixed_bn_model("supervised", labels=labels, num_classes=3,
+                           supervised_views=supervised_views)
+    full_losses, full = step(model, 1, labels)
+    accum_losses, accum = step(model, 2, labels)
+    assert accum_losses["unit1"] == pytest.approx(full_losses["unit1"], rel=1e-6)
+    assert_same_grads(accum, full)
+
+
+def test_accumulated_block_rule_equals_full_batch():
+    model = fixed_bn_model("loco_blocks", "fused_stem")
+    full_losses, full = step(model, 1)
+    accum_losses, accum = step(model, 2)
+    assert accum_losses == pytest.approx(full_losses, rel=1e-6)
+    assert_same_grads(accum, full)
+
+
+def test_accumulated_gradients_add_to_kept_ones():
+    """Like a plain step, an accumulated step adds into existing .grad."""
+    model = fixed_bn_model("loco", "fused_stem")
+    _, once = step(model, 2)
+    model.forward_backward(*views(), accum_steps=2)
+    for name, p in model.named_parameters():
+        if name in once:
+            torch.testing.assert_close(p.grad, 2 * once[name])
+
+
+def test_batch_statistics_per_micro_batch():
+    """In train mode BN normalises each micro-batch with its own statistics, and running
+    statistics move once per micro-batch (the embedding pass leaves them alone): after one
+    accumulated step the encoder's BN buffers are those of plain forwards of the micro-batches,
+    in order, each of its slice of view1 followed by the same slice of view2."""
+    torch.manual_seed(0)
+    model = build_model("loco", "resnet18", loco_schedule="hybrid_stem")
+    plain = copy.deepcopy(model.encoder)
+    v1, v2 = views()
+    model.forward_backward(v1, v2, accum_steps=2)
+    with torch.no_grad():
+        for part in (slice(0, 4), slice(4, 8)):
+            plain(torch.cat([v1[part], v2[part]]))
+    for (name, a), b in zip(model.encoder.named_buffers(), plain.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_only_the_last_micro_batch_is_final(monkeypatch):
+    """`last_micro_batch` (checked before announcing final gradients) is True only during the
+    last replay, and again after the step."""
+    model = build_model("gim", "resnet18")
+    seen = []
+    replay = model._step
+
+    def spy(x, labels, cached=None):
+        seen.append((cached is not None, model.last_micro_batch, x.shape[0]))
+        return replay(x, labels, cached)
+    monkeypatch.setattr(model, "_step", spy)
+    model.forward_backward(*views(), accum_steps=4)
+    assert seen == [(True, False, 4), (True, False, 4), (True, False, 4), (True, True, 4)]
+    assert model.last_micro_batch
+    seen.clear()
+    model.forward_backward(*views())
+    assert seen == [(False, True, 16)]
+
+
+def test_indivisible_batch_is_an_error_naming_the_numbers():
+    model = build_model("e2e", "resnet18")
+    with pytest.raises(ValueError, match=r"batch of 8 images does not split into 3 .*"
+                                         r"accum_steps=3"):
+        model.forward_backward(*views(), accum_steps=3)
+    with pytest.raises(ConfigError, match=r"OPTIM.ACCUM_STEPS=3 does not divide "
+                                          r"OPTIM.BATCH_SIZE=8"):
+        load_config(None, ["OPTIM.BATCH_SIZE=8", "OPTIM.ACCUM_STEPS=3"])
+    with pytest.raises(ConfigError, match=r"OPTIM.ACCUM_STEPS: 0 must be a positive integer"):
+        load_config(None, ["OPTIM.ACCUM_STEPS=0"])
+
+
+def test_per_process_batch_must_divide(tmp_path, monkeypatch):
+    """8 images on 2 processes: 4 per process do not split into 8 micro-batches; nothing is
+    written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    cfg = load_config(None, ["OPTIM.BATCH_SIZE=8", "OPTIM.ACCUM_STEPS=8"])
+    with pytest.raises(ConfigError, match=r"OPTIM.ACCUM_STEPS=8 does not divide the batch of "
+                                          r"each process, 4 \(OPTIM.BATCH_SIZE=8 on 2 "):
+        train(cfg, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_accum_steps_is_part_of_the_fingerprint():
+    from loco_det.fingerprint import PRETRAIN_RUN_ONLY, pretrain_fingerprint
+
+    assert "OPTIM.ACCUM_STEPS" not in PRETRAIN_RUN_ONLY
+    one = load_config(None, ["SEED=0", "OPTIM.BATCH_SIZE=8"])
+    two = load_config(None, ["SEED=0", "OPTIM.BATCH_SIZE=8", "OPTIM.ACCUM_STEPS=2"])
+    assert pretrain_fingerprint(one) != pretrain_fingerprint(two)
+
+
+def test_engine_step_with_accumulation(tmp_path):
+    """One optimizer step through the training loop with ACCUM_STEPS=2: finite losses logged,
+    a checkpoint whose config records the key."""
+    import json
+
+    root = make_folder(tmp_path / "data", n_per_class=4)
+    cfg = load_config(None, [f"DATA.ROOT={root}", "MODEL.METHOD=loco", "MODEL.ARCH=resnet18",
+                             "SEED=1", "DATA.IMAGE_SIZE=32", "OPTIM.BATCH_SIZE=8",
+                             "OPTIM.ACCUM_STEPS=2", "OPTIM.EPOCHS=1", "OPTIM.WARMUP_EPOCHS=0",
+                             "DATA.NUM_WORKERS=0", "RUN.LOG_PERIOD=1"])
+    out = tmp_path / "run"
+    summary = train(cfg, str(out))
+    assert summary["finished"] and summary["steps"] == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1]
+    assert all(torch.isfinite(torch.tensor(records[0][f"loss/unit{k}"])) for k in (1, 2, 3))
+    ckpt = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=True)
+    assert yaml.safe_load(ckpt["config"])["OPTIM"]["ACCUM_STEPS"] == 2
+
