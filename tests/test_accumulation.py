@@ -182,3 +182,49 @@ def test_engine_step_with_accumulation(tmp_path):
     ckpt = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=True)
     assert yaml.safe_load(ckpt["config"])["OPTIM"]["ACCUM_STEPS"] == 2
 
+
+
+# ---- tools/bench_pretrain.py: --accumulate and --accum-steps ----------------------------------
+
+def test_bench_kept_gradients_and_accumulation_rows(capsys):
+    """One run measures both gradient modes (two tables) and the "/accum2" rows beside their
+    own rows; "kept" zeroes existing buffers in place instead of dropping them."""
+    import importlib.util
+    import pathlib
+    import re
+
+    from loco_det.pretrain import bench
+
+    model = build_model("gim", "resnet18")
+    bench.prepare_grads(model, "kept")
+    buffers = [p.grad for p in model.parameters()]
+    assert all(g is not None and not g.any() for g in buffers)
+    model.forward_backward(*views(batch=2))
+    bench.prepare_grads(model, "kept")
+    assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), buffers))
+    bench.prepare_grads(model, "none")
+    assert all(p.grad is None for p in model.parameters())
+    assert bench.variants(["fused"], 2) == ["e2e", "e2e/accum2", "gim", "gim/accum2",
+                                            "loco:fused", "loco:fused/accum2", "bare"]
+    assert bench.step_kwargs("loco:fused/accum2") == {"accum_steps": 2}
+    assert bench.step_kwargs("loco:fused") == {}
+
+    tool = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_pretrain.py"
+    spec = importlib.util.spec_from_file_location("bench_pretrain_cli_accum", tool)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--arch", "resnet18", "--image-size", "32", "--batch", "2", "--rounds", "1",
+                     "--warmup", "0", "--threads", "1", "--no-memory", "--loco-schedule",
+                     "fused", "--accumulate", "--accum-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    tables = out.split("bench_pretrain: ")[1:]
+    assert len(tables) == 2
+    assert "None (zero_grad(set_to_none=True))" in tables[0]
+    assert "zero_grad(set_to_none=False)" in tables[1]
+    for table in tables:
+        for name in ["e2e", "e2e/accum2", "gim/accum2", "loco:fused", "loco:fused/accum2"]:
+            assert re.search(rf"^{re.escape(name)}(\s+[\d.]+){{5}}$", table, re.M), name
+        assert re.search(r"^  loco:fused\s+time x[\d.]+\s+cpu x[\d.]+$", table, re.M)
+    with pytest.raises(SystemExit):
+        cli.main(["--batch", "3", "--accum-steps", "2"])
+    assert "--accum-steps 2 does not divide --batch 3" in capsys.readouterr().err

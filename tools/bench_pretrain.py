@@ -19,6 +19,13 @@ Examples:
   # on a GPU (memory from torch.cuda.max_memory_allocated), bf16 autocast
   python tools/bench_pretrain.py --device cuda --batch 128 --amp
 
+  # gradients kept and accumulated (zero_grad(set_to_none=False)) beside .grad=None, one run:
+  # two tables, each with its ratios against e2e
+  python tools/bench_pretrain.py --accumulate --loco-schedule fused_stem --rounds 5
+
+  # exact gradient accumulation: every variant with 4 micro-batches beside one full batch
+  python tools/bench_pretrain.py --accum-steps 4 --loco-schedule fused_stem
+
   # stage shares of FLOPs / activations against the paper's table, decoder costs
   python tools/bench_pretrain.py --analyze --arch resnet50 --image-size 224
 """
@@ -51,14 +58,23 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, help="intra-op CPU threads (default: torch's)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for every variant")
     parser.add_argument("--no-memory", action="store_true", help="time only")
+    parser.add_argument("--accumulate", action="store_true",
+                        help="also measure every variant with its gradients kept and zeroed in "
+                             "place before each step (zero_grad(set_to_none=False)), in the same "
+                             "rounds; prints a second table")
+    parser.add_argument("--accum-steps", type=int, default=1, metavar="N",
+                        help="add a row per variant running forward_backward(accum_steps=N) "
+                             "(exact gradient accumulation over N micro-batches) beside it")
     parser.add_argument("--seed", type=int, default=0, help="weights and inputs")
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
     parser.add_argument("--analyze", action="store_true",
                         help="fvcore FLOPs/activations per stage and decoder costs; no timing")
     args = parser.parse_args(argv)
-    for name in ("image_size", "batch", "rounds"):
+    for name in ("image_size", "batch", "rounds", "accum_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.batch % args.accum_steps:
+        parser.error(f"--accum-steps {args.accum_steps} does not divide --batch {args.batch}")
     if args.loco_schedule == "all":
         args.loco_schedule = LOCO_SCHEDULES
     else:
@@ -86,8 +102,10 @@ def main(argv=None):
             arch=args.arch, image_size=args.image_size, batch=args.batch, rounds=args.rounds,
             warmup=args.warmup, loco_schedules=schedules, decoder_options=decoder_options,
             device=args.device, seed=args.seed, amp=args.amp, measure_memory=not args.no_memory,
-            threads=args.threads)
+            threads=args.threads, accumulate=args.accumulate, accum_steps=args.accum_steps)
         print(bench.format_benchmark(result))
+        if args.accumulate:
+            print("\n" + bench.format_benchmark(result["kept"]))
     if args.json:
         from loco_det.utils import write_json
         write_json(args.json, result)

@@ -13,6 +13,17 @@ step, minus that of a baseline process that builds the same and runs no step; on
 
 "bare" is a plain torchvision forward + backward of the same 2N views (sum of the logits as the
 loss): the floor that e2e's decoder and loss are measured against.
+
+Gradient modes (`grad_modes`): "none" sets every `.grad` to None before each step (the training
+loop's `zero_grad(set_to_none=True)`); "kept" keeps the gradient buffers and zeroes them in place
+(`zero_grad(set_to_none=False)`), so every step accumulates into existing `.grad`, as gradient
+accumulation does. Both modes run in the same rounds of the same process; each has its own
+table. Memory of a "kept" step counts the kept buffers: the worker allocates them before the
+step, over the same no-step baseline.
+
+`accum_steps` > 1 adds, after each e2e/gim/loco row, the same variant run with
+`forward_backward(..., accum_steps=N)` (row "<name>/accumN"), interleaved with it: the time and
+memory cost of exact gradient accumulation against one full-batch step.
 """
 import contextlib
 import importlib
@@ -44,13 +55,42 @@ TARGETS = (("loco", "time", 1.25), ("loco", "memory", 0.85), ("gim", "memory", 0
 REFERENCE_ENV = "LOCO_DET_BENCH_REFERENCE"
 
 
-def variants(loco_schedules):
+GRAD_MODES = ("none", "kept")
+ACCUM_SUFFIX = "/accum"
+
+
+def variants(loco_schedules, accum_steps=1):
     """Names of the rows to measure: e2e, gim, one loco row per schedule, bare (each but bare
-    followed by its "ref:" row when $LOCO_DET_BENCH_REFERENCE names a checkout)."""
+    followed by its "ref:" row when $LOCO_DET_BENCH_REFERENCE names a checkout, and by its
+    "<row>/accumN" row when accum_steps N > 1)."""
     rows = ["e2e", "gim", *[f"loco:{s}" for s in loco_schedules]]
+    own = rows
     if os.environ.get(REFERENCE_ENV):
         rows = [r for row in rows for r in (row, f"ref:{row}")]
+    if accum_steps > 1:
+        rows = [r for row in rows for r in (
+            (row, f"{row}{ACCUM_SUFFIX}{accum_steps}") if row in own else (row,))]
     return [*rows, "bare"]
+
+
+def step_kwargs(name):
+    """forward_backward's keyword arguments for row `name` (accum_steps of a "/accumN" row)."""
+    _, suffix, steps = name.partition(ACCUM_SUFFIX)
+    return {"accum_steps": int(steps)} if suffix else {}
+
+
+def prepare_grads(model, mode):
+    """Before a step: "none" sets every .grad to None; "kept" zeroes them in place, allocating
+    those that do not exist yet (zero_grad(set_to_none=False) after a first step)."""
+    if mode not in GRAD_MODES:
+        raise ValueError(f"unknown gradient mode {mode!r}; choose one of: {', '.join(GRAD_MODES)}")
+    for p in model.parameters():
+        if mode == "none":
+            p.grad = None
+        elif p.grad is None:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad.zero_()
 
 
 def reference_build_model():
@@ -107,6 +147,7 @@ def build_variant(name, arch, seed, decoder_options):
     torch.manual_seed(seed)
     if name == "bare":
         return BareStep(arch)
+    name = name.partition(ACCUM_SUFFIX)[0]
     build = build_model
     if name.startswith("ref:"):
         build, name = reference_build_model(), name[len("ref:"):]
@@ -126,21 +167,25 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(models, views, rounds, warmup, device):
-    """Per model, the wall and process CPU seconds of each timed step, timing the models
-    round-robin (one step each per round) so that drift hits every model alike."""
-    wall = {name: [] for name in models}
-    cpu = {name: [] for name in models}
+def time_interleaved(models, views, rounds, warmup, device, grad_modes=("none",)):
+    """Per gradient mode and model, the wall and process CPU seconds of each timed step, timing
+    the models round-robin (one step each per round and mode) so that drift hits every model
+    and mode alike. Returns ({mode: {name: [s]}}, {mode: {name: [s]}})."""
+    wall = {mode: {name: [] for name in models} for mode in grad_modes}
+    cpu = {mode: {name: [] for name in models} for mode in grad_modes}
     for r in range(warmup + rounds):
-        for name, model in models.items():
-            zero_grads(model)
-            _sync(device)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            model.forward_backward(*views)
-            _sync(device)
-            if r >= warmup:
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - start_cpu)
+        for mode in grad_modes:
+            for name, model in models.items():
+                prepare_grads(model, mode)
+                _sync(device)
+                start, start_cpu = time.perf_counter(), time.process_time()
+                model.forward_backward(*views, **step_kwargs(name))
+                _sync(device)
+                if r >= warmup:
+                    wall[mode][name].append(time.perf_counter() - start)
+                    cpu[mode][name].append(time.process_time() - start_cpu)
+    for model in models.values():
+        zero_grads(model)
     return wall, cpu
 
 
@@ -170,8 +215,8 @@ def _memory_worker(conn, lock, job):
             model.autocast_dtype = torch.bfloat16 if job["amp"] else None
             views = make_inputs(job["batch"], job["image_size"], job["seed"])
             for _ in range(job["steps"]):
-                zero_grads(model)
-                model.forward_backward(*views)
+                prepare_grads(model, job["grad_mode"])
+                model.forward_backward(*views, **step_kwargs(job["name"]))
             conn.send(("ok", _vm_hwm_bytes()))
     except Exception as e:  # reported to the parent, which raises it with the variant's name
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -199,17 +244,20 @@ def _collect(job, proc, conn):
     return value
 
 
-def peak_memory_cpu(names, arch, seed, decoder_options, batch, image_size, amp=False):
-    """Peak RSS of one step over a no-step baseline, per variant, each in its own process.
+def peak_memory_cpu(names, arch, seed, decoder_options, batch, image_size, amp=False,
+                    grad_modes=("none",)):
+    """Peak RSS of one step over a no-step baseline, per gradient mode and variant, each in its
+    own process ("kept": the gradient buffers are allocated, zeroed, before the step).
 
-    Returns ({name: bytes}, baseline bytes). At most two workers live at a time: one measuring,
-    the next one importing (importing torch and loco_det dominates a small run)."""
+    Returns ({mode: {name: bytes}}, baseline bytes). At most two workers live at a time: one
+    measuring, the next one importing (importing torch and loco_det dominates a small run)."""
     ctx = multiprocessing.get_context("spawn")
     lock = ctx.Lock()
     common = dict(arch=arch, seed=seed, decoder_options=decoder_options, batch=batch,
                   image_size=image_size, amp=amp, threads=torch.get_num_threads())
-    jobs = [dict(common, name="e2e", steps=0, label="baseline")]
-    jobs += [dict(common, name=name, steps=1, label=name) for name in names]
+    jobs = [dict(common, name="e2e", steps=0, grad_mode="none", label="baseline")]
+    jobs += [dict(common, name=name, steps=1, grad_mode=mode, label=(mode, name))
+             for mode in grad_modes for name in names]
     peaks, live = {}, []
     try:
         for job in jobs:
@@ -227,21 +275,26 @@ def peak_memory_cpu(names, arch, seed, decoder_options, batch, image_size, amp=F
             proc.terminate()
             proc.join()
     base = peaks.pop("baseline")
-    return {name: peaks[name] - base for name in names}, base
+    return {mode: {name: peaks[(mode, name)] - base for name in names}
+            for mode in grad_modes}, base
 
 
-def peak_memory_cuda(models, views, device):
-    """max_memory_allocated during one step, over what was allocated before it, per variant."""
-    peaks = {}
-    for name, model in models.items():
-        for other in models.values():
-            zero_grads(other)
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        model.forward_backward(*views)
-        torch.cuda.synchronize(device)
-        peaks[name] = torch.cuda.max_memory_allocated(device) - before
+def peak_memory_cuda(models, views, device, grad_modes=("none",)):
+    """max_memory_allocated during one step, over what was allocated before it with no
+    gradient buffers ("kept": the zeroed buffers are allocated after that, before the step),
+    per gradient mode and variant."""
+    peaks = {mode: {} for mode in grad_modes}
+    for mode in grad_modes:
+        for name, model in models.items():
+            for other in models.values():
+                zero_grads(other)
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            prepare_grads(model, mode)
+            model.forward_backward(*views, **step_kwargs(name))
+            torch.cuda.synchronize(device)
+            peaks[mode][name] = torch.cuda.max_memory_allocated(device) - before
     for model in models.values():
         zero_grads(model)
     return peaks
@@ -249,42 +302,57 @@ def peak_memory_cuda(models, views, device):
 
 def run_benchmark(arch="resnet50", image_size=224, batch=16, rounds=3, warmup=1,
                   loco_schedules=LOCO_SCHEDULES, decoder_options=None, device="cpu", seed=0,
-                  amp=False, measure_memory=True, threads=None):
+                  amp=False, measure_memory=True, threads=None, accumulate=False, accum_steps=1):
     """Time (and measure memory of) every variant; returns a dict the table printer reads.
-    `threads`: intra-op threads here and in the memory processes (default: torch's)."""
+    `threads`: intra-op threads here and in the memory processes (default: torch's).
+    `accumulate`: also measure the "kept" gradient mode in the same rounds; its result (same
+    shape) is under "kept". `accum_steps` > 1: "/accumN" rows (module docstring)."""
     if threads is not None:
         torch.set_num_threads(threads)
     decoder_options = dict(decoder_options or {})
-    names = variants(loco_schedules)
+    names = variants(loco_schedules, accum_steps)
+    modes = GRAD_MODES if accumulate else GRAD_MODES[:1]
     models = {}
     for name in names:
         model = build_variant(name, arch, seed, decoder_options).to(device)
         model.autocast_dtype = torch.bfloat16 if amp else None
         models[name] = model
     views = make_inputs(batch, image_size, seed, device)
-    result = {"arch": arch, "image_size": image_size, "batch": batch, "views": 2 * batch,
-              "rounds": rounds, "warmup": warmup, "device": str(device), "amp": amp,
-              "threads": torch.get_num_threads(), "decoder_options": decoder_options,
-              "memory_method": None, "memory_baseline": None}
-    wall, cpu = time_interleaved(models, views, rounds, warmup, device)
-    result["time_rounds"], result["cpu_rounds"] = wall, cpu
-    result["time"] = {name: statistics.median(t) for name, t in wall.items()}
-    result["cpu_time"] = {name: statistics.median(t) for name, t in cpu.items()}
-    result["time_ratio"] = {name: paired_ratio(wall, name, "e2e") for name in names}
-    result["cpu_ratio"] = {name: paired_ratio(cpu, name, "e2e") for name in names}
-    result["e2e_over_bare"] = paired_ratio(wall, "e2e", "bare")
-    result["memory"] = None
+    head = {"arch": arch, "image_size": image_size, "batch": batch, "views": 2 * batch,
+            "rounds": rounds, "warmup": warmup, "device": str(device), "amp": amp,
+            "threads": torch.get_num_threads(), "decoder_options": decoder_options,
+            "accum_steps": accum_steps, "memory_method": None, "memory_baseline": None}
+    wall, cpu = time_interleaved(models, views, rounds, warmup, device, modes)
+    results = {mode: dict(head, grad_mode=mode, memory=None, **_summarise(wall[mode], cpu[mode]))
+               for mode in modes}
     if measure_memory:
         if torch.device(device).type == "cuda":
-            result["memory"] = peak_memory_cuda(models, views, device)
-            result["memory_method"] = "torch.cuda.max_memory_allocated during one step"
+            memory = peak_memory_cuda(models, views, device, modes)
+            method, base = "torch.cuda.max_memory_allocated during one step", None
         else:
             del models
-            result["memory"], result["memory_baseline"] = peak_memory_cpu(
-                names, arch, seed, decoder_options, batch, image_size, amp)
-            result["memory_method"] = ("peak RSS (VmHWM) of a process running one step minus "
-                                       "that of one building the same model and inputs")
+            memory, base = peak_memory_cpu(names, arch, seed, decoder_options, batch, image_size,
+                                           amp, modes)
+            method = ("peak RSS (VmHWM) of a process running one step minus that of one "
+                      "building the same model and inputs")
+        for mode in modes:
+            results[mode].update(memory=memory[mode], memory_method=method,
+                                 memory_baseline=base)
+    result = results["none"]
+    if accumulate:
+        result["kept"] = results["kept"]
     return result
+
+
+def _summarise(wall, cpu):
+    """Medians and same-round ratios of one gradient mode's timings."""
+    names = list(wall)
+    return {"time_rounds": wall, "cpu_rounds": cpu,
+            "time": {name: statistics.median(t) for name, t in wall.items()},
+            "cpu_time": {name: statistics.median(t) for name, t in cpu.items()},
+            "time_ratio": {name: paired_ratio(wall, name, "e2e") for name in names},
+            "cpu_ratio": {name: paired_ratio(cpu, name, "e2e") for name in names},
+            "e2e_over_bare": paired_ratio(wall, "e2e", "bare")}
 
 
 def _ratio(a, b):
@@ -295,7 +363,7 @@ def target_checks(result):
     """(description, value, limit, met) for the efficiency targets. For the loco rows, the schedule
     with the best ratio is shown per target, then for each schedule whether it meets both."""
     rt, m = result["time_ratio"], result["memory"]
-    locos = [n for n in rt if n.startswith("loco")]
+    locos = [n for n in rt if n.startswith("loco") and ACCUM_SUFFIX not in n]
     rm = {n: _ratio(m[n], m["e2e"]) for n in rt} if m else {}
     checks = []
     for row, column, limit in TARGETS:
@@ -331,22 +399,39 @@ def format_benchmark(result):
              f"images ({result['views']} views), device {result['device']}, "
              f"{result['threads']} threads, amp {result['amp']}, decoder "
              f"conv_blocks={opts.get('conv_blocks', 0)} mlp_layers={opts.get('mlp_layers', 2)}",
+             "gradients before each step: " + (
+                 "kept and zeroed in place (zero_grad(set_to_none=False)): every step "
+                 "accumulates into existing .grad" if result.get("grad_mode") == "kept" else
+                 "None (zero_grad(set_to_none=True))"),
              f"time: {result['rounds']} interleaved rounds after {result['warmup']} warm-up "
              "round(s); step s = median wall time, cpu s = median process CPU time; ratios = "
              "median over rounds of the same-round ratio"]
     if m is not None:
         lines.append(f"memory: {result['memory_method']}")
-    header = (f"{'variant':<18}{'step s':>8}{'img/s':>7}{'time/e2e':>9}{'cpu s':>8}"
+    w = max(18, max(map(len, t)) + 2)
+    header = (f"{'variant':<{w}}{'step s':>8}{'img/s':>7}{'time/e2e':>9}{'cpu s':>8}"
               f"{'cpu/e2e':>8}")
     if m is not None:
         header += f"{'peak MiB':>9}{'mem/e2e':>8}"
     lines += ["", header, "-" * len(header)]
     for name in t:
-        row = (f"{name:<18}{t[name]:>8.3f}{result['batch'] / t[name]:>7.2f}{rt[name]:>9.3f}"
+        row = (f"{name:<{w}}{t[name]:>8.3f}{result['batch'] / t[name]:>7.2f}{rt[name]:>9.3f}"
                f"{cpu[name]:>8.3f}{rc[name]:>8.3f}")
         if m is not None:
             row += f"{m[name] / 2**20:>9.0f}{_ratio(m[name], m['e2e']):>8.3f}"
         lines.append(row)
+    accum = [n for n in t if ACCUM_SUFFIX in n]
+    if accum:
+        lines += ["", f"exact gradient accumulation ({result['accum_steps']} micro-batches) against "
+                      "one full-batch step of the same variant (time: median of same-round "
+                      "ratios):"]
+        for name in accum:
+            plain = name.partition(ACCUM_SUFFIX)[0]
+            row = (f"  {plain:<22} time x{paired_ratio(result['time_rounds'], name, plain):.3f}"
+                   f"  cpu x{paired_ratio(result['cpu_rounds'], name, plain):.3f}")
+            if m is not None:
+                row += f"  peak memory x{_ratio(m[name], m[plain]):.3f}"
+            lines.append(row)
     lines += ["", f"e2e / bare torchvision step time: {result['e2e_over_bare']:.3f}",
               "", "efficiency targets (step time and peak memory vs e2e; defined for resnet50, "
               "224 px, 16 images):"]
@@ -472,4 +557,4 @@ def format_analysis(a):
 
 
 __all__ = ["analyze", "format_analysis", "run_benchmark", "format_benchmark", "variants",
-           "make_inputs", "time_interleaved", "target_checks"]
+           "make_inputs", "time_interleaved", "target_checks", "prepare_grads", "step_kwargs"]
