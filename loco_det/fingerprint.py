@@ -23,6 +23,10 @@ import re
 
 import yaml
 
+# Keys added after runs were recorded, at the value that computes what runs without the key did:
+# left out of the identity at that value, so those runs keep their fingerprint (and resume).
+# OPTIM.ACCUM_STEPS is not run-only: BatchNorm statistics are per micro-batch.
+PRETRAIN_ADDED_DEFAULTS = {"OPTIM.ACCUM_STEPS": 1}
 PRETRAIN_RUN_ONLY = {
     "SEED": "the repetition, recorded separately",
     "DATA.NUM_WORKERS": "loader processes: speed only",
@@ -88,7 +92,8 @@ def digest(obj):
 def pretrain_identity(cfg):
     """Flat {key: value} of a pretraining config (dict, YAML text or CfgNode) minus run-only
     keys."""
-    return {k: v for k, v in flatten(plain(cfg)).items() if k not in PRETRAIN_RUN_ONLY}
+    return {k: v for k, v in flatten(plain(cfg)).items() if k not in PRETRAIN_RUN_ONLY
+            and not (k in PRETRAIN_ADDED_DEFAULTS and PRETRAIN_ADDED_DEFAULTS[k] == v)}
 
 
 def pretrain_fingerprint(cfg):

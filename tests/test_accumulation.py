@@ -155,12 +155,19 @@ def test_per_process_batch_must_divide(tmp_path, monkeypatch):
 
 
 def test_accum_steps_is_part_of_the_fingerprint():
-    from loco_det.fingerprint import PRETRAIN_RUN_ONLY, pretrain_fingerprint
+    """Part of the identity (BN statistics per micro-batch) except at 1, what runs recorded
+    before the key existed computed: those keep their fingerprint and resume."""
+    from loco_det.fingerprint import PRETRAIN_RUN_ONLY, pretrain_fingerprint, pretrain_identity
 
     assert "OPTIM.ACCUM_STEPS" not in PRETRAIN_RUN_ONLY
     one = load_config(None, ["SEED=0", "OPTIM.BATCH_SIZE=8"])
     two = load_config(None, ["SEED=0", "OPTIM.BATCH_SIZE=8", "OPTIM.ACCUM_STEPS=2"])
     assert pretrain_fingerprint(one) != pretrain_fingerprint(two)
+    # A run recorded before the key existed computed ACCUM_STEPS=1: same fingerprint.
+    before = yaml.safe_load(one.dump())
+    del before["OPTIM"]["ACCUM_STEPS"]
+    assert pretrain_fingerprint(before) == pretrain_fingerprint(one)
+    assert pretrain_identity(before) == pretrain_identity(one)
 
 
 def test_engine_step_with_accumulation(tmp_path):
