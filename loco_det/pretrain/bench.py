@@ -30,6 +30,7 @@ import importlib
 import importlib.util
 import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
@@ -170,23 +171,28 @@ def _sync(device):
 def time_interleaved(models, views, rounds, warmup, device, grad_modes=("none",)):
     """Per gradient mode and model, the wall and process CPU seconds of each timed step, timing
     the models round-robin (one step each per round and mode) so that drift hits every model
-    and mode alike. Returns ({mode: {name: [s]}}, {mode: {name: [s]}})."""
+    and mode alike. Returns wall seconds, process CPU seconds and minor page faults of this
+    process, each as {mode: {name: [per step]}}."""
     wall = {mode: {name: [] for name in models} for mode in grad_modes}
     cpu = {mode: {name: [] for name in models} for mode in grad_modes}
+    faults = {mode: {name: [] for name in models} for mode in grad_modes}
     for r in range(warmup + rounds):
         for mode in grad_modes:
             for name, model in models.items():
                 prepare_grads(model, mode)
                 _sync(device)
+                start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 start, start_cpu = time.perf_counter(), time.process_time()
                 model.forward_backward(*views, **step_kwargs(name))
                 _sync(device)
                 if r >= warmup:
                     wall[mode][name].append(time.perf_counter() - start)
                     cpu[mode][name].append(time.process_time() - start_cpu)
+                    faults[mode][name].append(
+                        resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults)
     for model in models.values():
         zero_grads(model)
-    return wall, cpu
+    return wall, cpu, faults
 
 
 def paired_ratio(times, name, ref):
@@ -322,8 +328,9 @@ def run_benchmark(arch="resnet50", image_size=224, batch=16, rounds=3, warmup=1,
             "rounds": rounds, "warmup": warmup, "device": str(device), "amp": amp,
             "threads": torch.get_num_threads(), "decoder_options": decoder_options,
             "accum_steps": accum_steps, "memory_method": None, "memory_baseline": None}
-    wall, cpu = time_interleaved(models, views, rounds, warmup, device, modes)
-    results = {mode: dict(head, grad_mode=mode, memory=None, **_summarise(wall[mode], cpu[mode]))
+    wall, cpu, faults = time_interleaved(models, views, rounds, warmup, device, modes)
+    results = {mode: dict(head, grad_mode=mode, memory=None, **_summarise(wall[mode], cpu[mode]),
+                          page_faults={n: statistics.median(f) for n, f in faults[mode].items()})
                for mode in modes}
     if measure_memory:
         if torch.device(device).type == "cuda":
@@ -432,6 +439,10 @@ def format_benchmark(result):
             if m is not None:
                 row += f"  peak memory x{_ratio(m[name], m[plain]):.3f}"
             lines.append(row)
+    if result.get("page_faults"):
+        lines += ["", "minor page faults of this process per step (median, thousands; on CPU each "
+                      "is kernel time inside the step, fresh memory from the allocator):",
+                  "  " + ", ".join(f"{n} {f / 1e3:.0f}" for n, f in result["page_faults"].items())]
     lines += ["", f"e2e / bare torchvision step time: {result['e2e_over_bare']:.3f}",
               "", "efficiency targets (step time and peak memory vs e2e; defined for resnet50, "
               "224 px, 16 images):"]
