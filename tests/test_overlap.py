@@ -89,6 +89,53 @@ def test_loco_reports_s1_before_the_upper_units_run(one_torch_thread):
     assert not any(n.startswith(("encoder.layer3", "encoder.layer4")) for n in order[:first_upper])
 
 
+# ----------------------------------------------------------------------------- the reducer
+@pytest.fixture
+def gloo_world_of_one(tmp_path):
+    """A one-process gloo group in this process (removed afterwards: other tests must not see
+    it)."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_reducer_buckets_divides_and_refuses_a_broken_contract(gloo_world_of_one):
+    """On one rank the all-reduce is the identity, so with world_size=2 every reported gradient
+    comes back halved, in as many buckets as the byte limit asks for; a parameter reported twice,
+    or left with a gradient it never reported, is an error."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    w, b, w2, b2 = model.parameters()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    want = {id(p): p.grad / 2 for p in model.parameters()}
+    reducer = engine.GradientReducer(model, world_size=2, bucket_bytes=13 * 4)
+    reducer.begin()
+    reducer([w, b])        # 12 + 3 floats: two buckets under a 13-float limit
+    reducer([w2, b2])
+    stats = reducer.wait()
+    assert [e["first"] for e in reducer.timeline] == ["0.weight", "0.bias", "1.weight"]
+    assert stats["buckets"] == 3 and stats["early"] == 2
+    for p in model.parameters():
+        torch.testing.assert_close(p.grad, want[id(p)], rtol=0, atol=0)
+    reducer.begin()
+    reducer([w, b])
+    with pytest.raises(RuntimeError, match="0.bias reported twice"):
+        reducer([b])
+    reducer([w2, b2])
+    reducer.wait()  # finishes what was launched
+    reducer.begin()
+    reducer([w, b, w2])
+    with pytest.raises(RuntimeError, match="never reported final, so not averaged: 1.bias"):
+        reducer.wait()
+    reducer.begin()
+    reducer([w])
+    with pytest.raises(RuntimeError, match="never waited for"):
+        reducer.begin()
+    reducer([b, w2, b2])
+    reducer.wait()
+
+
 # ----------------------------------------------------------------------------- 2 processes
 def fixed_bn(model):
     """Every BatchNorm normalises with its running statistics (eval mode) and stays so when
