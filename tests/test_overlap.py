@@ -4,6 +4,7 @@ the same weights as one process on the same global batch; the reducer's counters
 show all-reduces launched while the backward was still running.
 
 This file is also the torchrun worker of the 2-process test (run as a script)."""
+import inspect
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from torch import nn
 
 from loco_det.pretrain import engine
 from loco_det.pretrain.config import load_config
-from loco_det.pretrain.model import LOCO_SCHEDULES, build_model
+from loco_det.pretrain.model import LOCO_SCHEDULES, PretrainModel, build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,10 +26,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["SEED=123", "MODEL.ARCH=resnet18", "DATA.IMAGE_SIZE=32", "OPTIM.BATCH_SIZE=8",
         "OPTIM.EPOCHS=1", "OPTIM.WARMUP_EPOCHS=0", "OPTIM.NAME=sgd", "OPTIM.BASE_LR=3.0",
         "DATA.NUM_WORKERS=0", "RUN.LOG_PERIOD=1"]
-# The plain path (e2e: one backward per unit) and the default LoCo schedule (shared segments
-# fused, the stem recomputed). Two processes cost ~10 s of imports alone; every other rule and
-# schedule reports its gradients under the same contract, checked above on one process.
-DIST_RUNS = [("loco", "fused_stem"), ("e2e", "fused")]
+# Gradient accumulation (OPTIM.ACCUM_STEPS) is developed on a branch of its own; these tests
+# cover it once both are merged.
+ACCUMULATES = "accum_steps" in inspect.signature(PretrainModel.forward_backward).parameters
+needs_accumulation = pytest.mark.skipif(not ACCUMULATES,
+                                        reason="forward_backward(accum_steps=) not merged yet")
+# (method, schedule, accumulation steps): the plain path (e2e: one backward per unit), the
+# default LoCo schedule (shared segments fused, the stem recomputed), and with accumulation
+# (hook calls only in the last micro-batch's replay) LoCo's recompute-and-fuse schedule. Two
+# processes cost ~10 s of imports alone; every other rule and schedule reports its gradients
+# under the same contract, checked above on one process.
+DIST_RUNS = [("loco", "fused_stem", 1), ("e2e", "fused", 1)] + (
+    [("loco", "hybrid", 2)] if ACCUMULATES else [])
 
 
 # ----------------------------------------------------------------------------- the hook
@@ -72,6 +81,27 @@ def test_every_gradient_reported_once_and_only_when_final(method, schedule, one_
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.zero_()
+
+
+@needs_accumulation
+@pytest.mark.parametrize("method,schedule", [("e2e", "fused"), ("gim", "fused"),
+                                             ("loco", "fused_stem"), ("loco", "hybrid")])
+def test_accumulated_step_reports_once_in_the_last_replay(method, schedule, one_torch_thread):
+    """With gradient accumulation every micro-batch's replay adds into `.grad`: each parameter
+    is reported once per step, in the last replay, with its final (accumulated) gradient."""
+    torch.manual_seed(0)
+    model = build_model(method, "resnet18", loco_schedule=schedule)
+    names = {id(p): n for n, p in model.named_parameters()}
+    reported = []
+    model.grads_ready_hook = lambda params: reported.extend(
+        (names[id(p)], p.grad.clone(), model.last_micro_batch) for p in params)
+    v = torch.randn(4, 3, 32, 32)
+    model.forward_backward(v, v.flip(-1), accum_steps=2)
+    order = [n for n, _, _ in reported]
+    assert len(order) == len(set(order)) and all(last for _, _, last in reported)
+    assert set(order) == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, grad, _ in reported:
+        assert torch.equal(grad, model.get_parameter(name).grad), name
 
 
 def test_loco_reports_s1_before_the_upper_units_run(one_torch_thread):
@@ -147,9 +177,14 @@ def fixed_bn(model):
     return model
 
 
-def run_cfg(root, method, schedule):
+def run_cfg(root, method, schedule, accum=1):
     return load_config(None, [f"DATA.ROOT={root}", f"MODEL.METHOD={method}",
-                              f"MODEL.LOCO_SCHEDULE={schedule}", *TINY])
+                              f"MODEL.LOCO_SCHEDULE={schedule}", *TINY]
+                       + ([f"OPTIM.ACCUM_STEPS={accum}"] if accum > 1 else []))
+
+
+def run_name(method, schedule, accum):
+    return f"{method}_{schedule}_x{accum}"
 
 
 def worker(out_root, data_root):
@@ -158,9 +193,8 @@ def worker(out_root, data_root):
     torch.set_num_threads(1)
     setup = engine.setup_model
     engine.setup_model = lambda *a, **k: fixed_bn(setup(*a, **k))
-    for method, schedule in DIST_RUNS:
-        engine.train(run_cfg(data_root, method, schedule),
-                     os.path.join(out_root, f"{method}_{schedule}"))
+    for run in DIST_RUNS:
+        engine.train(run_cfg(data_root, *run), os.path.join(out_root, run_name(*run)))
     dist.destroy_process_group()
 
 
@@ -188,8 +222,8 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.mark.parametrize("method,schedule", DIST_RUNS)
-def test_two_gloo_processes_equal_one_process(method, schedule, two_process_runs, data16,
+@pytest.mark.parametrize("method,schedule,accum", DIST_RUNS)
+def test_two_gloo_processes_equal_one_process(method, schedule, accum, two_process_runs, data16,
                                               tmp_path, monkeypatch, one_torch_thread):
     """Same global batches (the sampler gives rank r a contiguous slice of each), same
     augmentations (seeded per image), NT-Xent over the gathered global batch: the averaged
@@ -197,7 +231,8 @@ def test_two_gloo_processes_equal_one_process(method, schedule, two_process_runs
     thing that would differ, legitimately: in training mode each rank normalises with its own
     half batch's statistics (MODEL.SYNC_BN is CUDA-only). With BN in fixed-statistics mode
     (fixed_bn) every layer's output depends on its own image only, so the weights after two
-    SGD steps must agree, on both ranks and with one process."""
+    SGD steps must agree, on both ranks and with one process (which does not accumulate: with
+    BN fixed, accumulation is exact too)."""
     initial = {}
 
     def setup(*a, **k):
@@ -209,7 +244,7 @@ def test_two_gloo_processes_equal_one_process(method, schedule, two_process_runs
     monkeypatch.setattr(engine, "setup_model", setup)
     one = engine.train(run_cfg(data16, method, schedule), str(tmp_path))
     assert one["steps"] == 2 and "comm_last_step" not in one  # one process: nothing to reduce
-    run = two_process_runs / f"{method}_{schedule}"
+    run = two_process_runs / run_name(method, schedule, accum)
     two = json.loads((run / "summary.json").read_text())
     assert two["world_size"] == 2 and two["steps"] == 2
     assert two["param_sha256"][0] == two["param_sha256"][1]
@@ -233,24 +268,25 @@ def test_all_reduces_run_during_the_backward(two_process_runs):
     """The metrics and the last step's timeline on rank 0: in LoCo, S1's all-reduce is launched
     before unit 3's decoder reports (which follows unit 3's forward and loss backward); in e2e
     the encoder is one segment, final only when the one backward ends."""
-    loco = json.loads((two_process_runs / "loco_fused_stem" / "summary.json").read_text())
-    timeline = loco["comm_last_step"]["buckets"]
-    firsts = [b["first"] for b in timeline]
-    s1, unit3 = firsts.index("encoder.conv1.weight"), firsts.index("decoders.2.mlp.0.weight")
-    assert s1 < unit3
-    assert timeline[s1]["launch_s"] < timeline[unit3]["launch_s"] \
-        < loco["comm_last_step"]["backward_end_s"]
     trained = [n for n, _ in build_model("loco", "resnet18").named_parameters()
                if not n.startswith("encoder.fc.")]
-    assert sum(b["params"] for b in timeline) == len(trained)  # each reduced once
+    for run in [r for r in DIST_RUNS if r[0] == "loco"]:
+        loco = json.loads((two_process_runs / run_name(*run) / "summary.json").read_text())
+        timeline = loco["comm_last_step"]["buckets"]
+        firsts = [b["first"] for b in timeline]
+        s1, unit3 = firsts.index("encoder.conv1.weight"), firsts.index("decoders.2.mlp.0.weight")
+        assert s1 < unit3
+        assert timeline[s1]["launch_s"] < timeline[unit3]["launch_s"] \
+            < loco["comm_last_step"]["backward_end_s"]
+        assert sum(b["params"] for b in timeline) == len(trained)  # each reduced once
+        records = [json.loads(line) for line in (two_process_runs / run_name(*run)
+                                                 / "metrics.jsonl").read_text().splitlines()]
+        for r in records:
+            assert r["comm/buckets"] == len(timeline) and r["comm/early"] >= 5
+            assert 0 <= r["comm/done_at_wait"] <= r["comm/buckets"] and r["comm/wait_s"] >= 0
+    e2e = json.loads((two_process_runs / "e2e_fused_x1" / "summary.json").read_text())
     records = [json.loads(line) for line in
-               (two_process_runs / "loco_fused_stem" / "metrics.jsonl").read_text().splitlines()]
-    for r in records:
-        assert r["comm/buckets"] == len(timeline) and r["comm/early"] >= 5
-        assert 0 <= r["comm/done_at_wait"] <= r["comm/buckets"] and r["comm/wait_s"] >= 0
-    e2e = json.loads((two_process_runs / "e2e_fused" / "summary.json").read_text())
-    records = [json.loads(line) for line in
-               (two_process_runs / "e2e_fused" / "metrics.jsonl").read_text().splitlines()]
+               (two_process_runs / "e2e_fused_x1" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["comm/early"] < r["comm/buckets"] for r in records)
     assert e2e["comm_last_step"]["buckets"][-1]["first"].startswith("encoder.")
 
