@@ -124,7 +124,9 @@ class GradientReducer:
     (buckets whose all-reduce had already finished when `wait()` began: communication fully
     hidden behind compute) and `wait_s` (the time `wait()` blocked); `timeline` lists the last
     step's buckets: first parameter's name, parameter count, bytes, launch time after `begin()`,
-    finished at the wait, with `backward_end_s` (when `wait()` began)."""
+    finished at the wait, with `backward_end_s` (when `wait()` began). Times are the host's:
+    on CUDA a launch is queued behind the kernels that computed its gradients and `wait()` only
+    orders the streams, so there `done_at_wait` is the measure and `wait_s` stays near 0."""
 
     def __init__(self, model, world_size, bucket_bytes=32 << 20):
         self.world_size = world_size
