@@ -5,9 +5,13 @@ a plain loop over epochs and batches. What is unusual, and why:
 
 * No DistributedDataParallel wrapper. `model.forward_backward` runs several local losses and
   their backward passes itself (that is the point of GIM and LoCo), which DDP's forward hooks
-  cannot follow. After it, `average_gradients` all-reduces every parameter gradient in large
-  flat buckets and divides by the world size. Because NT-Xent all-gathers the embeddings with
-  gradient, the averaged gradient is the gradient of the loss over the whole global batch.
+  cannot follow. Instead the model reports each segment's and each decoder's parameters as soon
+  as no remaining loss of the step can change their gradients (`grads_ready_hook`), and
+  `GradientReducer` starts an asynchronous all-reduce of them right there, so communication
+  runs while the units above still compute (in LoCo, S1's gradients travel during units 2 and
+  3). Before the optimizer step the loop waits for all of them and divides by the world size.
+  Because NT-Xent all-gathers the embeddings with gradient, the averaged gradient is the
+  gradient of the loss over the whole global batch.
 * Everything that decides what a step sees is a function of (seed, epoch, step): the data order
   (see data.py), the augmentations, the learning rate. Together with the optimizer state and the
   RNG states in the checkpoint, a resumed run repeats the uninterrupted one bit for bit on CPU.
@@ -39,6 +43,7 @@ from .optim import build_optimizer, build_scheduler
 
 CHECKPOINT = "checkpoint_last.pth"
 CHECKPOINT_FORMAT = 1
+COMM_STATS = ("buckets", "early", "done_at_wait", "wait_s")  # GradientReducer.wait()'s counters
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -100,35 +105,102 @@ def notice(env, message):
         print(f"notice: {message}", file=sys.stderr, flush=True)
 
 
-def average_gradients(params, world_size, bucket_bytes=32 << 20):
-    """All-reduce (sum) and divide by the world size every gradient, in flat buckets.
+class GradientReducer:
+    """Averages gradients over ranks while the backward still runs: the model's
+    `grads_ready_hook` (model.py calls it with each segment's and each decoder's parameters as
+    soon as no remaining loss of the step can change their `.grad`).
 
-    One collective per ~32 MB instead of one per tensor (ResNet-50 has ~160 of them), all
-    in flight at once. A parameter without a gradient on this rank gets a zero gradient, so
-    reduces the same buckets: parameters without a gradient (the encoder's unused `fc`) are
-    skipped, which relies on every rank running the same model code, as it does."""
-    grads = [p.grad for p in params if p.grad is not None]
-    buckets, current, size = [], [], 0
-    for g in grads:
-        if current and (size + g.numel() * g.element_size() > bucket_bytes
-                        or g.dtype != current[0].dtype):
-            buckets.append(current)
-            current, size = [], 0
-        current.append(g)
-        size += g.numel() * g.element_size()
-    if current:
-        buckets.append(current)
-    pending = []
-    for bucket in buckets:
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        pending.append((dist.all_reduce(flat, async_op=True), flat, bucket))
-    for work, flat, bucket in pending:
-        work.wait()
-        flat.div_(world_size)
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view(g.shape))
-            offset += g.numel()
+    Each call flattens those gradients into buckets (at most `bucket_bytes`, one dtype each)
+    and starts `all_reduce(SUM)` on them asynchronously; `wait()`, before the optimizer step,
+    waits for all of them, divides by the world size and copies the averages back into
+    `.grad`. Every rank runs the same model code, so every rank launches the same buckets in the
+    same order. `begin()` opens a step: hook calls may come from any number of backward passes
+    in between (with gradient accumulation only the last micro-batch's replay reports), but a
+    parameter reported twice in a step, or one left with a gradient it never reported, is an
+    error, not a silently unaveraged gradient.
+
+    Per step it measures `buckets`, `early` (buckets launched before the step's last report,
+    i.e. while gradients of other parameters were still being computed), `done_at_wait`
+    (buckets whose all-reduce had already finished when `wait()` began: communication fully
+    hidden behind compute) and `wait_s` (the time `wait()` blocked); `timeline` lists the last
+    step's buckets: first parameter's name, parameter count, bytes, launch time after `begin()`,
+    finished at the wait, with `backward_end_s` (when `wait()` began). Times are the host's:
+    on CUDA a launch is queued behind the kernels that computed its gradients and `wait()` only
+    orders the streams, so there `done_at_wait` is the measure and `wait_s` stays near 0."""
+
+    def __init__(self, model, world_size, bucket_bytes=32 << 20):
+        self.world_size = world_size
+        self.bucket_bytes = bucket_bytes
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.pending, self.reported, self.timeline = [], set(), []
+        self.t0 = self.last_report_s = self.backward_end_s = None
+
+    def begin(self):
+        if self.pending:
+            raise RuntimeError("GradientReducer.begin: the previous step's all-reduces were "
+                               "never waited for")
+        self.reported, self.timeline = set(), []
+        self.t0 = time.perf_counter()
+        self.last_report_s = None
+
+    def __call__(self, params):
+        if self.t0 is None:
+            raise RuntimeError("GradientReducer: gradients reported outside a step (begin() "
+                               "was not called)")
+        now = time.perf_counter() - self.t0
+        self.last_report_s = now
+        bucket, size = [], 0
+        for p in params:
+            if id(p) in self.reported:
+                raise RuntimeError(f"GradientReducer: {self.names.get(id(p), '?')} reported "
+                                   f"twice in one step")
+            self.reported.add(id(p))
+            if p.grad is None:
+                continue
+            nbytes = p.grad.numel() * p.grad.element_size()
+            if bucket and (size + nbytes > self.bucket_bytes or p.grad.dtype != bucket[0].grad.dtype
+                           or p.grad.device != bucket[0].grad.device):
+                self._launch(bucket, size, now)
+                bucket, size = [], 0
+            bucket.append(p)
+            size += nbytes
+        if bucket:
+            self._launch(bucket, size, now)
+
+    def _launch(self, bucket, size, now):
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        work = dist.all_reduce(flat, async_op=True)
+        self.pending.append((work, flat, bucket))
+        self.timeline.append({"first": self.names.get(id(bucket[0]), "?"), "params": len(bucket),
+                              "bytes": size, "launch_s": now})
+
+    def wait(self):
+        """Finish the step's averaging; returns the step's counters (see the class doc)."""
+        start = time.perf_counter()
+        self.backward_end_s = start - self.t0
+        unreported = [self.names.get(id(p), "?") for p in self.params
+                      if p.grad is not None and id(p) not in self.reported]
+        done = 0
+        for (work, flat, bucket), entry in zip(self.pending, self.timeline):
+            entry["done_at_wait"] = bool(work.is_completed())
+            done += entry["done_at_wait"]
+        for work, flat, bucket in self.pending:
+            work.wait()
+            flat.div_(self.world_size)
+            offset = 0
+            for p in bucket:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                offset += n
+        self.pending, self.t0 = [], None
+        if unreported:
+            raise RuntimeError(f"GradientReducer: parameters with a gradient never reported "
+                               f"final, so not averaged: {', '.join(unreported[:5])}"
+                               + (" ..." if len(unreported) > 5 else ""))
+        early = sum(e["launch_s"] < self.last_report_s for e in self.timeline)
+        return {"buckets": len(self.timeline), "early": early, "done_at_wait": done,
+                "wait_s": time.perf_counter() - start}
 
 
 def broadcast_state(module):
@@ -433,7 +505,6 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
 
     seed_everything(seed)  # same on every rank: identical initial weights
     model = setup_model(cfg, env, num_classes=len(dataset.classes))
-    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     epochs = cfg.OPTIM.EPOCHS
@@ -454,6 +525,9 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
         del ckpt
     elif env.distributed:
         broadcast_state(model)
+    reducer = None
+    if env.world_size > 1:  # averages the gradients during the backward
+        reducer = model.grads_ready_hook = GradientReducer(model, env.world_size)
 
     # ---- from here on, output_dir is written
     if env.main:
@@ -478,16 +552,16 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
               + (f", resuming at step {start_step}" if start_step else ""), flush=True)
 
     try:
-        return _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sampler,
+        return _loop(cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler,
                      loader, logger, start_step, steps_per_epoch, total_steps, bad, wall_before,
-                     t_start, stop_after_steps, knn, last_logged)
+                     t_start, stop_after_steps, knn, last_logged, reducer)
     finally:
         logger.close()
 
 
-def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sampler, loader,
+def _loop(cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler, loader,
           logger, start_step, steps_per_epoch, total_steps, bad, wall_before, t_start,
-          stop_after_steps, knn=None, last_logged=None):
+          stop_after_steps, knn=None, last_logged=None, reducer=None):
     epochs = cfg.OPTIM.EPOCHS
     ckpt_path = os.path.join(output_dir, CHECKPOINT)
     units = list(model.unit_names)
@@ -497,7 +571,8 @@ def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sa
                      else torch.contiguous_format)
     step = start_step
     last = last_logged   # a run resumed at its end still reports its final losses
-    window = {"loss": torch.zeros(len(units) + 1, dtype=torch.float64), "t": time.time()}
+    window = {"loss": torch.zeros(len(units) + 1, dtype=torch.float64), "t": time.time(),
+              "comm": dict.fromkeys(COMM_STATS, 0.0)}
 
     def note_bad(indices):
         for i in indices:
@@ -528,6 +603,10 @@ def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sa
         record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
                   "images_per_s": count / env.world_size * cfg.OPTIM.BATCH_SIZE / elapsed}
         record.update({f"loss/{u}": stats[k].item() / count for k, u in enumerate(units)})
+        if reducer is not None:  # rank 0's own, per step
+            steps = max(1.0, window["loss"][-1].item())
+            record.update({f"comm/{k}": v / steps for k, v in window["comm"].items()})
+            window["comm"] = dict.fromkeys(COMM_STATS, 0.0)
         window["loss"].zero_()
         window["t"] = time.time()
         logger.log(record)
@@ -540,13 +619,18 @@ def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sa
         view2 = view2.to(env.device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = labels.to(env.device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
+        if reducer is not None:
+            reducer.begin()
         losses = model.forward_backward(view1, view2, labels,
                                         accum_steps=cfg.OPTIM.ACCUM_STEPS)
+        if reducer is not None:
+            # All-reduces started during the backward; finished before anything reads .grad,
+            # and before a bad loss raises (no collective is left in flight).
+            for k, v in reducer.wait().items():
+                window["comm"][k] += v
         if not all(math.isfinite(v) for v in losses.values()):
             raise LocoError(f"non-finite loss at step {step + 1} ({losses}); lower "
                             f"OPTIM.BASE_LR or check the data")
-        if env.distributed:
-            average_gradients(params, env.world_size)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -602,6 +686,9 @@ def _loop(cfg, output_dir, env, model, params, optimizer, scheduler, dataset, sa
                "final_losses": ({u: last[f"loss/{u}"] for u in units} if last else None),
                "bad_images": len(bad), "world_size": env.world_size,
                "wall_time_s": wall_before + time.time() - t_start}
+    if reducer is not None and reducer.backward_end_s is not None:
+        summary["comm_last_step"] = {"backward_end_s": reducer.backward_end_s,
+                                     "buckets": reducer.timeline}
     if env.main:
         write_json(summary_path, summary)
         print(f"finished: {step} steps, final losses "

@@ -324,6 +324,13 @@ class PretrainModel(nn.Module):
     * a shared segment with `recompute` frees its graph after each input-gradient pass and
       recomputes its forward (BN statistics untouched) when it is needed again; `stem` keeps
       only the stem's output and recomputes the stem in the first segment's backward.
+
+    `grads_ready_hook` (None, or a callable `hook(params)`) hears, during the step, of every
+    list of parameters whose `.grad` no remaining loss of the step can change: a unit's decoder
+    right after that unit's loss backward, a segment after its weight gradient (and its stem's
+    recompute). Every parameter any loss reaches is reported exactly once per step; the
+    encoder's unused `fc` never is (it never has a gradient). The distributed engine starts
+    each list's all-reduce there, while the units above still compute (engine.py).
     """
 
     def __init__(self, rule, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_dim=0,
@@ -336,8 +343,9 @@ class PretrainModel(nn.Module):
         self.loco_schedule = loco_schedule
         # When set (e.g. torch.bfloat16), forwards run under torch.autocast; backwards outside.
         self.autocast_dtype = None
+        self.grads_ready_hook = None
         # False during all but the last micro-batch of an accumulated step: gradients are final
-        # (and a grads_ready_hook may fire) only in the last micro-batch's replay.
+        # (and grads_ready_hook fires) only in the last micro-batch's replay.
         self.last_micro_batch = True
         self.encoder = build_encoder(arch)
         self.units = tuple(tuple(u.pieces) for u in rule.units)
@@ -398,6 +406,12 @@ class PretrainModel(nn.Module):
 
     def _params(self, atoms):
         return [p for m in self._seg_modules(atoms) for p in m.parameters() if p.requires_grad]
+
+    def _grads_ready(self, params):
+        # Only in the last micro-batch's replay are the gradients final (GradCache: every
+        # replay adds into .grad).
+        if self.grads_ready_hook is not None and self.last_micro_batch:
+            self.grads_ready_hook([p for p in params if p.requires_grad])
 
     def _loss(self, k, h, labels, cached=None):
         """Unit k's loss on the output `h` of its top segment. `cached` (GradCache replay): the
@@ -527,12 +541,14 @@ class PretrainModel(nn.Module):
                 # The top segment is this unit's alone: one backward through decoder and it.
                 loss = self._loss(k, st.out[top], labels, None if cached is None else cached[k])
                 loss.backward()
+                self._grads_ready(self.decoders[k].parameters())
                 g = st.inp[top].grad if seg.needs_input_grad else None
                 self._finish(st, top, x)
             else:
                 leaf = st.out[top].detach().requires_grad_()
                 loss = self._loss(k, leaf, labels, None if cached is None else cached[k])
                 loss.backward()
+                self._grads_ready(self.decoders[k].parameters())
                 g = self._through(st, top, k, leaf.grad, x)
                 del leaf
             losses.append(loss.detach())
@@ -616,7 +632,8 @@ class PretrainModel(nn.Module):
         return g_in
 
     def _finish(self, st, s, x):
-        """After segment s's weight gradient: recompute the stem for its own, then release."""
+        """After segment s's weight gradient: recompute the stem for its own, release, and
+        report the segment's gradients final."""
         seg = self.segments[s]
         st.finished[s] = True
         # The output's value stays (without graph) while the segment above has not run yet.
@@ -631,6 +648,7 @@ class PretrainModel(nn.Module):
                 torch.autograd.backward(out, stem_grad,
                                         inputs=[p for p in stem.parameters() if p.requires_grad])
         st.out[s], st.acc[s] = value, None
+        self._grads_ready(self._params(seg.atoms))
 
 
 class _StepState:
