@@ -273,3 +273,17 @@ def test_recipes_load_with_the_papers_hyper_parameters():
     for method in ("e2e", "gim", "loco"):
         cfg = load_config(os.path.join(recipes, f"cpu_{method}.yaml"))
         assert (cfg.MODEL.METHOD, cfg.MODEL.ARCH, cfg.DATA.IMAGE_SIZE) == (method, "resnet18", 64)
+
+
+def test_integer_override_of_a_float_key():
+    """`DATA.COLOR_JITTER_PROB=0` means 0.0 (yacs alone calls it a type mismatch); an int key
+    keeps refusing a float, and a float key a word."""
+    from loco_det.pretrain.config import ConfigError
+
+    cfg = load_config(None, ["DATA.COLOR_JITTER_PROB=0", "LOSS.TEMPERATURE=1"])
+    assert cfg.DATA.COLOR_JITTER_PROB == 0.0 and isinstance(cfg.DATA.COLOR_JITTER_PROB, float)
+    assert cfg.LOSS.TEMPERATURE == 1.0
+    with pytest.raises(ConfigError, match="OPTIM.EPOCHS"):
+        load_config(None, ["OPTIM.EPOCHS=1.5"])
+    with pytest.raises(ConfigError, match="LOSS.TEMPERATURE"):
+        load_config(None, ["LOSS.TEMPERATURE=warm"])

@@ -158,7 +158,7 @@ def load_config(path=None, overrides=()):
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not KEY=VALUE")
         k, v = item.split("=", 1)
-        opts += [k, v]
+        opts += [k, _float_if_needed(cfg, k, v)]
     try:
         cfg.merge_from_list(opts)
     except (KeyError, ValueError, AssertionError) as e:
@@ -166,6 +166,18 @@ def load_config(path=None, overrides=()):
     validate(cfg)
     cfg.freeze()
     return cfg
+
+
+def _float_if_needed(cfg, key, value):
+    """`KEY=0` for a float key means 0.0 (yacs would refuse the int as a type mismatch)."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return value  # unknown key: merge_from_list names it
+        node = node[part]
+    if isinstance(node, float) and value.strip().lstrip("+-").isdigit():
+        return value.strip() + ".0"
+    return value
 
 
 def validate(cfg):
