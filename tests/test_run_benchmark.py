@@ -203,8 +203,8 @@ def test_demo_grid_and_reduced_profile(tmp_path):
                   "--out", str(tmp_path / "d"))
     for res in (full, reduced):
         assert res.returncode == 0, res.stderr
-        assert res.stdout.splitlines()[-1] == ("# 40 jobs: 1 data, 4 pretrain, 5 readout, "
-                                               "5 knn, 4 convert, 20 detection, 1 report")
+        assert res.stdout.splitlines()[-1] == ("# 30 jobs: 1 data, 4 pretrain, 5 readout, "
+                                               "5 knn, 4 convert, 10 detection, 1 report")
         assert "no published supervised-ImageNet weights" in res.stdout
     ids = lambda r: [l.split()[3] for l in r.stdout.splitlines() if l.startswith("# [")]
     assert ids(full) == ids(reduced)   # the same jobs, the same code path
@@ -221,14 +221,14 @@ def test_demo_grid_and_reduced_profile(tmp_path):
         demo_iters = str(yaml.safe_load(f)["detection"]["overrides"]["SOLVER.MAX_ITER"])
     full_det = _with([shlex.split(l) for l in full.stdout.splitlines() if not l.startswith("#")],
                      "tools/train_net.py")
-    assert len(full_det) == 20 and demo_iters != "2"
+    assert len(full_det) == 10 and demo_iters != "2"
     assert all(c[c.index("SOLVER.MAX_ITER") + 1] == demo_iters for c in full_det)
     # --set reaches into mappings whose keys contain dots (Detectron2 keys)
     res = cli("det_configs/grids/demo.yaml", "--dry-run", "--out", str(tmp_path / "d"),
               "--set", "detection.overrides.SOLVER.MAX_ITER=7", "--set", "vars.data=/x")
     cmds = [shlex.split(l) for l in res.stdout.splitlines() if not l.startswith("#")]
     det = _with(cmds, "tools/train_net.py")
-    assert len(det) == 20 and all(c[c.index("SOLVER.MAX_ITER") + 1] == "7" for c in det)
+    assert len(det) == 10 and all(c[c.index("SOLVER.MAX_ITER") + 1] == "7" for c in det)
     assert _with(cmds, "tools/make_synthetic_data.py", "/x")
 
 
