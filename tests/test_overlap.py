@@ -4,7 +4,6 @@ the same weights as one process on the same global batch; the reducer's counters
 show all-reduces launched while the backward was still running.
 
 This file is also the torchrun worker of the 2-process test (run as a script)."""
-import inspect
 import json
 import os
 import subprocess
@@ -26,18 +25,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["SEED=123", "MODEL.ARCH=resnet18", "DATA.IMAGE_SIZE=32", "OPTIM.BATCH_SIZE=8",
         "OPTIM.EPOCHS=1", "OPTIM.WARMUP_EPOCHS=0", "OPTIM.NAME=sgd", "OPTIM.BASE_LR=3.0",
         "DATA.NUM_WORKERS=0", "RUN.LOG_PERIOD=1"]
-# Gradient accumulation (OPTIM.ACCUM_STEPS) is developed on a branch of its own; these tests
-# cover it once both are merged.
-ACCUMULATES = "accum_steps" in inspect.signature(PretrainModel.forward_backward).parameters
-needs_accumulation = pytest.mark.skipif(not ACCUMULATES,
-                                        reason="forward_backward(accum_steps=) not merged yet")
 # (method, schedule, accumulation steps): the plain path (e2e: one backward per unit), the
 # default LoCo schedule (shared segments fused, the stem recomputed), and with accumulation
 # (hook calls only in the last micro-batch's replay) LoCo's recompute-and-fuse schedule. Two
 # processes cost ~10 s of imports alone; every other rule and schedule reports its gradients
 # under the same contract, checked above on one process.
-DIST_RUNS = [("loco", "fused_stem", 1), ("e2e", "fused", 1)] + (
-    [("loco", "hybrid", 2)] if ACCUMULATES else [])
+DIST_RUNS = [("loco", "fused_stem", 1), ("e2e", "fused", 1), ("loco", "hybrid", 2)]
 
 
 # ----------------------------------------------------------------------------- the hook
@@ -83,7 +76,6 @@ def test_every_gradient_reported_once_and_only_when_final(method, schedule, one_
                 p.grad.zero_()
 
 
-@needs_accumulation
 @pytest.mark.parametrize("method,schedule", [("e2e", "fused"), ("gim", "fused"),
                                              ("loco", "fused_stem"), ("loco", "hybrid")])
 def test_accumulated_step_reports_once_in_the_last_replay(method, schedule, one_torch_thread):
