@@ -268,3 +268,22 @@ def interrupted_line(exc, kept, argv, flag="--resume", script=None, insert_at=No
     """`interrupted by SIGTERM; kept ...; resume with: ...` (one line)."""
     return (f"interrupted by {signal_name(exc)}; {kept}; resume with: "
             f"{resume_command(argv, flag, script, insert_at)}")
+
+
+def add_readout_source_args(parser):
+    """The encoder and data arguments every readout tool shares (linear, kNN)."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="CKPT", help="a tools/pretrain.py checkpoint")
+    src.add_argument("--random-init", action="store_true",
+                     help="read out a randomly initialised encoder (needs --arch)")
+    parser.add_argument("--arch", help="resnet18/34/50/101 (with --random-init)")
+    parser.add_argument("--output-dir", required=True, metavar="DIR")
+    parser.add_argument("--data", metavar="ROOT",
+                        help="folder with train/ and val/ ImageFolder splits (default: next to "
+                             "the checkpoint's DATA.ROOT, else "
+                             "$DETECTRON2_DATASETS/loco_synth/imagefolder)")
+
+
+def check_readout_source(parser, args):
+    if args.random_init and not args.arch:
+        parser.error("--random-init needs --arch (e.g. --arch resnet18)")

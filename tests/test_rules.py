@@ -3,7 +3,6 @@
 command line: pretrain -> linear readout -> conversion with --verify -> Mask R-CNN."""
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -17,8 +16,9 @@ from loco_det.pretrain.rules import (Rule, RuleContext, RuleError, Unit, contras
                                      load_rule, validate_rule)
 from loco_det.utils import ConfigError
 
+from test_supervised import run_tool, train_tiny_frozen_mask_rcnn
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOLS = os.path.join(REPO, "tools")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -138,12 +138,6 @@ def test_config_names_the_key(on_path):
         load_config(None, ["MODEL.METHOD=my_rules:nope"])
 
 
-def run_tool(name, *args, env=None, cwd=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run([sys.executable, os.path.join(TOOLS, name), *map(str, args)],
-                          cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
 def plugin_env(plugin_dir):
     path = os.pathsep.join(p for p in (str(plugin_dir), os.environ.get("PYTHONPATH")) if p)
     return {"PYTHONPATH": path}
@@ -180,16 +174,7 @@ def test_outside_rule_end_to_end_from_the_command_line(plugin_dir, synth_root, t
     pkl = tmp_path / "two_halves.pkl"
     proc = run_tool("convert_to_detectron2.py", ckpt_path, pkl, "--verify")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    det = tmp_path / "det"
-    proc = run_tool("train_net.py", "--config-file",
-                    os.path.join(REPO, "det_configs", "cpu_synth_coco_R18_FPN_frozen.yaml"),
-                    "MODEL.WEIGHTS", pkl, "OUTPUT_DIR", det, "SOLVER.MAX_ITER", "2",
-                    "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(96,)",
-                    "INPUT.MIN_SIZE_TEST", "96", "SOLVER.WARMUP_ITERS", "1",
-                    "SOLVER.CHECKPOINT_PERIOD", "1000", "SEED", "1",
-                    env={"DETECTRON2_DATASETS": os.fspath(synth_root.parent)}, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert (det / "model_final.pth").exists()
+    train_tiny_frozen_mask_rcnn(pkl, tmp_path / "det", synth_root, tmp_path)
 
 
 def test_entry_point_from_the_command_line_and_bad_method(plugin_dir, synth_root, tmp_path):

@@ -31,6 +31,20 @@ def run_tool(name, *args, env=None, cwd=None, timeout=600):
                           timeout=timeout)
 
 
+def train_tiny_frozen_mask_rcnn(pkl, det, synth_root, cwd):
+    """2 iterations of the COCO-view frozen Mask R-CNN on converted weights `pkl`: the weights
+    load into Detectron2 and train."""
+    proc = run_tool("train_net.py", "--config-file",
+                    os.path.join(REPO, "det_configs", "cpu_synth_coco_R18_FPN_frozen.yaml"),
+                    "MODEL.WEIGHTS", pkl, "OUTPUT_DIR", det, "SOLVER.MAX_ITER", "2",
+                    "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(96,)",
+                    "INPUT.MIN_SIZE_TEST", "96", "SOLVER.WARMUP_ITERS", "1",
+                    "SOLVER.CHECKPOINT_PERIOD", "1000", "SEED", "1",
+                    env={"DETECTRON2_DATASETS": os.fspath(synth_root.parent)}, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (det / "model_final.pth").exists()
+
+
 @pytest.fixture(scope="module")
 def supervised_run(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("supervised") / "run"
@@ -68,16 +82,7 @@ def test_readout_conversion_and_detection(supervised_run, synth_root, tmp_path):
     proc = run_tool("convert_to_detectron2.py", ckpt, pkl, "--verify")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert pkl.exists()
-    det = tmp_path / "det"
-    proc = run_tool("train_net.py", "--config-file",
-                    os.path.join(REPO, "det_configs", "cpu_synth_coco_R18_FPN_frozen.yaml"),
-                    "MODEL.WEIGHTS", pkl, "OUTPUT_DIR", det, "SOLVER.MAX_ITER", "2",
-                    "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(96,)",
-                    "INPUT.MIN_SIZE_TEST", "96", "SOLVER.WARMUP_ITERS", "1",
-                    "SOLVER.CHECKPOINT_PERIOD", "1000", "SEED", "1",
-                    env={"DETECTRON2_DATASETS": os.fspath(synth_root.parent)}, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert (det / "model_final.pth").exists()
+    train_tiny_frozen_mask_rcnn(pkl, tmp_path / "det", synth_root, tmp_path)
 
 
 def test_labels_follow_a_replaced_unreadable_image(tmp_path):

@@ -8,6 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from loco_det.utils import add_readout_source_args, check_readout_source  # noqa: E402
 
 EXAMPLES = """\
 examples:
@@ -34,16 +35,7 @@ def build_parser():
                     "of each ResNet stage (res2..res5); prints top-1 per stage and k and writes "
                     "DIR/knn.json.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="CKPT", help="a tools/pretrain.py checkpoint")
-    src.add_argument("--random-init", action="store_true",
-                     help="read out a randomly initialised encoder (needs --arch)")
-    parser.add_argument("--arch", help="resnet18/34/50/101 (with --random-init)")
-    parser.add_argument("--output-dir", required=True, metavar="DIR")
-    parser.add_argument("--data", metavar="ROOT",
-                        help="folder with train/ and val/ ImageFolder splits (default: next to "
-                             "the checkpoint's DATA.ROOT, else "
-                             "$DETECTRON2_DATASETS/loco_synth/imagefolder)")
+    add_readout_source_args(parser)
     parser.add_argument("--k", type=int, nargs="+", default=[20, 200], metavar="K",
                         help="neighbour counts (default 20 200)")
     parser.add_argument("--temperature", type=float, default=0.07)
@@ -62,8 +54,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.random_init and not args.arch:
-        parser.error("--random-init needs --arch (e.g. --arch resnet18)")
+    check_readout_source(parser, args)
     from loco_det.pretrain.knn import run_knn
     from loco_det.pretrain.readout import STAGE_NAMES
     from loco_det.utils import LocoError

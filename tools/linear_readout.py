@@ -8,6 +8,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from loco_det.utils import add_readout_source_args, check_readout_source  # noqa: E402
 
 EXAMPLES = """\
 examples:
@@ -37,16 +38,7 @@ def build_parser():
                     "ResNet stage (res2..res5) and print top-1 per stage; writes "
                     "DIR/readout.json.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="CKPT", help="a tools/pretrain.py checkpoint")
-    src.add_argument("--random-init", action="store_true",
-                     help="read out a randomly initialised encoder (needs --arch)")
-    parser.add_argument("--arch", help="resnet18/34/50/101 (with --random-init)")
-    parser.add_argument("--output-dir", required=True, metavar="DIR")
-    parser.add_argument("--data", metavar="ROOT",
-                        help="folder with train/ and val/ ImageFolder splits (default: next to "
-                             "the checkpoint's DATA.ROOT, else "
-                             "$DETECTRON2_DATASETS/loco_synth/imagefolder)")
+    add_readout_source_args(parser)
     parser.add_argument("--protocol", default="auto", choices=("auto", "small", "paper"),
                         help="default auto: small up to 50,000 training images, else paper")
     parser.add_argument("--epochs", type=int)
@@ -71,8 +63,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.random_init and not args.arch:
-        parser.error("--random-init needs --arch (e.g. --arch resnet18)")
+    check_readout_source(parser, args)
     from loco_det.pretrain.readout import STAGE_NAMES, run_readout
     from loco_det.utils import LocoError, exit_code, interruptible
 
