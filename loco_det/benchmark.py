@@ -28,12 +28,14 @@ Grid format (see det_configs/grids/demo.yaml and paper.yaml for complete, commen
     pretrain: [{methods: [...], recipe: "cpu_{method}.yaml", label: "{method}" (default
                 "{recipe}"), seeds: [0],
                 overrides: [KEY=VALUE, ...], resources: {...}}]
-    readout: {args: [...], random_init: {arch: resnet18}, resources: {...}}
+    readout: {args: [...], random_init: {arch: resnet18, seeds: [0]}, resources: {...}}
     knn: {args: [...], resources: {...}}  # tools/knn_readout.py per readout, into the same
                                           # folder (knn.json beside readout.json); optional
     convert: {resources: {...}}
     detection: {supervised_weights: PATH or null, overrides: {KEY: VALUE},
-                resources: {...}, configs: [{config, seeds, overrides, resources}]}
+                resources: {...}, configs: [{config, seeds, pair_seeds, overrides, resources}]}
+                                      # pair_seeds: true runs each pretrained backbone only
+                                      # with its own pretraining seed (baselines: every seed)
     profiles: {reduced: {dotted.path: value, ...}}   # selected with --profile
 
 Resources: nodes, gpus_per_node (0 = CPU), cpus_per_task, mem_gb, time_min. Runtime
@@ -287,7 +289,8 @@ def expand(grid, out):
             data_ids.append(job.id)
 
     # pretraining: methods x recipe x seeds per block
-    sources = []   # (source name, label, weights path, convert job id or None)
+    # (source name, label, weights path, convert job id or None, pretraining seed or None)
+    sources = []
     readout = grid.get("readout")
     convert_res = _resources((grid.get("convert") or {}).get("resources"))
     if readout is not None:
@@ -347,39 +350,43 @@ def expand(grid, out):
                     ["python", "tools/convert_to_detectron2.py", ckpt, pkl, "--verify"]), pkl,
                     done_file=pkl, deps=[pre.id], resources=convert_res, label=label,
                     seed=seed))
-                sources.append((f"{label}_seed{seed}", label, pkl, conv.id))
+                sources.append((f"{label}_seed{seed}", label, pkl, conv.id, seed))
 
     if readout is not None:
-        arch = (readout.get("random_init") or {}).get("arch")
+        random_init = readout.get("random_init") or {}
+        _check_keys(random_init, ("arch", "seeds"), "readout.random_init")
+        arch = random_init.get("arch")
         if not arch:
             raise LocoError("grid: readout.random_init.arch is required (the random-init "
                             "readout baseline)")
-        job_id, ro_dir = path("readout", "random")
-        add(Job(job_id, "readout", _python(
-            ["python", "tools/linear_readout.py", "--random-init", "--arch", arch,
-             "--output-dir", ro_dir] + tpl(readout.get("args", []), label="random", seed=0)),
-            ro_dir, done_file=os.path.join(ro_dir, "readout.json"), deps=list(data_ids),
-            resources=_resources(readout.get("resources")), label="random"))
-        add_knn(["--random-init", "--arch", arch], job_id, ro_dir, list(data_ids),
-                label="random", seed=0)
+        for seed in random_init.get("seeds", [0]):   # seed S: the initial encoder of SEED=S
+            job_id, ro_dir = path("readout", "random", f"seed{seed}")
+            add(Job(job_id, "readout", _python(
+                ["python", "tools/linear_readout.py", "--random-init", "--arch", arch,
+                 "--output-dir", ro_dir] + tpl(readout.get("args", []), label="random",
+                                               seed=seed)),
+                ro_dir, done_file=os.path.join(ro_dir, "readout.json"), deps=list(data_ids),
+                resources=_resources(readout.get("resources")), label="random", seed=seed))
+            add_knn(["--random-init", "--arch", arch], job_id, ro_dir, list(data_ids),
+                    label="random", seed=seed)
 
     # baselines: random init always; supervised from a path (converted here unless a .pkl)
     det = grid.get("detection") or {}
     _check_keys(det, ("supervised_weights", "overrides", "resources", "configs"), "detection")
-    sources.append(("random", "random", None, None))
+    sources.append(("random", "random", None, None, None))
     supervised = det.get("supervised_weights")
     supervised_missing = None
     if supervised:
         weights = tpl(str(supervised))   # relative paths: from the repo root, like configs
         if weights.endswith(".pkl"):
-            sources.append((PUBLISHED_NAME, PUBLISHED_LABEL, weights, None))
+            sources.append((PUBLISHED_NAME, PUBLISHED_LABEL, weights, None, None))
         else:
             job_id, pkl = path("weights", PUBLISHED_NAME + ".pkl")
             conv = add(Job(job_id, "convert", _python(
                 ["python", "tools/convert_to_detectron2.py", weights, pkl, "--verify"]), pkl,
                 done_file=pkl, resources=convert_res, label=PUBLISHED_LABEL,
                 requires=[weights]))
-            sources.append((PUBLISHED_NAME, PUBLISHED_LABEL, pkl, conv.id))
+            sources.append((PUBLISHED_NAME, PUBLISHED_LABEL, pkl, conv.id, None))
     elif det.get("configs"):
         supervised_missing = ("no published supervised-ImageNet weights given in the grid "
                               "(detection.supervised_weights): that baseline is not run")
@@ -387,17 +394,26 @@ def expand(grid, out):
 
     det_res = det.get("resources")
     for i, spec in enumerate(det.get("configs") or []):
-        _check_keys(spec, ("config", "seeds", "overrides", "resources"),
+        _check_keys(spec, ("config", "seeds", "pair_seeds", "overrides", "resources"),
                     f"detection.configs[{i}]")
         if "config" not in spec:
             raise LocoError(f"grid: detection.configs[{i}] needs a config")
         config = spec["config"] if os.path.dirname(spec["config"]) else \
             os.path.join("det_configs", spec["config"])
         res = _resources(det_res, spec.get("resources"))
+        unpaired = sorted({str(src[4]) for src in sources if src[4] is not None}
+                          - {str(x) for x in spec.get("seeds", [0])})
+        if spec.get("pair_seeds") and unpaired:
+            raise LocoError(f"grid: detection.configs[{i}] has pair_seeds but not the "
+                            f"pretraining seed(s) {', '.join(unpaired)} among its seeds")
         overrides = dict(det.get("overrides") or {})
         overrides.update(spec.get("overrides") or {})
         for seed in spec.get("seeds", [0]):
-            for name, label, weights, conv_id in sources:
+            for name, label, weights, conv_id, pre_seed in sources:
+                # pair_seeds: a pretrained backbone runs once, with its own pretraining seed
+                # (n seeds = n runs of the whole chain); baselines run every seed
+                if spec.get("pair_seeds") and pre_seed is not None and pre_seed != seed:
+                    continue
                 job_id, run_dir = path("det", _stem(config), name, f"seed{seed}")
                 local = dict(label=label, seed=seed)
                 opts = ["SEED", str(seed)]
@@ -531,16 +547,20 @@ def _log_path(out, job):
     return os.path.join(out, "logs", job.id.replace("/", "__") + ".log")
 
 
-def _run_command(job, out, quiet):
-    """Run one job, streaming its output to the terminal (unless quiet) and to its log."""
+def _run_command(job, out, quiet, live=None, extra_env=None):
+    """Run one job, streaming its output to the terminal (unless quiet) and to its log. `live`
+    (a set) holds the running process, so that the caller can stop it from another thread;
+    `extra_env` goes under the job's own environment."""
     log = _log_path(out, job)
     os.makedirs(os.path.dirname(log), exist_ok=True)
-    env = dict(os.environ, **job.env, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, **(extra_env or {}), **job.env, PYTHONUNBUFFERED="1")
     with open(log, "ab") as f:
         f.write(f"$ {shlex.join(job.command())}\n".encode())
         f.flush()
         proc = subprocess.Popen(job.command(), cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        if live is not None:
+            live.add(proc)
         try:
             while True:
                 chunk = os.read(proc.stdout.fileno(), 65536)
@@ -558,58 +578,119 @@ def _run_command(job, out, quiet):
             proc.terminate()
             proc.wait()
             raise
+        finally:
+            if live is not None:
+                live.discard(proc)
 
 
-def run_local(jobs, notes, out, quiet=False):
-    """Run jobs in order; returns the exit status (0 only when every job is done or skipped)."""
+def _start_check(job, status, n_jobs):
+    """Why `job` cannot start now ("skipped"/"blocked"/"failed" with a reason), "wait" while a
+    dependency is unfinished, or None when it can run."""
+    if job.is_done():
+        return "skipped", f"results exist: {job.done_file}"
+    if job.stage == "report":   # written in any case, after every other job
+        return ("wait", "") if len(status) < n_jobs - 1 else None
+    if any(d not in status for d in job.deps):
+        return "wait", ""
+    bad = [d for d in job.deps if status[d] in ("failed", "blocked")]
+    if bad:
+        return "blocked", f"dependency failed: {bad[0]}"
+    missing = [p for p in job.requires if not os.path.exists(Job._abs(p))]
+    if missing:
+        return "failed", f"input not found: {missing[0]}"
+    if int(job.resources["nodes"]) > 1:
+        return "failed", f"needs {job.resources['nodes']} nodes: use --launcher slurm"
+    return None
+
+
+def local_env(workers, environ=None):
+    """Environment additions for `workers` concurrent local jobs: each job gets an equal share of
+    the CPUs as its thread count (OMP_NUM_THREADS), unless the caller set one; PyTorch's default
+    (one thread per core in every process) would oversubscribe the machine."""
+    environ = os.environ if environ is None else environ
+    if workers <= 1 or "OMP_NUM_THREADS" in environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+
+
+def run_local(jobs, notes, out, quiet=False, workers=1):
+    """Run jobs in dependency order, up to `workers` at a time (each started as soon as its
+    dependencies are done, in grid order); returns the exit status (0 only when every job is
+    done or skipped). With several workers the jobs' output goes to their logs only."""
+    import concurrent.futures as cf
+
+    if workers < 1:
+        raise LocoError(f"--jobs must be at least 1, got {workers}")
     status = {}   # id -> done | skipped | failed | blocked
     failed_logs = {}
     start_all = time.time()
     n = len(jobs)
+    width = len(str(n))
+    tags = {job.id: f"[{i:>{width}}/{n}]" for i, job in enumerate(jobs, 1)}
+    extra_env = local_env(workers)
+    quiet = quiet or workers > 1
     for note in notes:
         print(f"note: {note}")
-    for i, job in enumerate(jobs, 1):
-        tag = f"[{i:>{len(str(n))}}/{n}]"
-        if job.is_done():
-            status[job.id] = "skipped"
-            print(f"{tag} skipped  {job.id}  (results exist: {job.done_file})", flush=True)
-            continue
-        bad = [d for d in job.deps if status.get(d) in ("failed", "blocked")]
-        if bad and job.stage != "report":   # the report is written in any case
-            status[job.id] = "blocked"
-            print(f"{tag} blocked  {job.id}  (dependency failed: {bad[0]})", flush=True)
-            continue
-        missing = [p for p in job.requires if not os.path.exists(Job._abs(p))]
-        if missing:
-            status[job.id] = "failed"
-            print(f"{tag} failed   {job.id}  (input not found: {missing[0]})", flush=True)
-            continue
-        if job.stage != "report" and int(job.resources["nodes"]) > 1:
-            status[job.id] = "failed"
-            print(f"{tag} failed   {job.id}  (needs {job.resources['nodes']} nodes: use "
-                  f"--launcher slurm)", flush=True)
-            continue
-        what = "resuming" if job.resuming() else "running"
-        print(f"{tag} {what} {job.id}: {shlex.join(job.command())}", flush=True)
-        t0 = time.time()
+    if workers > 1:
+        print(f"note: {workers} jobs at a time"
+              + (f", OMP_NUM_THREADS={extra_env['OMP_NUM_THREADS']} each" if extra_env else "")
+              + f"; their output goes to {_rel(os.path.join(out, 'logs'))}/", flush=True)
+    live = set()
+    running = {}   # future -> (job, start time)
+    pending = list(jobs)
+
+    def run(job):
         if job.stage == "report":
-            rc, log = _write_report(out), None
-        else:
-            try:
-                rc, log = _run_command(job, out, quiet)
-            except OSError as e:
-                rc, log = 127, None
-                print(f"error: {job.id}: cannot start {job.command()[0]}: {e.strerror}",
+            return _write_report(out), None
+        try:
+            return _run_command(job, out, quiet, live, extra_env)
+        except OSError as e:
+            print(f"error: {job.id}: cannot start {job.command()[0]}: {e.strerror}", flush=True)
+            return 127, None
+
+    pool = cf.ThreadPoolExecutor(max_workers=workers)
+    try:
+        while pending or running:
+            for job in list(pending):
+                if len(running) >= workers:
+                    break
+                check = _start_check(job, status, n)
+                if check is not None and check[0] == "wait":
+                    continue
+                pending.remove(job)
+                if check is not None:
+                    status[job.id] = check[0]
+                    print(f"{tags[job.id]} {check[0]:<8} {job.id}  ({check[1]})", flush=True)
+                    continue
+                what = "resuming" if job.resuming() else "running"
+                print(f"{tags[job.id]} {what} {job.id}: {shlex.join(job.command())}",
                       flush=True)
-        took = _fmt_time(time.time() - t0)
-        if rc == 0:
-            status[job.id] = "done"
-            print(f"{tag} done     {job.id}  ({took})", flush=True)
-        else:
-            status[job.id] = "failed"
-            failed_logs[job.id] = log
-            print(f"{tag} failed   {job.id}  (exit {rc}, {took}"
-                  + (f"; log: {_rel(log)}" if log else "") + ")", flush=True)
+                running[pool.submit(run, job)] = (job, time.time())
+            if not running:
+                if pending:   # cannot happen with dependencies on earlier jobs; never spin
+                    raise LocoError(f"grid: job {pending[0].id} waits for a job that never runs")
+                break
+            finished, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                job, t0 = running.pop(fut)
+                rc, log = fut.result()
+                took = _fmt_time(time.time() - t0)
+                if rc == 0:
+                    status[job.id] = "done"
+                    print(f"{tags[job.id]} done     {job.id}  ({took})", flush=True)
+                else:
+                    status[job.id] = "failed"
+                    failed_logs[job.id] = log
+                    print(f"{tags[job.id]} failed   {job.id}  (exit {rc}, {took}"
+                          + (f"; log: {_rel(log)}" if log else "") + ")", flush=True)
+    except BaseException:
+        for proc in list(live):   # Ctrl-C / SIGTERM: stop every running job, then report
+            proc.terminate()
+        for proc in list(live):
+            proc.wait()
+        raise
+    finally:
+        pool.shutdown(wait=True)
     counts = {s: sum(v == s for v in status.values())
               for s in ("done", "skipped", "failed", "blocked")}
     print(f"summary: {n} jobs in {_fmt_time(time.time() - start_all)}: "

@@ -35,7 +35,13 @@ from PIL import Image, ImageDraw
 from .utils import LocoError, atomic_write, remove_stale_temps, temp_prefix
 
 GENERATOR = "loco_det.synthetic"
-FORMAT_VERSION = 3  # 2: a main object per scene; 3: + VOC view and labelTrainIds
+FORMAT_VERSION = 4  # 2: a main object per scene; 3: + VOC view and labelTrainIds; 4: + objects
+# Object-centric ImageFolder view ("objects/"): one square crop per instance, as ImageNet photos
+# are centred on one object. The scene view's label is learnable only through the main object's
+# typical surface; an object crop's label is its shape (other instances wear random surfaces),
+# which is what a detector has to recognise.
+OBJECT_CROP = {"context": 1.3,   # crop side = context * longer side of the instance's box
+               "min_side": 16}   # px; smaller crops are widened to this (within the image)
 
 # (shape, Cityscapes label name, Cityscapes label id). Ids are those of
 # cityscapesscripts.helpers.labels (checked by the tests); only classes that have instances and
@@ -290,6 +296,19 @@ def _bbox_slices(mask):
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
+def object_crop(bbox, height, width, context=OBJECT_CROP["context"],
+                min_side=OBJECT_CROP["min_side"]):
+    """(x0, y0, x1, y1) of the square crop around a COCO box [x, y, w, h]: centred on the box,
+    side context * max(w, h) (at least min_side, at most the image's shorter side), shifted to
+    lie inside the image rather than padded (padding would be a cue no real photo has)."""
+    x, y, w, h = bbox
+    side = int(round(min(max(context * max(w, h), min_side), height, width)))
+    cx, cy = x + w / 2.0, y + h / 2.0
+    x0 = int(round(min(max(cx - side / 2.0, 0), width - side)))
+    y0 = int(round(min(max(cy - side / 2.0, 0), height - side)))
+    return x0, y0, x0 + side, y0 + side
+
+
 def sample_scene(rng, height, width, params=None):
     """Draw one scene: returns (image uint8 HxWx3, id map uint8 HxW with 0 = background and
     k = k-th surviving instance, list of category indices 0..K-1 of instances 1..n)."""
@@ -470,11 +489,13 @@ def _write_split(tmp, split, n, seed, height, width, params, progress):
     for d in [coco_dir, cs_img_dir, cs_gt_dir] + [
             os.path.join(voc_dir, sub) for sub in ("JPEGImages", "Annotations",
                                                    os.path.join("ImageSets", "Main"))] + [
-            os.path.join(tmp, "imagefolder", split, c["name"]) for c in cats]:
+            os.path.join(tmp, view, split, c["name"]) for c in cats
+            for view in ("imagefolder", "objects")]:
         os.makedirs(d, exist_ok=True)
     images, annotations, voc_ids = [], [], []
     per_cat = {c["name"]: 0 for c in cats}
     per_label = {c["name"]: 0 for c in cats}
+    per_object = {c["name"]: 0 for c in cats}
     for index in range(n):
         rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_INDEX[split], index]))
         image, ids, inst_cats = sample_scene(rng, height, width, params)
@@ -502,6 +523,14 @@ def _write_split(tmp, split, n, seed, height, width, params, progress):
         label = cats[largest["category"]]["name"]
         per_label[label] += 1
         _link_or_copy(img_path, os.path.join(tmp, "imagefolder", split, label, stem + ".png"))
+
+        # objects view: one crop per instance, labelled by its category
+        for k, inst in enumerate(insts, 1):
+            x0, y0, x1, y1 = object_crop(inst["bbox"], height, width)
+            name = cats[inst["category"]]["name"]
+            per_object[name] += 1
+            Image.fromarray(image[y0:y1, x0:x1]).save(
+                os.path.join(tmp, "objects", split, name, f"{stem}_{k}.png"), format="PNG")
 
         # VOC view (JPEG, as VOC's JPEGImages; quality 95)
         file_id = voc_id(split, index)
@@ -558,7 +587,7 @@ def _write_split(tmp, split, n, seed, height, width, params, progress):
     _write_json(os.path.join(tmp, "coco", "annotations", f"instances_{split}.json"), coco,
                 indent=None)
     return {"images": n, "instances": len(annotations), "instances_per_category": per_cat,
-            "imagefolder_labels": per_label}
+            "imagefolder_labels": per_label, "objects_labels": per_object}
 
 
 def _write_json(path, obj, indent):
@@ -596,7 +625,7 @@ def request(seed, n_train, n_val, height, width, params=None):
             "categories": categories(),
             "cityscapes_background": {"name": BACKGROUND_LABEL[0], "id": BACKGROUND_LABEL[1]},
             "cityscapes_train_ids": {str(k): v for k, v in CITYSCAPES_TRAIN_IDS.items()},
-            "voc_year": VOC_YEAR, "city": CITY}
+            "voc_year": VOC_YEAR, "city": CITY, "object_crop": dict(OBJECT_CROP)}
 
 
 def read_meta(out):

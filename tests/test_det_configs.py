@@ -30,6 +30,8 @@ EXPECTED = {
     "cityscapes_sem_seg_R50_FPN_frozen.yaml", "cityscapes_sem_seg_R50_FPN_finetune.yaml",
     "cpu_synth_cityscapes_sem_seg_R18_FPN_frozen.yaml",
     "cpu_synth_cityscapes_sem_seg_R18_FPN_finetune.yaml",
+    "cpu_study_coco_R18_FPN_frozen.yaml", "cpu_study_cityscapes_R18_FPN_frozen.yaml",
+    "cpu_study_coco_R18_FPN_finetune_60.yaml", "cpu_study_cityscapes_R18_FPN_finetune_60.yaml",
 }
 # Recipes of other tasks than Mask R-CNN: Faster R-CNN on VOC, semantic segmentation.
 VOC = [c for c in RECIPES if "voc" in os.path.basename(c)]
@@ -77,7 +79,19 @@ def test_recipe_facts(path):
     name = _name(path)
     if path in VOC + SEM_SEG:
         return  # test_voc_and_sem_seg_recipe_facts
-    if "frozen" in name:
+    if name.startswith("cpu_study_"):   # the study's cheaper heads (det_configs/grids/study.yaml)
+        base = setup_cfg(os.path.join(CONFIG_DIR, name.replace("cpu_study_", "cpu_synth_")
+                                      .replace("_60.yaml", ".yaml")), [])
+        assert cfg.MODEL.ROI_BOX_HEAD.NUM_CONV == 0 and cfg.MODEL.ROI_BOX_HEAD.NUM_FC == 2
+        assert cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE == 64 and cfg.SOLVER.IMS_PER_BATCH == 2
+        assert cfg.MODEL.BACKBONE.FREEZE_AT == base.MODEL.BACKBONE.FREEZE_AT
+        assert cfg.MODEL.RESNETS.NORM == base.MODEL.RESNETS.NORM
+        assert cfg.DATASETS.TEST == base.DATASETS.TEST
+        if name.endswith("_60.yaml"):
+            assert cfg.DATASETS.TRAIN == (base.DATASETS.TRAIN[0] + "_60_seed0",)
+        else:
+            assert cfg.DATASETS.TRAIN == base.DATASETS.TRAIN
+    elif "frozen" in name:
         assert cfg.MODEL.BACKBONE.FREEZE_AT == 5
         assert cfg.MODEL.ROI_BOX_HEAD.NUM_CONV == 4 and cfg.MODEL.ROI_BOX_HEAD.NUM_FC == 1
         assert cfg.MODEL.FPN.NORM == "SyncBN" and cfg.MODEL.ROI_BOX_HEAD.NORM == "SyncBN"

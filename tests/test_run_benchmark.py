@@ -6,6 +6,7 @@ numbers) in a temporary repository root, so the orchestration is tested in secon
 tools are exercised by their own tests and by the reduced demo.
 """
 import contextlib
+import copy
 import importlib.util
 import io
 import json
@@ -240,6 +241,13 @@ name = os.path.basename(sys.argv[0])[:-3]
 args = sys.argv[1:]
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps([name] + args) + "\n")
+if os.environ.get("FAKE_TIMES"):   # how long each job ran, and with how many threads
+    import time
+    t0 = time.time()
+    time.sleep(float(os.environ["FAKE_SLEEP"]))
+    with open(os.environ["FAKE_TIMES"], "a") as f:
+        f.write(json.dumps([name, t0, time.time(), os.environ.get("OMP_NUM_THREADS"),
+                            " ".join(args)]) + "\n")
 def arg(flag):
     return args[args.index(flag) + 1] if flag in args else None
 def dump(path, obj):
@@ -368,6 +376,71 @@ def test_local_run_then_rerun_skips(fake_repo, capsys):
     assert second.count("skipped  ") == 16
     assert "skipped  pretrain/loco/seed0  (results exist: " in second
     assert "16 skipped" in second and "1 done" in second   # the report is rewritten
+
+
+def test_parallel_jobs_give_the_same_results(fake_repo, capsys, monkeypatch, tmp_path):
+    times = tmp_path / "times.jsonl"
+    monkeypatch.setenv("FAKE_TIMES", str(times))
+    monkeypatch.setenv("FAKE_SLEEP", "0.3")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert fake_repo["run"]("--jobs", "2") == 0
+    out = capsys.readouterr().out
+    assert "summary: 17 jobs" in out and "17 done" in out
+    assert "note: 2 jobs at a time, OMP_NUM_THREADS=" in out
+    calls = fake_repo["calls"]()
+    assert [c[0] for c in calls].count("train_net") == 8 and len(calls) == 16
+    md = (fake_repo["out"] / "report.md").read_text()
+    assert "| 10.50 ± 0.71 |" in md
+    spans = [json.loads(l) for l in times.read_text().splitlines()]
+    assert {s[3] for s in spans} == {str(max(1, (os.cpu_count() or 1) // 2))}
+    events = sorted([(s[1], 1) for s in spans] + [(s[2], -1) for s in spans])
+    running = [sum(d for _, d in events[:i + 1]) for i in range(len(events))]
+    assert max(running) == 2          # two at a time, never more
+    data_end = next(s[2] for s in spans if s[0] == "make_synthetic_data")
+    assert all(s[1] >= data_end for s in spans if s[0] != "make_synthetic_data")
+    # a detection run starts only after its backbone's conversion ended
+    for method in ("e2e", "loco"):
+        conv_end = next(s[2] for s in spans if s[0] == "convert_to_detectron2"
+                        and f"{method}_seed0.pkl" in s[4])
+        dets = [s for s in spans if s[0] == "train_net" and f"{method}_seed0.pkl" in s[4]]
+        assert len(dets) == 2 and all(s[1] >= conv_end for s in dets)
+
+
+def test_jobs_must_be_positive(fake_repo, capsys):
+    with pytest.raises(SystemExit) as e:
+        fake_repo["run"]("--jobs", "0")
+    assert e.value.code == 2 and "--jobs must be at least 1, got 0" in capsys.readouterr().err
+    assert not fake_repo["out"].exists()
+
+
+def test_paired_seeds_and_random_init_seeds(fake_repo, capsys):
+    grid = copy.deepcopy(GRID)
+    grid["pretrain"][0]["seeds"] = [0, 1]
+    grid["readout"] = {"args": ["--seed", "{seed}"], "random_init": {"arch": "resnet18",
+                                                                     "seeds": [0, 1]}}
+    grid["detection"]["configs"][0]["pair_seeds"] = True
+    path = fake_repo["repo"] / "paired.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    tool = _load_tool()
+    assert tool.main([str(path), "--out", str(fake_repo["out"]), "--dry-run"]) == 0
+    cmds = [shlex.split(l) for l in capsys.readouterr().out.splitlines()
+            if not l.startswith("#")]
+    det = _with(cmds, "tools/train_net.py")
+    # e2e and loco: seed s with pretraining seed s only; random and published: both seeds
+    runs = sorted(c[c.index("OUTPUT_DIR") + 1].split("/det/")[1] for c in det)
+    assert runs == [f"cpu_synth_coco_R18_FPN_frozen/{name}/seed{s}" for name, s in [
+        ("e2e_seed0", 0), ("e2e_seed1", 1), ("loco_seed0", 0), ("loco_seed1", 1),
+        ("random", 0), ("random", 1), ("supervised_published", 0),
+        ("supervised_published", 1)]]
+    random_ro = _with(cmds, "tools/linear_readout.py", "--random-init")
+    assert [(c[c.index("--output-dir") + 1].split("/readout/")[1], c[c.index("--seed") + 1])
+            for c in random_ro] == [("random/seed0", "0"), ("random/seed1", "1")]
+
+    grid["detection"]["configs"][0]["seeds"] = [0]
+    path.write_text(yaml.safe_dump(grid))
+    assert tool.main([str(path), "--out", str(fake_repo["out"]), "--dry-run"]) == 1
+    assert ("detection.configs[0] has pair_seeds but not the pretraining seed(s) 1 among its "
+            "seeds") in capsys.readouterr().err
 
 
 def test_failed_job_blocks_dependants_and_exits_nonzero(fake_repo, capsys, monkeypatch):

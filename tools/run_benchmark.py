@@ -37,7 +37,7 @@ def main(argv=None):
                         help="print every job's command (and whether it would be skipped or "
                              "resumed); run nothing, write nothing")
     parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
-                        help="run jobs here in sequence, or submit them to SLURM via submitit")
+                        help="run jobs here (in sequence, or --jobs at a time), or submit them to SLURM via submitit")
     parser.add_argument("--out", metavar="DIR",
                         help="output folder (default: the grid's `out`, else runs/<grid name>)")
     parser.add_argument("--profile", metavar="NAME",
@@ -45,9 +45,15 @@ def main(argv=None):
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a grid entry by dotted path (YAML value), e.g. "
                              "vars.imagenet=/data/imagenet; repeatable, applied after --profile")
+    parser.add_argument("-j", "--jobs", type=int, default=1, metavar="N",
+                        help="local launcher: run up to N independent jobs at a time (default "
+                             "1); each gets OMP_NUM_THREADS = CPUs / N unless you set it, and "
+                             "their output goes to OUT/logs/ only")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="do not stream the jobs' output (it still goes to OUT/logs/)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     from loco_det import benchmark
     from loco_det.utils import LocoError, exit_code, interruptible, interrupted_line
@@ -64,7 +70,7 @@ def main(argv=None):
             benchmark.write_manifest(out, args.grid, args.profile, args.sets, jobs, missing)
             if args.launcher == "slurm":
                 return benchmark.run_slurm(jobs, notes, out, grid.get("slurm"))
-            return benchmark.run_local(jobs, notes, out, quiet=args.quiet)
+            return benchmark.run_local(jobs, notes, out, quiet=args.quiet, workers=args.jobs)
     except LocoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -16,6 +16,10 @@ Registered names (root = $DETECTRON2_DATASETS, default "datasets", read when `re
 - `loco_synth_voc_{train,val}`: PASCAL VOC view (root/loco_synth/voc/VOC2007), registered by
   Detectron2's own `register_pascal_voc` with the six shape classes (evaluator_type
   "pascal_voc", so `PascalVOCDetectionEvaluator` scores it with the VOC07 11-point AP).
+- `loco_synth_coco_train_{N}_seed{S}`, `loco_synth_cityscapes_instance_seg_train_{N}_seed{S}`
+  (N in SYNTH_SUBSET_SIZES, S in 0..SYNTH_SUBSET_SEEDS-1): N labelled scenes of the train split
+  drawn at random with seed S (`synthetic_subset`), the small-scale analogue of COCO-1K/10K for
+  limited-label fine-tuning. Both views of seed S hold the same scenes.
 - `coco_2017_train_{label}_seed{S}`: one per subset file
   root/coco/annotations/instances_train2017_{N}_seed{S}.json present when `register_all` runs
   (see `loco_det.coco_subset` for the naming), images from root/coco/train2017.
@@ -42,6 +46,9 @@ from ..utils import LocoError  # noqa: E402
 logger = logging.getLogger(__name__)
 
 SYNTH_DIRNAME = "loco_synth"
+# Limited-label splits of the embedded train split (5%, 10%, 20%, 50% of its default 600 scenes).
+SYNTH_SUBSET_SIZES = (30, 60, 120, 300)
+SYNTH_SUBSET_SEEDS = 10
 
 # name -> signature of what we registered; lets register_all be called any number of times and
 # re-register only what changed (e.g. tests pointing DETECTRON2_DATASETS somewhere else).
@@ -51,6 +58,19 @@ _REGISTERED = {}
 def datasets_root():
     """$DETECTRON2_DATASETS, as Detectron2 itself resolves it (default "datasets")."""
     return os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
+
+
+def synthetic_subset(dicts, n, seed, name):
+    """`n` of the dataset dicts, drawn without replacement by `numpy.random.default_rng(seed)`
+    from the dicts sorted by file name (so the split depends only on n, seed and the data)."""
+    import numpy as np
+
+    dicts = sorted(dicts, key=lambda d: d["file_name"])
+    if n > len(dicts):
+        raise LocoError(f"{name}: asks for {n} labelled scenes but the train split has only "
+                        f"{len(dicts)}")
+    keep = np.sort(np.random.default_rng(seed).choice(len(dicts), n, replace=False))
+    return [dicts[i] for i in keep]
 
 
 def _require_dir(path, what):
@@ -201,6 +221,22 @@ def register_synthetic(root):
                   dict(image_dir=image_dir, gt_dir=gt_dir, evaluator_type="cityscapes_instance",
                        **_cityscapes_metadata()),
                   ("cityscapes", image_dir, gt_dir))
+
+        if split == "train":
+            for n in SYNTH_SUBSET_SIZES:
+                for seed in range(SYNTH_SUBSET_SEEDS):
+                    sub = f"loco_synth_coco_train_{n}_seed{seed}"
+                    _register(sub, lambda j=json_file, i=image_root, n=n, s=seed, sub=sub:
+                              synthetic_subset(load_coco_checked(j, i, sub), n, s, sub),
+                              dict(json_file=json_file, image_root=image_root,
+                                   evaluator_type="coco", **_synth_coco_metadata()),
+                              ("coco", json_file, image_root, n, seed))
+                    sub = f"loco_synth_cityscapes_instance_seg_train_{n}_seed{seed}"
+                    _register(sub, lambda x=image_dir, y=gt_dir, n=n, s=seed, sub=sub:
+                              synthetic_subset(load_cityscapes_checked(x, y), n, s, sub),
+                              dict(image_dir=image_dir, gt_dir=gt_dir,
+                                   evaluator_type="cityscapes_instance", **_cityscapes_metadata()),
+                              ("cityscapes", image_dir, gt_dir, n, seed))
 
         name = f"loco_synth_cityscapes_sem_seg_{split}"
         _register(name,
