@@ -37,6 +37,32 @@ def test_register_all_is_idempotent_and_lazy(tmp_path):
     assert coco_meta.json_file.endswith(os.path.join("coco", "annotations", "instances_train.json"))
 
 
+def test_limited_label_splits_share_scenes_across_views(synth_env):
+    """loco_synth_{coco,cityscapes_instance_seg}_train_{N}_seed{S}: N train scenes drawn with seed
+    S, the same scenes in both views; different seeds draw different splits."""
+    datasets.register_all()
+    n = min(datasets.SYNTH_SUBSET_SIZES)
+    if n > 24:   # the session's dataset has 24 train scenes: a larger split is an error
+        with pytest.raises(LocoError, match=f"asks for {n} labelled scenes but the train "
+                                            "split has only 24"):
+            DatasetCatalog.get(f"loco_synth_coco_train_{n}_seed0")
+    full = DatasetCatalog.get("loco_synth_coco_train")
+    picks = {}
+    for seed in (0, 1):
+        dicts = datasets.synthetic_subset(full, 10, seed, "x")
+        assert len(dicts) == 10 and len({d["file_name"] for d in dicts}) == 10
+        picks[seed] = [os.path.basename(d["file_name"]) for d in dicts]
+    assert picks[0] != picks[1]
+    cs = DatasetCatalog.get("loco_synth_cityscapes_instance_seg_train")
+    cs_pick = [os.path.basename(d["file_name"]) for d in datasets.synthetic_subset(cs, 10, 0, "y")]
+    # shapes_000000_000007_leftImg8bit.png <-> 000007.png
+    assert [f.split("_")[2] + ".png" for f in cs_pick] == picks[0]
+    assert datasets.synthetic_subset(list(reversed(full)), 10, 0, "x") == \
+        datasets.synthetic_subset(full, 10, 0, "x")   # order of the input does not matter
+    meta = MetadataCatalog.get(f"loco_synth_cityscapes_instance_seg_train_{n}_seed3")
+    assert meta.evaluator_type == "cityscapes_instance"
+
+
 def test_missing_data_names_the_path(tmp_path):
     datasets.register_all(str(tmp_path))
     try:

@@ -94,5 +94,5 @@ def test_reduced_study_reports_every_method_with_verdicts(tmp_path):
             assert len(rows) == 2, (method, proto, rows)   # APbb and APmk against random init
             assert all(any(f"| {v}" in r for v in VERDICTS) for r in rows), rows
     rows = [r for r in comparisons.splitlines() if "| supervised (trained here) | random |" in r
-            and "top1/res5" in r]
+            and "| top-1 res5 |" in r]
     assert len(rows) == 1, rows

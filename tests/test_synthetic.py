@@ -158,6 +158,49 @@ def test_imagefolder_view(synth_root):
         assert filecmp.cmp(path, same, shallow=False)
 
 
+def test_objects_view_is_one_crop_per_instance(synth_root):
+    """objects/<split>/<category>/<stem>_<k>.png: the square crop of instance k (COCO annotation
+    order within its image), labelled by its category, cut from the scene's pixels."""
+    from torchvision.datasets import ImageFolder
+
+    meta = json.loads((synth_root / "meta.json").read_text())
+    assert meta["format_version"] == synthetic.FORMAT_VERSION == 4
+    assert meta["object_crop"] == synthetic.OBJECT_CROP
+    for split in ("train", "val"):
+        with open(synth_root / "coco" / "annotations" / f"instances_{split}.json") as f:
+            coco = json.load(f)
+        names = {c["id"]: c["name"] for c in coco["categories"]}
+        images = {img["id"]: img for img in coco["images"]}
+        ds = ImageFolder(str(synth_root / "objects" / split))
+        assert len(ds) == len(coco["annotations"])
+        assert meta["counts"][split]["objects_labels"] == {
+            name: sum(names[a["category_id"]] == name for a in coco["annotations"])
+            for name in names.values()}
+        by_image = {}
+        for ann in sorted(coco["annotations"], key=lambda a: a["id"]):
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        for image_id, anns in list(by_image.items())[:4]:
+            img = images[image_id]
+            scene = np.asarray(Image.open(synth_root / "coco" / split / img["file_name"]))
+            stem = os.path.splitext(img["file_name"])[0]
+            for k, ann in enumerate(anns, 1):
+                path = synth_root / "objects" / split / names[ann["category_id"]] / f"{stem}_{k}.png"
+                crop = np.asarray(Image.open(path))
+                x0, y0, x1, y1 = synthetic.object_crop(ann["bbox"], img["height"], img["width"])
+                assert crop.shape[0] == crop.shape[1] == x1 - x0 == y1 - y0
+                assert np.array_equal(crop, scene[y0:y1, x0:x1])
+
+
+def test_object_crop_closed_cases():
+    # centred, side 1.3 x the longer box side
+    assert synthetic.object_crop([40, 30, 20, 10], 100, 120) == (37, 22, 63, 48)
+    # small boxes are widened to min_side; crops near a border shift inside, never pad
+    assert synthetic.object_crop([0, 0, 4, 4], 100, 120) == (0, 0, 16, 16)
+    assert synthetic.object_crop([110, 90, 10, 10], 100, 120) == (104, 84, 120, 100)
+    # never larger than the image's shorter side
+    assert synthetic.object_crop([0, 0, 120, 100], 100, 120) == (10, 0, 110, 100)
+
+
 def test_main_object_defines_the_imagefolder_label(synth_root):
     """Format 2: the first-painted instance (lowest COCO annotation id of its image) is the main
     object. Nothing stops the image border from cutting it, so "largest" is not guaranteed, but
