@@ -558,7 +558,7 @@ def _run_command(job, out, quiet, live=None, extra_env=None):
         f.write(f"$ {shlex.join(job.command())}\n".encode())
         f.flush()
         proc = subprocess.Popen(job.command(), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent())
         if live is not None:
             live.add(proc)
         try:

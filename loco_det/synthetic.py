@@ -658,6 +658,10 @@ def generate(out, seed, n_train, n_val, height, width, params=None, overwrite=Fa
     """
     req = request(seed, n_train, n_val, height, width, params)
     out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    old_name = os.path.join(parent, os.path.basename(out) + "_old")
+    for leftover in (out, old_name):  # folders of earlier generator runs that were killed
+        remove_stale_temps(leftover)
     existing = None
     if os.path.exists(out):
         if not os.path.isdir(out):
@@ -674,11 +678,7 @@ def generate(out, seed, n_train, n_val, height, width, params=None, overwrite=Fa
             diff = sorted(k for k, v in req.items() if existing.get(k) != v)
             raise LocoError(f"{out} holds a different synthetic dataset (differs in: "
                             f"{', '.join(diff)}); pass --overwrite to replace it")
-    parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    old_name = os.path.join(parent, os.path.basename(out) + "_old")
-    for leftover in (out, old_name):  # folders of earlier generator runs that were killed
-        remove_stale_temps(leftover)
     tmp = tempfile.mkdtemp(dir=parent, prefix=temp_prefix(out))
     try:
         umask = os.umask(0)

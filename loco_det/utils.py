@@ -224,15 +224,23 @@ def interruptible():
 
 
 def die_with_parent():
-    """`preexec_fn` for a child process: Linux sends it SIGTERM when its parent dies (even by
-    SIGKILL), so that no orphaned job keeps writing into a run a rerun is about to resume.
-    Elsewhere a no-op."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+    """A `preexec_fn` for a child of this process: Linux sends the child SIGTERM when this
+    process dies (even by SIGKILL), so that no orphaned job keeps writing into a run a rerun is
+    about to resume. A parent that died before the child asked for that is caught too. Elsewhere
+    a no-op."""
+    parent = os.getpid()
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    def preexec():
+        if not sys.platform.startswith("linux"):
+            return
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # it died between fork and prctl: no signal will come
+            os._exit(128 + signal.SIGTERM)
+
+    return preexec
 
 
 def signal_name(exc):

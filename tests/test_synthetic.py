@@ -315,3 +315,31 @@ def test_generator_removes_folders_left_by_a_killed_run(tmp_path):
     assert not any(d.exists() for d in stale)
     assert live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["loco_synth", live.name])
+    # a run that finds the dataset up to date (a resumed grid) sweeps them too
+    (stale[0] / "coco").mkdir(parents=True)
+    synthetic.generate(str(out), seed=0, n_train=2, n_val=1, height=32, width=40)
+    assert not stale[0].exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["loco_synth", live.name])
+
+
+def test_generator_stopped_by_sigterm_removes_its_temporary_folder(tmp_path):
+    """SIGTERM is how a grid runner stops its jobs: the folder being written goes with it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "make_synthetic_data.py")
+    out = tmp_path / "loco_synth"
+    proc = subprocess.Popen([sys.executable, tool, "--out", str(out), "--num-train", "5000",
+                             "--num-val", "1", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".tmp_*/**/*.png")) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []

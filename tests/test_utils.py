@@ -2,6 +2,8 @@
 import os
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -88,3 +90,21 @@ def test_forked_child_ends_by_the_signal_not_a_traceback():
         child.terminate()
         child.join(10)
     assert child.exitcode == -signal.SIGTERM
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_die_with_parent_catches_a_parent_that_died_before_the_child_asked():
+    preexec = utils.die_with_parent()
+    ok = subprocess.run([sys.executable, "-c", "pass"], preexec_fn=preexec)
+    assert ok.returncode == 0
+    # the same function run in a child of another process: its parent is not the one it was
+    # made for, as after the parent died between fork and prctl
+    pid = os.fork()
+    if pid == 0:
+        grandchild = os.fork()
+        if grandchild == 0:
+            preexec()
+            os._exit(0)
+        os._exit(os.waitstatus_to_exitcode(os.waitpid(grandchild, 0)[1]))
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGTERM

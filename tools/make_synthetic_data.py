@@ -77,7 +77,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from loco_det import synthetic
-    from loco_det.utils import LocoError
+    from loco_det.utils import LocoError, interruptible
 
     out = args.out or os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "loco_synth")
     params = {k: v for k, v in (("min_objects", args.min_objects),
@@ -98,9 +98,10 @@ def main(argv=None):
 
     start = time.time()
     try:
-        meta = synthetic.generate(out, seed=args.seed, n_train=args.num_train, n_val=args.num_val,
-                                  height=height, width=width, params=params,
-                                  overwrite=args.overwrite, progress=progress)
+        with interruptible():  # SIGTERM (a stopped grid job) also removes the temporary folder
+            meta = synthetic.generate(out, seed=args.seed, n_train=args.num_train, n_val=args.num_val,
+                                      height=height, width=width, params=params,
+                                      overwrite=args.overwrite, progress=progress)
     except LocoError as e:
         if bar is not None:
             bar.close()  # the error starts its own line
