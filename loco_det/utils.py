@@ -227,12 +227,12 @@ def die_with_parent():
     """A `preexec_fn` for a child of this process: Linux sends the child SIGTERM when this
     process dies (even by SIGKILL), so that no orphaned job keeps writing into a run a rerun is
     about to resume. A parent that died before the child asked for that is caught too. Elsewhere
-    a no-op."""
+    None (no `preexec_fn`)."""
+    if not sys.platform.startswith("linux"):
+        return None
     parent = os.getpid()
 
     def preexec():
-        if not sys.platform.startswith("linux"):
-            return
         import ctypes
 
         pr_set_pdeathsig = 1
