@@ -187,8 +187,10 @@ def part_bench(c):
     locos = {n: v for n, v in r["time_ratio"].items() if n.startswith("loco")}
     best = min(locos, key=locos.get)
     e2e_rate = r["batch"] / r["time"]["e2e"]
+    flops = (f" (flop/e2e {r['flops'][best] / r['flops']['e2e']:.2f})" if r.get("flops")
+             else "")
     fig = (f"{r['arch']} {r['image_size']} px x{r['batch']}: e2e {e2e_rate:.0f} img/s; "
-           f"time/e2e {best} {locos[best]:.2f}, gim {r['time_ratio']['gim']:.2f}")
+           f"time/e2e {best} {locos[best]:.2f}{flops}, gim {r['time_ratio']['gim']:.2f}")
     mem = r["memory"]
     if c.s["device"] == "cuda":
         if not mem or mem["e2e"] <= 0:

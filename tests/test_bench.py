@@ -5,6 +5,7 @@ import pathlib
 import re
 
 import pytest
+import torch
 
 from loco_det.pretrain import bench
 
@@ -79,7 +80,12 @@ def test_timing_table(cli, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "loco:recompute" not in out
     for name in ["e2e", "gim", "loco:fused", "loco:hybrid_stem", "bare"]:
-        assert re.search(rf"^{re.escape(name)}(\s+[\d.]+){{5}}$", out, re.M), name
+        # step s, img/s, time/e2e, cpu s, cpu/e2e, GFLOP, flop/e2e
+        assert re.search(rf"^{re.escape(name)}(\s+[\d.]+){{7}}$", out, re.M), name
+    assert re.search(r"^e2e(\s+[\d.]+){6}\s+1\.000$", out, re.M)
+    floor = re.search(r"^step FLOPs / e2e.*\n  loco:fused\s+([\d.]+)\n  loco:hybrid_stem\s+([\d.]+)$",
+                      out, re.M)
+    assert floor and 1 < float(floor.group(1)) < float(floor.group(2)), out
     assert "e2e / bare torchvision step time" in out and "targets" in out
     assert out_json.exists()
 
@@ -145,3 +151,57 @@ def test_reference_checkout_rows_interleave(monkeypatch):
     for (n, a), b in zip(own.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), n
     sys.modules.pop("loco_det_reference", None)
+
+
+def _conv_forward_flops(model, x):
+    """Per conv of the encoder: 2 * N * Cout * Hout * Wout * Cin / groups * kh * kw, read off a
+    forward pass (independent of torch's flop formulas)."""
+    flops, hooks = {}, []
+    for name, module in model.encoder.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            def hook(m, _inp, out, name=name):
+                kh, kw = m.kernel_size
+                flops[name] = 2 * out.numel() * m.in_channels // m.groups * kh * kw
+            hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return flops
+
+
+def test_step_flops_are_the_schedules_work_in_closed_form():
+    """Counted conv FLOPs of one step equal what each schedule must compute: e2e one forward and
+    one backward (no input gradient for the image); gim none at the three detached unit inputs;
+    every LoCo schedule e2e's backward plus exactly one input-gradient pass through S2's and S3's
+    convolutions (those reading the stage input excepted: the weight pass needs no input
+    gradient there), the least that separate gradients for the weights and the stage below
+    allow; recompute schedules one more forward of what they recompute."""
+    views = bench.make_inputs(2, 32, 0)
+    model = bench.build_variant("e2e", "resnet18", 0, {})
+    f = _conv_forward_flops(model, torch.cat(views))
+    total = sum(f.values())
+
+    def stage(s):
+        return sum(v for k, v in f.items() if k.startswith(f"layer{s}."))
+
+    def entry(s):
+        return f[f"layer{s}.0.conv1"] + f[f"layer{s}.0.downsample.0"]
+
+    e2e_backward = 2 * total - f["conv1"]
+    loco_backward = e2e_backward + stage(2) - entry(2) + stage(3) - entry(3)
+    expected = {
+        "bare": (total, e2e_backward),
+        "e2e": (total, e2e_backward),
+        "gim": (total, e2e_backward - entry(2) - entry(3) - entry(4)),
+        "loco:fused": (total, loco_backward),
+        "loco:fused_stem": (total + f["conv1"], loco_backward),
+        "loco:recompute": (total + stage(2) + stage(3), loco_backward),
+        "loco:hybrid": (total + stage(2), loco_backward),
+        "loco:hybrid_stem": (total + f["conv1"] + stage(2), loco_backward),
+    }
+    for name, (forward, backward) in expected.items():
+        counted = bench.step_flops(bench.build_variant(name, "resnet18", 0, {}), views)
+        assert (counted["aten.convolution"], counted["aten.convolution_backward"]) == \
+            (forward, backward), name
+    assert all(p.grad is None for p in model.parameters())

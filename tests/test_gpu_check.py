@@ -296,7 +296,8 @@ def test_a_bug_in_a_part_is_its_failure_not_the_checks(tmp_path, monkeypatch):
 def _bench_result(memory):
     names = ["e2e", "gim", "loco:fused", "loco:fused_stem", "bare"]
     return {"arch": "resnet50", "image_size": 224, "batch": 128, "time": {"e2e": 0.5},
-            "time_ratio": dict(zip(names, [1.0, 0.9, 1.2, 1.1, 0.8])), "memory": memory}
+            "time_ratio": dict(zip(names, [1.0, 0.9, 1.2, 1.1, 0.8])), "memory": memory,
+            "flops": dict(zip(names, [100, 95, 117, 118, 100]))}
 
 
 def test_bench_part_on_cuda_reports_and_requires_max_memory_allocated(tmp_path, monkeypatch):
@@ -315,7 +316,7 @@ def test_bench_part_on_cuda_reports_and_requires_max_memory_allocated(tmp_path, 
         if expected is None:
             figures = gpu_check.part_bench(check)
             assert figures == ("resnet50 224 px x128: e2e 256 img/s; time/e2e loco:fused_stem "
-                               "1.10, gim 0.90; max_memory_allocated e2e 1000 MiB, mem/e2e "
+                               "1.10 (flop/e2e 1.18), gim 0.90; max_memory_allocated e2e 1000 MiB, mem/e2e "
                                "loco:fused_stem 0.70, gim 0.50")
         else:
             with pytest.raises(gpu_check.PartFailed, match=expected):

@@ -57,7 +57,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, help="intra-op CPU threads (default: torch's)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for every variant")
-    parser.add_argument("--no-memory", action="store_true", help="time only")
+    parser.add_argument("--no-memory", action="store_true", help="no peak-memory measurement")
+    parser.add_argument("--no-flops", action="store_true",
+                        help="no counted step per variant (GFLOP and flop/e2e columns)")
     parser.add_argument("--accumulate", action="store_true",
                         help="also measure every variant with its gradients kept and zeroed in "
                              "place before each step (zero_grad(set_to_none=False)), in the same "
@@ -102,7 +104,8 @@ def main(argv=None):
             arch=args.arch, image_size=args.image_size, batch=args.batch, rounds=args.rounds,
             warmup=args.warmup, loco_schedules=schedules, decoder_options=decoder_options,
             device=args.device, seed=args.seed, amp=args.amp, measure_memory=not args.no_memory,
-            threads=args.threads, accumulate=args.accumulate, accum_steps=args.accum_steps)
+            threads=args.threads, accumulate=args.accumulate, accum_steps=args.accum_steps,
+            count_flops=not args.no_flops)
         print(bench.format_benchmark(result))
         if args.accumulate:
             print("\n" + bench.format_benchmark(result["kept"]))

@@ -36,6 +36,9 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import flop_registry
 
 from .model import LOCO_SCHEDULES, NUM_STAGES, build_encoder, build_model, run_stage, \
     stage_channels
@@ -157,6 +160,41 @@ def build_variant(name, arch, seed, decoder_options):
     if schedule:
         decoder_options = dict(decoder_options, loco_schedule=schedule)
     return build(method, arch, **decoder_options)
+
+
+class _FlopCount(TorchDispatchMode):
+    """Counts, per aten op, the FLOPs of every op torch.utils.flop_counter has a formula for
+    (convolutions forward and backward, matmuls: 2 per multiply-add), as they execute. A
+    dispatch mode, unlike FlopCounterMode's module hooks, sees autograd.grad(inputs=...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_op = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            def shape(t):
+                return t.shape if isinstance(t, torch.Tensor) else t
+            n = formula(*tree_map(shape, args), **tree_map(shape, kwargs),
+                        out_val=tree_map(shape, out))
+            name = str(func._overloadpacket)
+            self.by_op[name] = self.by_op.get(name, 0) + n
+        return out
+
+
+def step_flops(model, views, **kwargs):
+    """FLOPs one `forward_backward(*views, **kwargs)` executes, per aten op: the work the
+    schedule really does (every recompute and every extra input-gradient pass included), which
+    a compute-bound device's step time follows. Leaves every .grad None."""
+    zero_grads(model)
+    counter = _FlopCount()
+    with counter:
+        model.forward_backward(*views, **kwargs)
+    zero_grads(model)
+    return counter.by_op
 
 
 def zero_grads(model):
@@ -309,8 +347,11 @@ def peak_memory_cuda(models, views, device, grad_modes=("none",)):
 
 def run_benchmark(arch="resnet50", image_size=224, batch=16, rounds=3, warmup=1,
                   loco_schedules=LOCO_SCHEDULES, decoder_options=None, device="cpu", seed=0,
-                  amp=False, measure_memory=True, threads=None, accumulate=False, accum_steps=1):
+                  amp=False, measure_memory=True, threads=None, accumulate=False, accum_steps=1,
+                  count_flops=True):
     """Time (and measure memory of) every variant; returns a dict the table printer reads.
+    `count_flops`: also run one counted step per variant (`step_flops`; the same in both
+    gradient modes).
     `threads`: intra-op threads here and in the memory processes (default: torch's).
     `accumulate`: also measure the "kept" gradient mode in the same rounds; its result (same
     shape) is under "kept". `accum_steps` > 1: "/accumN" rows (module docstring)."""
@@ -330,8 +371,13 @@ def run_benchmark(arch="resnet50", image_size=224, batch=16, rounds=3, warmup=1,
             "threads": torch.get_num_threads(), "decoder_options": decoder_options,
             "accum_steps": accum_steps, "memory_method": None, "memory_baseline": None}
     wall, cpu, faults = time_interleaved(models, views, rounds, warmup, device, modes)
+    flops = None
+    if count_flops:
+        flops = {name: sum(step_flops(model, views, **step_kwargs(name)).values())
+                 for name, model in models.items()}
     results = {mode: dict(head, grad_mode=mode, memory=None, **_summarise(wall[mode], cpu[mode]),
-                          page_faults={n: statistics.median(f) for n, f in faults[mode].items()})
+                          page_faults={n: statistics.median(f) for n, f in faults[mode].items()},
+                          flops=flops)
                for mode in modes}
     if measure_memory:
         if torch.device(device).type == "cuda":
@@ -421,12 +467,20 @@ def format_benchmark(result):
               f"{'cpu/e2e':>8}")
     if m is not None:
         header += f"{'peak MiB':>9}{'mem/e2e':>8}"
+    fl = result.get("flops")
+    if fl is not None:
+        lines.append("flops: one counted step per variant (torch.utils.flop_counter's formulas: "
+                     "convolutions forward and backward and matmuls, 2 per multiply-add; "
+                     "elementwise ops not counted)")
+        header += f"{'GFLOP':>8}{'flop/e2e':>9}"
     lines += ["", header, "-" * len(header)]
     for name in t:
         row = (f"{name:<{w}}{t[name]:>8.3f}{result['batch'] / t[name]:>7.2f}{rt[name]:>9.3f}"
                f"{cpu[name]:>8.3f}{rc[name]:>8.3f}")
         if m is not None:
             row += f"{m[name] / 2**20:>9.0f}{_ratio(m[name], m['e2e']):>8.3f}"
+        if fl is not None:
+            row += f"{fl[name] / 1e9:>8.4g}{_ratio(fl[name], fl['e2e']):>9.3f}"
         lines.append(row)
     accum = [n for n in t if ACCUM_SUFFIX in n]
     if accum:
@@ -453,6 +507,11 @@ def format_benchmark(result):
         else:
             lines.append(f"  {label:<48} {value:6.3f} <= {limit:.2f}  "
                          f"{'met' if met else 'NOT met'}")
+    locos = [n for n in t if n.startswith("loco") and ACCUM_SUFFIX not in n]
+    if fl is not None and locos:
+        lines += ["", "step FLOPs / e2e: the step-time ratio of a device whose step time follows "
+                      "its FLOPs (time below it comes from e2e's other costs, e.g. page faults):"]
+        lines += [f"  {n:<48} {_ratio(fl[n], fl['e2e']):6.3f}" for n in locos]
     return "\n".join(lines)
 
 
