@@ -83,8 +83,8 @@ def test_timing_table(cli, capsys, tmp_path):
         # step s, img/s, time/e2e, cpu s, cpu/e2e, GFLOP, flop/e2e
         assert re.search(rf"^{re.escape(name)}(\s+[\d.]+){{7}}$", out, re.M), name
     assert re.search(r"^e2e(\s+[\d.]+){6}\s+1\.000$", out, re.M)
-    floor = re.search(r"^step FLOPs / e2e.*\n  loco:fused\s+([\d.]+)\n  loco:hybrid_stem\s+([\d.]+)$",
-                      out, re.M)
+    floor = re.search(r"^step FLOPs / e2e.*\n  loco:fused\s+([\d.]+)\n"
+                      r"  loco:hybrid_stem\s+([\d.]+)$", out, re.M)
     assert floor and 1 < float(floor.group(1)) < float(floor.group(2)), out
     assert "e2e / bare torchvision step time" in out and "targets" in out
     assert out_json.exists()

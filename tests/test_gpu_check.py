@@ -316,8 +316,8 @@ def test_bench_part_on_cuda_reports_and_requires_max_memory_allocated(tmp_path, 
         if expected is None:
             figures = gpu_check.part_bench(check)
             assert figures == ("resnet50 224 px x128: e2e 256 img/s; time/e2e loco:fused_stem "
-                               "1.10 (flop/e2e 1.18), gim 0.90; max_memory_allocated e2e 1000 MiB, mem/e2e "
-                               "loco:fused_stem 0.70, gim 0.50")
+                               "1.10 (flop/e2e 1.18), gim 0.90; max_memory_allocated e2e "
+                               "1000 MiB, mem/e2e loco:fused_stem 0.70, gim 0.50")
         else:
             with pytest.raises(gpu_check.PartFailed, match=expected):
                 gpu_check.part_bench(check)
