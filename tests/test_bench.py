@@ -201,7 +201,8 @@ def test_step_flops_are_the_schedules_work_in_closed_form():
         "loco:hybrid_stem": (total + f["conv1"] + stage(2), loco_backward),
     }
     for name, (forward, backward) in expected.items():
-        counted = bench.step_flops(bench.build_variant(name, "resnet18", 0, {}), views)
+        variant = bench.build_variant(name, "resnet18", 0, {})
+        counted = bench.step_flops(variant, views)
         assert (counted["aten.convolution"], counted["aten.convolution_backward"]) == \
             (forward, backward), name
-    assert all(p.grad is None for p in model.parameters())
+        assert all(p.grad is None for p in variant.parameters()), name

@@ -162,6 +162,10 @@ def build_variant(name, arch, seed, decoder_options):
     return build(method, arch, **decoder_options)
 
 
+def _shape(t):
+    return t.shape if isinstance(t, torch.Tensor) else t
+
+
 class _FlopCount(TorchDispatchMode):
     """Counts, per aten op, the FLOPs of every op torch.utils.flop_counter has a formula for
     (convolutions forward and backward, matmuls: 2 per multiply-add), as they execute. A
@@ -176,10 +180,8 @@ class _FlopCount(TorchDispatchMode):
         out = func(*args, **kwargs)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
-            def shape(t):
-                return t.shape if isinstance(t, torch.Tensor) else t
-            n = formula(*tree_map(shape, args), **tree_map(shape, kwargs),
-                        out_val=tree_map(shape, out))
+            n = formula(*tree_map(_shape, args), **tree_map(_shape, kwargs),
+                        out_val=tree_map(_shape, out))
             name = str(func._overloadpacket)
             self.by_op[name] = self.by_op.get(name, 0) + n
         return out
@@ -413,11 +415,16 @@ def _ratio(a, b):
     return a / b if b else float("nan")
 
 
+def _loco_rows(names):
+    """This checkout's full-batch LoCo rows (no "ref:" or "/accumN" rows)."""
+    return [n for n in names if n.startswith("loco") and ACCUM_SUFFIX not in n]
+
+
 def target_checks(result):
     """(description, value, limit, met) for the efficiency targets. For the loco rows, the schedule
     with the best ratio is shown per target, then for each schedule whether it meets both."""
     rt, m = result["time_ratio"], result["memory"]
-    locos = [n for n in rt if n.startswith("loco") and ACCUM_SUFFIX not in n]
+    locos = _loco_rows(rt)
     rm = {n: _ratio(m[n], m["e2e"]) for n in rt} if m else {}
     checks = []
     for row, column, limit in TARGETS:
@@ -507,7 +514,7 @@ def format_benchmark(result):
         else:
             lines.append(f"  {label:<48} {value:6.3f} <= {limit:.2f}  "
                          f"{'met' if met else 'NOT met'}")
-    locos = [n for n in t if n.startswith("loco") and ACCUM_SUFFIX not in n]
+    locos = _loco_rows(t)
     if fl is not None and locos:
         lines += ["", "step FLOPs / e2e: the step-time ratio of a device whose step time follows "
                       "its FLOPs (time below it comes from e2e's other costs, e.g. page faults):"]
