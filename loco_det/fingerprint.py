@@ -26,10 +26,13 @@ import yaml
 # Keys added after runs were recorded, at the value that computes what runs without the key did:
 # left out of the identity at that value, so those runs keep their fingerprint (and resume).
 # OPTIM.ACCUM_STEPS is not run-only: BatchNorm statistics are per micro-batch.
-PRETRAIN_ADDED_DEFAULTS = {"OPTIM.ACCUM_STEPS": 1}
+# DATA.AUGMENT_DEVICE is not run-only: the GPU computes the same augmentation in float, so the
+# views differ from the CPU's uint8 ones by rounding.
+PRETRAIN_ADDED_DEFAULTS = {"OPTIM.ACCUM_STEPS": 1, "DATA.AUGMENT_DEVICE": "cpu"}
 PRETRAIN_RUN_ONLY = {
     "SEED": "the repetition, recorded separately",
     "DATA.NUM_WORKERS": "loader processes: speed only",
+    "DATA.PREFETCH_FACTOR": "batches prepared ahead: speed and shared memory only",
     "DATA.MAX_BAD_FRACTION": "a failure threshold for unreadable images, not a setting of what "
                              "is computed on readable ones",
     "RUN.LOG_PERIOD": "logging",

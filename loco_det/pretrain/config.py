@@ -86,6 +86,17 @@ _C.DATA.GRAYSCALE_PROB = 0.2
 _C.DATA.BLUR_PROB = 0.5
 # Data-loading worker processes per training process.
 _C.DATA.NUM_WORKERS = 4
+# Batches each worker prepares ahead (torch's prefetch_factor; workers persist across epochs).
+# Loader batches are uint8 and cross /dev/shm: a training process needs about NUM_WORKERS *
+# PREFETCH_FACTOR * (BATCH_SIZE / world size) * 2 views * 3 * IMAGE_SIZE^2 bytes of it
+# (docs/pretraining-input.md). Speed only.
+_C.DATA.PREFETCH_FACTOR = 2
+# Where the colour jitter, grayscale and blur run (both normalise on the training device):
+# "cpu": loader workers do the whole augmentation on uint8 (loco_det/pretrain/augment.py);
+# "cuda": workers only decode, crop and flip, and the training GPU applies the rest to the
+# whole batch, each sample with its own parameters (fewer CPU cores per GPU; same parameters
+# and distribution, pixels differ by rounding). Needs a CUDA device.
+_C.DATA.AUGMENT_DEVICE = "cpu"
 # Largest share of unreadable images tolerated before the run fails (they are skipped).
 _C.DATA.MAX_BAD_FRACTION = 0.01
 # Use at most this many images (0: all); for quick runs.
@@ -189,6 +200,7 @@ def validate(cfg):
         "OPTIM.NAME": ("lars", "sgd", "adamw"),
         "OPTIM.SCHEDULE": ("cosine", "step"),
         "LOSS.SUPERVISED_VIEWS": (1, 2),
+        "DATA.AUGMENT_DEVICE": ("cpu", "cuda"),
     }
     try:
         find_factory(cfg.MODEL.METHOD)
@@ -207,6 +219,9 @@ def validate(cfg):
                 raise ConfigError(f"MODEL.DECODER.{key.upper()}={value} does not apply to "
                                   f"MODEL.METHOD=supervised (one linear classifier on pooled "
                                   f"res5); leave it at {default}")
+    prefetch = cfg.DATA.PREFETCH_FACTOR
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
+        raise ConfigError(f"DATA.PREFETCH_FACTOR: {prefetch!r} must be a positive integer")
     accum = cfg.OPTIM.ACCUM_STEPS
     if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
         raise ConfigError(f"OPTIM.ACCUM_STEPS: {accum!r} must be a positive integer")

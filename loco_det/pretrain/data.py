@@ -24,6 +24,7 @@ from PIL import Image
 from torchvision import transforms
 
 from ..utils import LocoError
+from .augment import SimCLRCrop, SimCLRView, blur_kernel_size, to_uint8_tensor
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # torchvision's ImageNet normalisation: the converted weights declare the same mean/std to
@@ -65,16 +66,10 @@ def load_rgb(path):
         return img.convert("RGB")
 
 
-def blur_kernel_size(image_size):
-    """~10% of the image side, odd, at least 3 (SimCLR: 23 px at 224 px; 7 px at 64 px)."""
-    k = int(round(0.1 * image_size))
-    if k % 2 == 0:
-        k += 1
-    return max(3, k)
-
-
 def simclr_transform(cfg):
-    """One view of SimCLR's augmentation (apply twice for a pair).
+    """One view of SimCLR's augmentation (apply twice for a pair) as torchvision's plain
+    composition on PIL images: the reference that the fast path of loco_det/pretrain/augment.py
+    (which training uses) is tested and measured against.
 
     Colour jitter with strength s: brightness, contrast, saturation 0.8 s and hue 0.2 s, applied
     with DATA.COLOR_JITTER_PROB; grayscale DATA.GRAYSCALE_PROB; Gaussian blur with a kernel of
@@ -134,6 +129,8 @@ class TwoViewDataset(torch.utils.data.Dataset):
             break
         else:
             raise LocoError(f"{self.root}: no image in the dataset can be read")
+        if getattr(self.transform, "uint8_input", False):
+            img = to_uint8_tensor(img)  # once for both views
         # fork_rng keeps the process-wide generator untouched (with NUM_WORKERS=0 it is the
         # training process's own).
         with torch.random.fork_rng(devices=[]):
@@ -200,7 +197,10 @@ def seed_worker(worker_id):
 
 def build_loader(cfg, rank, world_size, seed):
     """(dataset, sampler, loader) for pretraining; validates the data directory first."""
-    dataset = TwoViewDataset(cfg.DATA.ROOT, simclr_transform(cfg), seed, cfg.DATA.MAX_IMAGES)
+    if cfg.DATA.AUGMENT_DEVICE == "cuda" and not torch.cuda.is_available():
+        raise LocoError("DATA.AUGMENT_DEVICE=cuda: CUDA is not available on this machine")
+    transform = (SimCLRView if cfg.DATA.AUGMENT_DEVICE == "cpu" else SimCLRCrop)(cfg.DATA)
+    dataset = TwoViewDataset(cfg.DATA.ROOT, transform, seed, cfg.DATA.MAX_IMAGES)
     if len(dataset) < cfg.OPTIM.BATCH_SIZE:
         raise LocoError(f"{cfg.DATA.ROOT}: {len(dataset)} images, fewer than one global batch "
                         f"(OPTIM.BATCH_SIZE={cfg.OPTIM.BATCH_SIZE})")
@@ -212,6 +212,6 @@ def build_loader(cfg, rank, world_size, seed):
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=workers,
         pin_memory=torch.cuda.is_available(), drop_last=True, worker_init_fn=seed_worker,
-        generator=generator, persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None)
+        generator=generator, persistent_workers=workers > 0,
+        prefetch_factor=cfg.DATA.PREFETCH_FACTOR if workers > 0 else None)
     return dataset, sampler, loader

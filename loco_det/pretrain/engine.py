@@ -37,6 +37,7 @@ from tqdm import tqdm
 from ..fingerprint import PRETRAIN_RUN_ONLY, changed_keys, pretrain_fingerprint, pretrain_identity
 from ..utils import (ConfigError, LocoError, atomic_write, check_output_dir, run_info,
                      write_json)
+from .augment import views_to_device
 from .data import build_loader
 from .knn import PeriodicKnn
 from .optim import build_optimizer, build_scheduler
@@ -615,8 +616,9 @@ def _loop(cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler, l
     def train_step(view1, view2, labels):
         """One optimizer step on a batch of view pairs (and their ImageFolder labels, used by
         the supervised rule); returns (lr used, unit losses)."""
-        view1 = view1.to(env.device, non_blocking=True).contiguous(memory_format=memory_format)
-        view2 = view2.to(env.device, non_blocking=True).contiguous(memory_format=memory_format)
+        # uint8 from the loader; normalised (and, with DATA.AUGMENT_DEVICE=cuda, augmented) here
+        view1 = views_to_device(view1, env.device, memory_format)
+        view2 = views_to_device(view2, env.device, memory_format)
         labels = labels.to(env.device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         if reducer is not None:
