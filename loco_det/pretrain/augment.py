@@ -5,19 +5,22 @@ reference): random resized crop (bicubic), horizontal flip, colour jitter in a r
 DATA.COLOR_JITTER_PROB, grayscale, Gaussian blur with a kernel of ~10% of the crop, normalise.
 What changes is how the pixels are computed:
 
-* `sample_view_params` draws every random parameter up front with torchvision's own `get_params`
+* `ViewSampler` draws every random parameter up front with torchvision's own `get_params`
   functions, in the order the reference composition draws them, from torch's global generator
   (which `TwoViewDataset` seeds per (seed, epoch, index)). The same seed gives the reference and
-  the fast path the same crop, flip, jitter factors and order, grayscale and blur sigma.
-* Crop and flip run on the PIL image (one `resize(box=...)` call); everything after the crop runs
-  on uint8 or float tensors shaped (B, 3, H, W) with per-sample parameters (`color_and_blur`), so
-  the same code serves a loader worker (B = 1) and a GPU batch (DATA.AUGMENT_DEVICE=cuda).
+  the fast path the same crop box, flip, jitter factors and order, grayscale and blur sigma.
+* The image is decoded once per pair and cropped as a uint8 tensor (torchvision's antialiased
+  bicubic resize, 4x faster than PIL's on this layout). Everything after the crop runs on float
+  (B, 3, H, W) batches with per-sample parameters (`color_and_blur`), so the same code serves
+  a loader worker (B = 1, rounded back to uint8 once) and a GPU batch (DATA.AUGMENT_DEVICE=cuda).
 * Two ops are our own because torchvision's were the bulk of the cost (docs/measurements.md):
-  the blur is separable (two banded matrix products instead of a 23x23 convolution; the same
-  kernel, reflect padding included) and the hue shift works on max/min/chroma directly instead
-  of PIL's quantised HSV round trip (closer to the float reference than PIL, see the tests).
-* Normalisation happens where the batch is used (`normalize`, on the training device): loader
-  batches stay uint8, a quarter of float32's shared memory and host-to-device traffic.
+  the blur is separable (banded matrix products instead of a 23x23 convolution; the same
+  kernel, reflect padding included) and the hue rotation works on max/min/chroma directly
+  instead of an HSV image (PIL's uint8 HSV round trip is slower and quantises the hue).
+* Normalisation happens where the batch is used (`views_to_device`, on the training device):
+  loader batches stay uint8, a quarter of float32's shared memory and host-to-device traffic.
+
+docs/pretraining-input.md states the tolerances the tests hold the fast path to.
 """
 import numpy as np
 import torch
@@ -97,71 +100,59 @@ def crop_flip(img, box, flip, size):
     return out.contiguous()
 
 
-def _finish(y, dtype):
-    """Clamp to the valid range; uint8 rounds (PIL and the float reference agree on rounding,
-    torchvision's tensor ops truncate)."""
-    if dtype == torch.uint8:
-        return y.round_().clamp_(0, 255).to(torch.uint8)
-    return y.clamp_(0.0, 1.0)
-
+# The ops below take and return float (B, 3, H, W) in [0, 1] with per-sample factors (B,), and
+# clamp after each op like torchvision's float ops. A worker's uint8 view is converted once
+# before them and rounded once after (`color_and_blur`): rounding between ops, as PIL does, would
+# cost a third of the time and move the result away from the float reference.
 
 def _gray(y):
-    """Luma (B, 1, H, W) of float (B, 3, H, W)."""
-    w = torch.tensor(GRAY, dtype=y.dtype, device=y.device).view(1, 3, 1, 1)
-    return (y * w).sum(1, keepdim=True)
+    """Luma (B, 1, H, W)."""
+    g = y[:, 0:1] * GRAY[0]
+    g.add_(y[:, 1:2], alpha=GRAY[1])
+    return g.add_(y[:, 2:3], alpha=GRAY[2])
 
 
 def _blend(y, other, f):
-    """f y + (1 - f) other, in place on float y (torchvision's _blend)."""
+    """f y + (1 - f) other, clamped (torchvision's _blend)."""
     f = f.float().view(-1, 1, 1, 1)
-    return y.mul_(f).add_(other * (1 - f))
+    return (y * f).add_(other * (1 - f)).clamp_(0.0, 1.0)
 
 
-def adjust_brightness(x, f):
-    return _finish(x.float().mul_(f.float().view(-1, 1, 1, 1)), x.dtype)
+def adjust_brightness(y, f):
+    return (y * f.float().view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
 
 
-def adjust_contrast(x, f):
-    y = x.float()
-    mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
-    return _finish(_blend(y, mean, f), x.dtype)
+def adjust_contrast(y, f):
+    return _blend(y, _gray(y).mean(dim=(1, 2, 3), keepdim=True), f)
 
 
-def adjust_saturation(x, f):
-    y = x.float()
-    return _finish(_blend(y, _gray(y), f), x.dtype)
+def adjust_saturation(y, f):
+    return _blend(y, _gray(y), f)
 
 
-def adjust_hue(x, d):
-    """Rotate the hue of (B, 3, H, W) by d[b] turns (d in [-0.5, 0.5]), value and chroma kept.
+def adjust_hue(y, d):
+    """Rotate the hue by d[b] turns (d in [-0.5, 0.5]), HSV value and chroma kept.
 
-    HSV's hue is the position p in [0, 6C) around the colour hexagon (C = max - min); each
-    output channel is max - clamp(min(k, 4C - k), 0, C) with k = (p + n C) mod 6C, n = 5, 3, 1
-    for R, G, B (the standard HSV-to-RGB formula scaled by C). On uint8 the arithmetic is
-    int16 and the shift is rounded to whole steps of p (at most half a grey level per pixel):
-    no division, no HSV image. 3x faster than PIL's HSV round trip (docs/measurements.md)."""
-    integer = x.dtype == torch.uint8
-    y = x.to(torch.int16) if integer else x.float()
-    r, g, b = y.unbind(1)
-    hi = torch.maximum(torch.maximum(r, g), b)
-    lo = torch.minimum(torch.minimum(r, g), b)
+    HSV's hue is the position p in [0, 6C) around the colour hexagon (C = max - min); output
+    channel n is max - clamp(min(k, 4C - k), 0, C) with k = (p + n C) mod 6C, n = 5, 3, 1 for
+    R, G, B: the standard HSV-to-RGB formula scaled by C. No division and no HSV image: 3x
+    faster than PIL's uint8 HSV round trip, and closer to torchvision's float adjust_hue."""
+    hi = y.amax(1, keepdim=True)
+    lo = y.amin(1, keepdim=True)
     c = hi - lo
     c6 = 6 * c
+    r, g, b = y[:, 0:1], y[:, 1:2], y[:, 2:3]
     p = torch.where(hi == r, g - b, torch.where(hi == g, b - r + 2 * c, r - g + 4 * c))
-    shift = c.float() * (6 * d.float()).view(-1, 1, 1)
-    p = p + (shift.round().to(torch.int16) if integer else shift)
+    p = p + c * (6 * d.float()).view(-1, 1, 1, 1)
     p = torch.where(p < 0, p + c6, p)
     p = torch.where(p >= c6, p - c6, p)
-    out = []
-    for n in (5, 3, 1):
-        k = p + n * c
-        k = torch.where(k >= c6, k - c6, k)
-        out.append(hi - torch.minimum(torch.minimum(k, 4 * c - k).clamp(min=0), c))
-    return torch.stack(out, 1).to(x.dtype)
+    k = p + c * torch.tensor((5.0, 3.0, 1.0), device=y.device).view(1, 3, 1, 1)
+    k = torch.where(k >= c6, k - c6, k)
+    return hi - torch.minimum(torch.minimum(k, 4 * c - k).clamp_(min=0), c)
 
 
-def to_grayscale(x):
-    return _finish(_gray(x.float()).expand(-1, 3, -1, -1).contiguous(), x.dtype)
+def to_grayscale(y):
+    return _gray(y).expand(-1, 3, -1, -1).contiguous()
 
 
 def _blur_matrix(sigma, n, k):
@@ -214,8 +205,7 @@ def gaussian_blur(x, sigma, k):
     h, w = x.shape[-2:]
     rows = _blur_matrix(sigma, h, k).unsqueeze(1)
     cols = rows if w == h else _blur_matrix(sigma, w, k).unsqueeze(1)
-    y = _banded_matmul(rows, x.float(), half)
-    return _finish(_banded_matmul_t(y, cols, half), x.dtype)
+    return _banded_matmul_t(_banded_matmul(rows, x, half), cols, half).clamp_(0.0, 1.0)
 
 
 _JITTER_FNS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -223,8 +213,11 @@ _JITTER_FNS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue
 
 def color_and_blur(x, params, blur_size):
     """Jitter (per-sample order and factors), grayscale and blur of x (B, 3, H, W), uint8 or
-    float in [0, 1], with `params` as collated from `ViewSampler` (each a (B, ...) tensor on x's
-    device). Each op touches only the samples it applies to."""
+    float in [0, 1] (the result has x's dtype), with `params` as collated from `ViewSampler`
+    (each a (B, ...) tensor on x's device). Each op touches only the samples it applies to."""
+    if x.dtype == torch.uint8:
+        y = color_and_blur(x.float().div_(255.0), params, blur_size)
+        return y.mul_(255.0).round_().to(torch.uint8)
     if len(x) == 1 and x.device.type == "cpu":  # a loader worker's view: no masks
         return _color_and_blur_one(x, params, blur_size)
     jitter = params["jitter"].bool()
@@ -313,6 +306,7 @@ def views_to_device(views, device, memory_format=torch.contiguous_format):
         x = views["image"].to(device, non_blocking=True)
         params = {k: v.to(device, non_blocking=True) for k, v in views.items() if k != "image"}
         x = color_and_blur(x.float().div_(255.0), params, blur_kernel_size(x.shape[-1]))
+        # (float in [0, 1]: normalize below takes it as is)
     elif views.dtype == torch.uint8:
         x = views.to(device, non_blocking=True)
     else:
