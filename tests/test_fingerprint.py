@@ -19,11 +19,12 @@ def test_pretrain_fingerprint_ignores_exactly_the_run_only_keys():
     base = fp.pretrain_fingerprint(cfg("SEED=0"))
     for override in ("SEED=5", "DATA.NUM_WORKERS=7", "RUN.LOG_PERIOD=3", "RUN.CHECKPOINT_PERIOD=9",
                      "RUN.CHANNELS_LAST=False", "MODEL.LOCO_SCHEDULE=recompute",
-                     "DATA.MAX_BAD_FRACTION=0.5", "RUN.KNN_PERIOD=2"):
+                     "DATA.MAX_BAD_FRACTION=0.5", "RUN.KNN_PERIOD=2", "DATA.PREFETCH_FACTOR=5",
+                     "DATA.AUGMENT_DEVICE=cpu"):
         assert fp.pretrain_fingerprint(cfg("SEED=0", override)) == base, override
     for override in ("LOSS.TEMPERATURE=0.5", "MODEL.DECODER.CONV_BLOCKS=1", "OPTIM.BASE_LR=0.1",
                      "DATA.COLOR_JITTER=0.1", "OPTIM.EPOCHS=3", "MODEL.METHOD=gim",
-                     "DATA.ROOT=/elsewhere", "RUN.AMP=True"):
+                     "DATA.ROOT=/elsewhere", "RUN.AMP=True", "DATA.AUGMENT_DEVICE=cuda"):
         assert fp.pretrain_fingerprint(cfg("SEED=0", override)) != base, override
     # the checkpoint's YAML string gives the same fingerprint as the live config
     c = cfg("SEED=0")
@@ -74,3 +75,18 @@ def test_converted_weights_carry_the_checkpoint_fingerprint_and_seed(tmp_path):
     assert meta["fingerprint"] is None and meta["seed"] is None
     assert fp.weights_fingerprint(meta) == "sha256:" + meta["source_sha256"][:16]
     assert fp.weights_fingerprint(None, from_scratch=True) == fp.RANDOM_INIT
+
+
+def test_new_data_keys_keep_recorded_runs_fingerprints():
+    """DATA.AUGMENT_DEVICE at "cpu" and DATA.PREFETCH_FACTOR (run-only) leave a run recorded
+    before they existed with its fingerprint; "cuda" (float, not uint8 rounding) is another."""
+    import yaml
+
+    now = cfg("SEED=0")
+    before = yaml.safe_load(now.dump())
+    del before["DATA"]["AUGMENT_DEVICE"]
+    del before["DATA"]["PREFETCH_FACTOR"]
+    assert fp.pretrain_identity(before) == fp.pretrain_identity(now)
+    assert fp.pretrain_fingerprint(before) == fp.pretrain_fingerprint(now)
+    assert fp.pretrain_fingerprint(cfg("SEED=0", "DATA.AUGMENT_DEVICE=cuda")) \
+        != fp.pretrain_fingerprint(now)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from loco_det.pretrain.augment import SimCLRCrop, SimCLRView
 from loco_det.pretrain.config import load_config
 from loco_det.pretrain.data import (ResumableDistributedSampler, TwoViewDataset,
                                     blur_kernel_size, build_loader, simclr_transform)
@@ -53,20 +54,47 @@ def test_unreadable_image_is_replaced_and_reported(tmp_path):
     assert ds[(0, bad_index + 1)][3] == -1
 
 
-def test_views_depend_only_on_seed_epoch_index(tmp_path):
+def _pixels(view):
+    return view["image"] if isinstance(view, dict) else view
+
+
+@pytest.mark.parametrize("make", [simclr_transform, lambda c: SimCLRView(c.DATA),
+                                  lambda c: SimCLRCrop(c.DATA)],
+                         ids=["reference", "fast", "crop-for-gpu"])
+def test_views_depend_only_on_seed_epoch_index(tmp_path, make):
     root = make_folder(tmp_path / "d")
-    ds = TwoViewDataset(str(root), simclr_transform(cfg_for(root)), seed=7)
+    ds = TwoViewDataset(str(root), make(cfg_for(root)), seed=7)
     torch.manual_seed(0)
     a = ds[(2, 5)]
     state = torch.get_rng_state()
     torch.manual_seed(123)  # a different global RNG must not matter
     b = ds[(2, 5)]
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert not torch.equal(a[0], a[1])                       # two different views
-    assert not torch.equal(a[0], ds[(3, 5)][0])              # new views every epoch
+    for va, vb in ((a[0], b[0]), (a[1], b[1])):
+        if isinstance(va, dict):
+            assert va.keys() == vb.keys() and all(torch.equal(va[k], vb[k]) for k in va)
+        else:
+            assert torch.equal(va, vb)
+    assert not torch.equal(_pixels(a[0]), _pixels(a[1]))     # two different views
+    assert not torch.equal(_pixels(a[0]), _pixels(ds[(3, 5)][0]))  # new views every epoch
     torch.manual_seed(0)
     ds[(2, 5)]
     assert torch.equal(torch.get_rng_state(), state)         # global RNG left untouched
+
+
+def test_loader_batches_are_uint8_from_persistent_workers(tmp_path):
+    root = make_folder(tmp_path / "d")
+    _, sampler, loader = build_loader(cfg_for(root, "DATA.NUM_WORKERS=1",
+                                              "DATA.PREFETCH_FACTOR=1"), 0, 1, seed=1)
+    assert loader.persistent_workers and loader.prefetch_factor == 1
+    v1, v2, labels, bad = next(iter(loader))
+    assert v1.dtype == v2.dtype == torch.uint8 and v1.shape == (4, 3, 32, 32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_gpu_augmentation_without_cuda_is_a_clear_error(tmp_path):
+    root = make_folder(tmp_path / "d")
+    with pytest.raises(LocoError, match="DATA.AUGMENT_DEVICE=cuda: CUDA is not available"):
+        build_loader(cfg_for(root, "DATA.AUGMENT_DEVICE=cuda"), 0, 1, seed=1)
 
 
 def test_sampler_global_batches_independent_of_world_size_and_resumable():
@@ -92,3 +120,12 @@ def test_blur_kernel_scales_with_image_size():
     assert blur_kernel_size(224) == 23  # SimCLR's
     assert blur_kernel_size(64) == 7
     assert blur_kernel_size(32) == 3 and blur_kernel_size(16) == 3
+
+
+def test_new_data_keys_are_validated():
+    from loco_det.utils import ConfigError
+
+    with pytest.raises(ConfigError, match="DATA.PREFETCH_FACTOR: 0 must be a positive integer"):
+        load_config(None, ["DATA.PREFETCH_FACTOR=0"])
+    with pytest.raises(ConfigError, match="DATA.AUGMENT_DEVICE: 'gpu' is not one of cpu, cuda"):
+        load_config(None, ["DATA.AUGMENT_DEVICE=gpu"])
