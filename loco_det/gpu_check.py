@@ -42,7 +42,7 @@ GPU = dict(
                "INPUT.MIN_SIZE_TEST", "800", "INPUT.MAX_SIZE_TEST", "1333",
                "MODEL.ANCHOR_GENERATOR.SIZES", "[[32], [64], [128], [256], [512]]"],
     timeouts=dict(data=90, bench=150, pretrain=120, linear_readout=90, knn_readout=90,
-                  convert=60, detection=200, plain_d2=120, cityscapes=120),
+                  convert=60, detection=200, plain_d2=120, cityscapes=120, input=60),
 )
 CPU_SMOKE = dict(
     device="cpu", budget_s=1200, n_train=16, n_val=8, data_size="64x80",
@@ -57,10 +57,10 @@ CPU_SMOKE = dict(
                "TEST.DETECTIONS_PER_IMAGE", "20"],
     # generous: a shared 2-core machine under load runs these several times slower than idle
     timeouts=dict(data=300, bench=300, pretrain=300, linear_readout=300, knn_readout=300,
-                  convert=300, detection=300, plain_d2=300, cityscapes=300),
+                  convert=300, detection=300, plain_d2=300, cityscapes=300, input=300),
 )
 PARTS = ("data", "bench", "pretrain", "linear_readout", "knn_readout", "convert", "detection",
-         "plain_d2", "cityscapes")
+         "plain_d2", "cityscapes", "input")
 
 
 class PartFailed(Exception):
@@ -199,6 +199,34 @@ def part_bench(c):
         best_m = min(ratios, key=ratios.get)
         fig += (f"; max_memory_allocated e2e {mem['e2e'] / 2**20:.0f} MiB, mem/e2e {best_m} "
                 f"{ratios[best_m]:.2f}, gim {mem['gim'] / mem['e2e']:.2f}")
+    return fig
+
+
+def part_input(c):
+    """The input pipeline against the step: per-core CPU rates of both DATA.AUGMENT_DEVICE
+    paths on generated 500x375 JPEGs (tools/bench_input.py) times this machine's cores, the
+    device's share of the cuda path, and the fastest step of the bench part; says which
+    paths would leave the step input-bound on this machine."""
+    out = c.path("input.json")
+    smoke = c.s["device"] == "cpu"
+    c.tool("input", ["tools/bench_input.py", "--synthetic", "2" if smoke else "8", "--rounds",
+                     "1", "--device", c.s["device"], "--device-batch", "4" if smoke else "128",
+                     "--json", out])
+    r = _json(out)
+    cores = len(os.sched_getaffinity(0))
+    per = r["cpu_s_per_image"]
+    cpu_rate = cores / per["cpu (DATA.AUGMENT_DEVICE=cpu)"]
+    cuda_rate = min(cores / per["cuda, CPU part (decode+crop+flip)"],
+                    r["device"]["images_per_s"])
+    fig = (f"loader on {cores} cores: cpu path {cpu_rate:.0f} img/s, cuda path {cuda_rate:.0f} "
+           f"img/s ({c.s['device']} share {r['device']['images_per_s']:.0f} img/s)")
+    bench = c.path("bench.json")
+    if os.path.isfile(bench):
+        b = _json(bench)
+        step = b["batch"] / min(b["time"].values())
+        bound = [name for name, rate in (("cpu", cpu_rate), ("cuda", cuda_rate)) if rate < step]
+        fig += (f"; step {step:.0f} img/s: input-bound with "
+                f"{', '.join(bound) if bound else 'neither path'}")
     return fig
 
 

@@ -112,7 +112,8 @@ def test_same_parameters_as_torchvisions_composition():
     op, PIL's quantised HSV hue) give the same views up to the latter's rounding, which also
     puts it further from the plain float reference than the fast path is."""
     cfg = load_config(None, ["DATA.IMAGE_SIZE=96"])
-    ref_tf, fast_tf, sampler = simclr_transform(cfg), A.SimCLRView(cfg.DATA), A.ViewSampler(cfg.DATA)
+    ref_tf, fast_tf = simclr_transform(cfg), A.SimCLRView(cfg.DATA)
+    sampler = A.ViewSampler(cfg.DATA)
     pil = photo(seed=5)
     img = A.to_uint8_tensor(pil)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)

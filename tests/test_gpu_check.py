@@ -42,6 +42,7 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert all(status == "ok" for status, _ in rows.values()), proc.stdout
     assert "2 steps, gloo world 1 on cpu" in rows["pretrain"][1]
     assert "loco_det Trainer / plain DefaultTrainer" in rows["plain_d2"][1]
+    assert "step " in rows["input"][1] and "input-bound with" in rows["input"][1]
     assert (out / gpu_check.SUMMARY_NAME).read_text().strip() == proc.stdout.strip()
     logs = (out / gpu_check.LOGS_NAME).read_text()
     assert [ln.split()[1] for ln in logs.splitlines() if ln.startswith("===== ")] == parts

@@ -220,6 +220,7 @@ def color_and_blur(x, params, blur_size):
         return y.mul_(255.0).round_().to(torch.uint8)
     if len(x) == 1 and x.device.type == "cpu":  # a loader worker's view: no masks
         return _color_and_blur_one(x, params, blur_size)
+    x = x.clone()  # _apply writes into it
     jitter = params["jitter"].bool()
     for step in range(4):
         for op, fn in enumerate(_JITTER_FNS):
@@ -242,12 +243,12 @@ def _color_and_blur_one(x, params, blur_size):
 
 
 def _apply(x, mask, fn, arg):
-    """x with fn(x[b], arg[b]) for the samples b in mask (all of them without indexing)."""
+    """x with fn(x[b], arg[b]) for the samples b in mask (all of them without indexing; a
+    subset is written into x)."""
     sel = mask.nonzero().flatten()
     if len(sel) == len(x):
         return fn(x, arg)
     if len(sel):
-        x = x.clone()
         x[sel] = fn(x[sel], arg[sel])
     return x
 

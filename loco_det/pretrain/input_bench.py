@@ -53,7 +53,8 @@ def synthetic_photo(width, height, seed):
         base = rng.uniform(0, 255, 3)
         grad = rng.uniform(-1, 1, 3) * (xx[mask] - cx)[:, None] / max(rx, 1) * 40
         img[mask] = base + grad
-    img += 12 * np.sin(xx * rng.uniform(0.5, 2))[..., None] * np.cos(yy * rng.uniform(0.5, 2))[..., None]
+    texture = np.sin(xx * rng.uniform(0.5, 2)) * np.cos(yy * rng.uniform(0.5, 2))
+    img += 12 * texture[..., None]
     img += rng.normal(0, 4, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -130,6 +131,35 @@ def measure(cfg, paths, rounds=3, seed=0):
         return {name: s / count for name, s in spent.items()}
     finally:
         torch.set_num_threads(threads)
+
+
+def device_augment_rate(cfg, paths, device, batch=128, reps=5, seed=0):
+    """Source images/s of the training device's share of DATA.AUGMENT_DEVICE=cuda (jitter,
+    grayscale, blur and normalisation of both views, batched), median of `reps` timed calls on
+    one collated batch of `batch` images."""
+    crop = SimCLRCrop(cfg.DATA)
+    views = []
+    for k in range(batch):
+        torch.default_generator.manual_seed(seed + k)
+        img = to_uint8_tensor(load_rgb(paths[k % len(paths)]))
+        views.append(crop(img))
+    collated = torch.utils.data.default_collate(views)
+    from .augment import views_to_device
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = []
+    for r in range(reps + 1):  # the first call warms up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(2):  # two views per image
+            views_to_device(collated, device)
+        sync()
+        if r:
+            times.append(time.perf_counter() - t0)
+    return batch / float(np.median(times))
 
 
 def format_table(per_image, gpu_images_per_s):
