@@ -214,13 +214,12 @@ _JITTER_FNS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue
 def color_and_blur(x, params, blur_size):
     """Jitter (per-sample order and factors), grayscale and blur of x (B, 3, H, W), uint8 or
     float in [0, 1] (the result has x's dtype), with `params` as collated from `ViewSampler`
-    (each a (B, ...) tensor on x's device). Each op touches only the samples it applies to."""
+    (each a (B, ...) tensor on x's device). Each op changes only the samples it applies to."""
     if x.dtype == torch.uint8:
         y = color_and_blur(x.float().div_(255.0), params, blur_size)
         return y.mul_(255.0).round_().to(torch.uint8)
     if len(x) == 1 and x.device.type == "cpu":  # a loader worker's view: no masks
         return _color_and_blur_one(x, params, blur_size)
-    x = x.clone()  # _apply writes into it
     jitter = params["jitter"].bool()
     for step in range(4):
         for op, fn in enumerate(_JITTER_FNS):
@@ -243,14 +242,9 @@ def _color_and_blur_one(x, params, blur_size):
 
 
 def _apply(x, mask, fn, arg):
-    """x with fn(x[b], arg[b]) for the samples b in mask (all of them without indexing; a
-    subset is written into x)."""
-    sel = mask.nonzero().flatten()
-    if len(sel) == len(x):
-        return fn(x, arg)
-    if len(sel):
-        x[sel] = fn(x[sel], arg[sel])
-    return x
+    """fn(x[b], arg[b]) where mask[b], else x[b]. fn runs on the whole batch and torch.where
+    picks: selecting the samples first would synchronise with the GPU at every op."""
+    return torch.where(mask.view(-1, 1, 1, 1), fn(x, arg), x)
 
 
 def normalize(x):
