@@ -200,3 +200,27 @@ def test_views_to_device_normalises_uint8_and_augments_dicts():
     assert torch.allclose(out, (expect - mean) / std, atol=1e-6)
     with pytest.raises(TypeError, match="uint8"):
         A.views_to_device(views.float(), torch.device("cpu"))
+
+
+def test_views_do_not_depend_on_the_thread_count():
+    """A loader worker has one intra-op thread, the training process (DATA.NUM_WORKERS=0)
+    several: the views must be bit-identical (a thread-dependent reduction order once moved a
+    few rounded pixels by one grey level)."""
+    cfg = load_config(None, ["DATA.COLOR_JITTER_PROB=1.0"]).DATA
+    fast = A.SimCLRView(cfg)
+    img = A.to_uint8_tensor(photo(500, 375))
+    before = torch.get_num_threads()
+
+    def views(threads):
+        torch.set_num_threads(threads)
+        out = []
+        for k in range(40):
+            torch.default_generator.manual_seed(k)
+            out.append(fast(img))
+        return out
+
+    try:
+        one, four = views(1), views(4)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(one, four))

@@ -27,7 +27,7 @@ import torch
 from torchvision import transforms
 from torchvision.transforms.v2 import functional as TF2
 
-# torchvision's ImageNet normalisation (also data.IMAGENET_MEAN/STD).
+# torchvision's ImageNet normalisation (data.IMAGENET_MEAN/STD, which the readouts use too).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 # Grayscale weights of torchvision's rgb_to_grayscale (ITU-R 601-2 luma, as PIL's "L").
@@ -272,8 +272,18 @@ class SimCLRView:
     def __call__(self, img):
         box, flip, params = self.sampler(img)
         x = crop_flip(img, box, flip, self.size).unsqueeze(0)
-        return color_and_blur(x, {k: v.unsqueeze(0) for k, v in params.items()},
-                              self.blur_size)[0]
+        # One intra-op thread, as in a loader worker: a reduction's float result (the contrast
+        # mean) depends on the thread count, and a last-bit difference can move a rounded
+        # pixel by one grey level; views must not depend on DATA.NUM_WORKERS or the machine.
+        threads = torch.get_num_threads()
+        if threads != 1:
+            torch.set_num_threads(1)
+        try:
+            return color_and_blur(x, {k: v.unsqueeze(0) for k, v in params.items()},
+                                  self.blur_size)[0]
+        finally:
+            if threads != 1:
+                torch.set_num_threads(threads)
 
 
 class SimCLRCrop:

@@ -9,6 +9,8 @@ Exact resume and world-size independence drive the design:
   batches and hands each rank a contiguous slice of each global batch. The global batches are
   thus identical for any world size, and a run can resume in the middle of an epoch by skipping
   batches without decoding them.
+* The augmentation itself is loco_det/pretrain/augment.py; loader batches are uint8 and are
+  normalised on the training device (docs/pretraining-input.md).
 
 Unreadable images are found lazily (checking 1.28M ImageNet files up front would take longer
 than an epoch on many file systems): a failing file is replaced by the next readable one, its
@@ -24,13 +26,12 @@ from PIL import Image
 from torchvision import transforms
 
 from ..utils import LocoError
-from .augment import SimCLRCrop, SimCLRView, blur_kernel_size, to_uint8_tensor
+from .augment import MEAN, STD, SimCLRCrop, SimCLRView, blur_kernel_size, to_uint8_tensor
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # torchvision's ImageNet normalisation: the converted weights declare the same mean/std to
 # Detectron2 (see REFERENCE.md sec. 3), so pretraining must use it too.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = MEAN, STD
 # Errors PIL raises for truncated, corrupt or non-image files (UnidentifiedImageError is an
 # OSError; some broken PNG chunks raise SyntaxError or ValueError).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
