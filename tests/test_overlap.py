@@ -251,7 +251,9 @@ def test_two_gloo_processes_equal_one_process(method, schedule, accum, two_proce
                 continue
             step = (w1 - w0).abs().max().item()
             moved += step > 0
-            torch.testing.assert_close(w2 - w0, w1 - w0, rtol=0, atol=1e-4 * step + 1e-7,
+            # float summation order only: up to ~1.5e-4 of the step, depending on the pixels
+            # (a missing average or gather would be of the order of the step itself)
+            torch.testing.assert_close(w2 - w0, w1 - w0, rtol=0, atol=3e-4 * step + 1e-7,
                                        msg=lambda m: f"{key}: {m}")
     assert moved > 50  # the comparison is of real updates
 
