@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .safe_load import yaml_chain
 from .utils import LocoError, die_with_parent, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,6 +208,131 @@ class _Templates:
             raise LocoError(f"grid: unknown variable {{{name}}} in {text!r}; define it under "
                             f"vars: (known: {', '.join(sorted(names))})")
         return names[name]
+
+
+# ----------------------------------------------------------------------------- grid safety
+# A grid is data someone may hand you: it runs loco_det's own tools only, keeps every output
+# the runner writes inside --out, and sets only the environment variables the tools document.
+# --allow-commands / --allow-env lift the first and last rule for a grid you trust.
+
+# Environment variables a grid's `env:` may set without --allow-env: what the tools and their
+# libraries document as settings (data location, threads, devices, collective-communication
+# tuning). LD_PRELOAD, PYTHONPATH, PATH and the like run code and need --allow-env.
+ALLOWED_ENV = ("DETECTRON2_DATASETS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+               "CUDA_VISIBLE_DEVICES", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE",
+               "GLOO_SOCKET_IFNAME", "TORCH_DISTRIBUTED_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+# Options and config keys that name a job's output: the runner sets each once, a grid's args or
+# overrides may not add another.
+_OUTPUT_OPTIONS = ("--output-dir", "--out", "OUTPUT_DIR")
+
+
+def own_tools():
+    """The command-line tools loco_det ships (tools/*.py), as `tools/NAME.py`."""
+    folder = os.path.join(REPO, "tools")
+    return sorted(f"tools/{name}" for name in os.listdir(folder)
+                  if name.endswith(".py") and not name.startswith("_"))
+
+
+def _is_own_tool(argv):
+    return (len(argv) >= 2 and argv[0] == sys.executable
+            and os.path.normpath(argv[1]) == argv[1] and argv[1] in own_tools())
+
+
+def _bad_path_part(job_id):
+    """Why `job_id` (a path below --out made of labels, names and seeds) could leave --out, or
+    None. Absolute paths, `..`, `.`, empty parts and control characters are refused."""
+    if os.path.isabs(job_id) or job_id.startswith("~"):
+        return "is an absolute path"
+    for part in job_id.split("/"):
+        if part in ("", ".", ".."):
+            return f"has a {part!r} path component" if part else "has an empty path component"
+        if any(ord(c) < 32 for c in part) or "\\" in part:
+            return "has a control character or backslash"
+    return None
+
+
+def safety_check(grid, jobs, out, *, allow_commands=False, allow_env=False):
+    """(refusals, notices): every reason the grid cannot run as given, one line each, and what a
+    dry run should show (outside commands allowed by --allow-commands, plug-in rule modules the
+    grid imports). Also refuses links planted where the runner writes below `out`."""
+    refusals, notices = [], []
+    for sub in ["logs"] + [job.id for job in jobs if job.stage not in ("data", "report")]:
+        probe = out
+        for part in sub.split("/"):
+            probe = os.path.join(probe, part)
+            if os.path.islink(probe):
+                refusals.append(f"{probe} is a symbolic link (to {os.readlink(probe)}); the "
+                                "runner writes there and refuses to write through a link")
+                break
+    for key in sorted((grid.get("env") or {})):
+        if key not in ALLOWED_ENV and not allow_env:
+            refusals.append(f"env: {key} is not a variable the tools document ("
+                            f"{', '.join(ALLOWED_ENV)}); pass --allow-env to set it")
+    for job in jobs:
+        why = _bad_path_part(job.id)
+        if why:
+            refusals.append(f"{job.stage} job {job.id!r}: its output path {why}; labels, names "
+                            "and seeds must keep every output inside --out")
+        if job.stage == "data":
+            if not _is_own_tool(job.argv):
+                what = shlex.join(job.argv[:3]) + (" ..." if len(job.argv) > 3 else "")
+                if allow_commands:
+                    notices.append(f"{job.id} runs a command that is not a loco_det tool "
+                                   f"(allowed by --allow-commands): {what}")
+                else:
+                    refusals.append(f"{job.id}: command {what} is not one of loco_det's tools "
+                                    "(python tools/NAME.py); pass --allow-commands to run it")
+            continue
+        if job.stage == "report":
+            continue
+        counts = {opt: sum(a == opt or a.startswith(opt + "=") for a in job.argv)
+                  for opt in _OUTPUT_OPTIONS}
+        for opt, n in counts.items():
+            if n > 1:
+                refusals.append(f"{job.stage} job {job.id}: the grid's args or overrides set "
+                                f"{opt} again; the runner chooses each job's output folder")
+    configs = {}
+    for job in jobs:
+        argv = job.argv
+        for flag in ("--config", "--config-file"):
+            if job.stage in ("pretrain", "detection") and flag in argv:
+                configs.setdefault(argv[argv.index(flag) + 1], job.id)
+    for config, job_id in configs.items():
+        try:
+            yaml_chain(Job._abs(config))
+        except LocoError as e:
+            refusals.append(f"{job_id}: {e}")
+    for module, where in plugin_modules(grid, jobs):
+        notices.append(f"plug-in rule: {where} imports {module} (its code runs when pretraining "
+                       "starts)")
+    return refusals, notices
+
+
+def plugin_modules(grid, jobs):
+    """[(module, where)]: learning rules given as an import path ('pkg.mod:rule') in the grid's
+    pretraining recipes (with their _BASE_ chain) or overrides. Importing them runs their code,
+    by design (docs/security.md)."""
+    found = []
+    for job in jobs:
+        if job.stage != "pretrain":
+            continue
+        argv = job.argv
+        recipe = argv[argv.index("--config") + 1] if "--config" in argv else None
+        methods = []
+        if recipe and os.path.isfile(Job._abs(recipe)):
+            for _, data in reversed(yaml_chain(Job._abs(recipe))):
+                method = ((data or {}).get("MODEL") or {}).get("METHOD") \
+                    if isinstance(data, dict) else None
+                if method:
+                    methods = [(method, recipe)]
+        methods += [(a.split("=", 1)[1], "override " + a) for a in argv
+                    if a.startswith("MODEL.METHOD=")]
+        if not methods:
+            continue
+        method, where = methods[-1]
+        if isinstance(method, str) and ":" in method:
+            found.append((method.split(":", 1)[0], f"{job.id} ({where})"))
+    return found
 
 
 def _check_keys(mapping, allowed, where):
@@ -456,21 +582,16 @@ def config_value(config, dotted, overrides=None):
     if overrides and dotted in overrides:
         return yaml.safe_load(str(overrides[dotted]))
     path = config if os.path.isabs(config) else os.path.join(REPO, config)
-    seen = set()
-    while path and path not in seen:
-        seen.add(path)
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise LocoError(f"grid: cannot read detection config {config}: {e}") from None
+    try:
+        chain = yaml_chain(path)
+    except LocoError as e:
+        raise LocoError(f"grid: detection config {config}: {e}") from None
+    for _, data in chain:
         node = data
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if node is not None:
             return node
-        base = data.get("_BASE_")
-        path = os.path.join(os.path.dirname(path), base) if base else None
     return _D2_DEFAULTS[dotted]
 
 
@@ -529,7 +650,7 @@ def _res_text(res):
     return f"{where}, {res['cpus_per_task']} CPUs, {res['time_min']} min"
 
 
-def dry_run(jobs, notes, missing):
+def dry_run(jobs, notes, missing, notices=()):
     """Print every command (with --resume where a checkpoint exists) and what would be skipped."""
     w = sys.stdout.write
     for i, job in enumerate(jobs, 1):
@@ -539,6 +660,8 @@ def dry_run(jobs, notes, missing):
         w(shlex.join(job.command()) + "\n")
     for note in notes:
         w(f"# note: {note} ({len(missing)} runs)\n")
+    for notice in notices:
+        w(f"# note: {notice}\n")
     counts = {s: sum(j.stage == s for j in jobs) for s in STAGES}
     w(f"# {len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + "\n")
 
@@ -554,7 +677,13 @@ def _run_command(job, out, quiet, live=None, extra_env=None):
     log = _log_path(out, job)
     os.makedirs(os.path.dirname(log), exist_ok=True)
     env = dict(os.environ, **(extra_env or {}), **job.env, PYTHONUNBUFFERED="1")
-    with open(log, "ab") as f:
+    try:   # never append through a link planted where the log goes
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        raise LocoError(f"cannot open the job log {log}: "
+                        + ("it is a symbolic link; refusing to write through it"
+                           if os.path.islink(log) else (e.strerror or str(e)))) from None
+    with os.fdopen(fd, "ab") as f:
         f.write(f"$ {shlex.join(job.command())}\n".encode())
         f.flush()
         proc = subprocess.Popen(job.command(), cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -644,6 +773,9 @@ def run_local(jobs, notes, out, quiet=False, workers=1):
             return _write_report(out), None
         try:
             return _run_command(job, out, quiet, live, extra_env)
+        except LocoError as e:
+            print(f"error: {job.id}: {e}", flush=True)
+            return 1, None
         except OSError as e:
             print(f"error: {job.id}: cannot start {job.command()[0]}: {e.strerror}", flush=True)
             return 127, None

@@ -36,7 +36,7 @@ import yaml
 
 from . import fingerprint as fp
 from . import stats
-from .utils import LocoError, atomic_write
+from .utils import LocoError, atomic_write, check_no_links
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFEST = "benchmark.json"
@@ -1247,6 +1247,10 @@ def write_report(run_dirs, out_dir, reference=DEFAULT_REFERENCE):
         raise LocoError("no runs found under " + ", ".join(run_dirs)
                         + " (expected run_info.json, summary.json, readout.json or results.json)")
     rows = build_rows(runs)
+    plots_dir = os.path.join(out_dir, "plots")
+    if os.path.islink(plots_dir):   # the other outputs are written atomically (links replaced)
+        raise LocoError(f"{plots_dir} is a symbolic link; refusing to write the plots through it")
+    check_no_links(plots_dir, "plots folder")
     os.makedirs(out_dir, exist_ok=True)
     plots = make_plots(rows, out_dir)
     with atomic_write(os.path.join(out_dir, "report.csv"), "w") as f:

@@ -49,6 +49,12 @@ def main(argv=None):
                         help="local launcher: run up to N independent jobs at a time (default "
                              "1); each gets OMP_NUM_THREADS = CPUs / N unless you set it, and "
                              "their output goes to OUT/logs/ only")
+    parser.add_argument("--allow-commands", action="store_true",
+                        help="let the grid's data jobs run commands other than loco_det's own "
+                             "tools (a grid is data: only for a grid you trust)")
+    parser.add_argument("--allow-env", action="store_true",
+                        help="let the grid's env: set variables other than the documented ones "
+                             "(e.g. LD_PRELOAD, PYTHONPATH: only for a grid you trust)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="do not stream the jobs' output (it still goes to OUT/logs/)")
     args = parser.parse_args(argv)
@@ -63,10 +69,25 @@ def main(argv=None):
             grid = benchmark.load_grid(args.grid, args.profile, args.sets)
             out = args.out or grid.get("out") or os.path.join(
                 "runs", os.path.splitext(os.path.basename(args.grid))[0])
+            if not args.out and grid.get("out") and benchmark._bad_path_part(
+                    os.path.normpath(str(grid["out"]))):
+                raise LocoError(f"{args.grid}: out: {grid['out']} leaves the current folder; a "
+                                "grid's default output must be a relative path (or pass --out)")
             jobs, notes, missing = benchmark.expand(grid, out)
+            refusals, notices = benchmark.safety_check(
+                grid, jobs, out, allow_commands=args.allow_commands, allow_env=args.allow_env)
             if args.dry_run:
-                benchmark.dry_run(jobs, notes, missing)
+                benchmark.dry_run(jobs, notes, missing, notices)
+            for line in refusals:
+                print(f"error: {line}", file=sys.stderr)
+            if refusals:
+                print(f"error: {args.grid}: {len(refusals)} problem(s); nothing was run",
+                      file=sys.stderr)
+                return 1
+            if args.dry_run:
                 return 0
+            for line in notices:
+                print(f"note: {line}")
             benchmark.write_manifest(out, args.grid, args.profile, args.sets, jobs, missing)
             if args.launcher == "slurm":
                 return benchmark.run_slurm(jobs, notes, out, grid.get("slurm"))

@@ -9,6 +9,7 @@ import os
 
 from fvcore.common.config import CfgNode as _FvCfgNode
 
+from ..safe_load import yaml_chain
 from ..utils import ConfigError
 from .model import DECODER_DEFAULTS, LOCO_SCHEDULES
 from .rules import RuleError, find_factory
@@ -149,8 +150,9 @@ def load_config(path=None, overrides=()):
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: config file not found")
+        yaml_chain(path)   # plain data only: a Python tag is one line naming file and line
         try:
-            cfg.merge_from_file(path)
+            cfg.merge_from_file(path, allow_unsafe=False)
         except KeyError as e:
             raise ConfigError(f"{path}: {e.args[0] if e.args else e}") from None
     opts = []
