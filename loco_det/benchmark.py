@@ -298,6 +298,8 @@ def safety_check(grid, jobs, out, *, allow_commands=False, allow_env=False):
             if job.stage in ("pretrain", "detection") and flag in argv:
                 configs.setdefault(argv[argv.index(flag) + 1], job.id)
     for config, job_id in configs.items():
+        if not os.path.isfile(Job._abs(config)):
+            continue   # the job itself names a missing file when it starts
         try:
             yaml_chain(Job._abs(config))
         except LocoError as e:

@@ -404,10 +404,15 @@ def _prescan(f):
     given, so one opcode could make it touch gigabytes. Legitimate picklers number the memo
     in order."""
     start = f.tell()
-    for count, (op, arg, _) in enumerate(pickletools.genops(f)):
-        if op.name in _MEMO_PUTS and int(arg) > count:
-            raise _Refused(f"memo index {arg} at opcode {count} (pickles number their memo "
-                           "in order)")
+    try:
+        for count, (op, arg, _) in enumerate(pickletools.genops(f)):
+            if op.name in _MEMO_PUTS and int(arg) > count:
+                raise _Refused(f"memo index {arg} at opcode {count} (pickles number their memo "
+                               "in order)")
+    except ValueError as e:   # pickletools' words for a stream that ends early
+        if any(w in str(e) for w in ("not enough data", "remain", "no newline", "exhausted")):
+            raise EOFError(str(e)) from None
+        raise
     f.seek(start)
 
 
