@@ -222,8 +222,25 @@ ALLOWED_ENV = ("DETECTRON2_DATASETS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                "CUDA_VISIBLE_DEVICES", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE",
                "GLOO_SOCKET_IFNAME", "TORCH_DISTRIBUTED_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
 # Options and config keys that name a job's output: the runner sets each once, a grid's args or
-# overrides may not add another.
+# overrides may not add another (argparse also takes an unambiguous prefix such as --output).
 _OUTPUT_OPTIONS = ("--output-dir", "--out", "OUTPUT_DIR")
+# slurm: keys a grid may set without --allow-commands. submitit's `setup` and `srun_args`, and
+# sbatch options such as --wrap, --output or --chdir, run commands or write outside --out.
+SLURM_KEYS = ("partition", "account", "qos", "constraint", "comment", "exclude", "nodelist",
+              "reservation", "signal_delay_s", "max_num_timeout", "additional_parameters")
+SLURM_EXTRA_KEYS = ("exclusive", "gres", "hint", "mail_type", "mail_user", "requeue",
+                    "cpus_per_gpu", "mem_per_cpu", "gpus_per_task", "nice", "begin", "licenses",
+                    "switches", "kill-on-invalid-dep")
+
+
+def _output_option(arg):
+    """The output option `arg` sets (itself, `opt=...` or an argparse prefix), or None."""
+    flag = arg.split("=", 1)[0]
+    for opt in _OUTPUT_OPTIONS:
+        if flag == opt or (opt.startswith("--") and len(flag) > 3 and flag.startswith("--")
+                           and opt.startswith(flag)):
+            return opt
+    return None
 
 
 def own_tools():
@@ -256,7 +273,18 @@ def safety_check(grid, jobs, out, *, allow_commands=False, allow_env=False):
     dry run should show (outside commands allowed by --allow-commands, plug-in rule modules the
     grid imports). Also refuses links planted where the runner writes below `out`."""
     refusals, notices = [], []
-    for sub in ["logs"] + [job.id for job in jobs if job.stage not in ("data", "report")]:
+    slurm = grid.get("slurm") or {}
+    extra = slurm.get("additional_parameters") or {} if isinstance(slurm, dict) else {}
+    for key in sorted(set(slurm) - set(SLURM_KEYS)) + sorted(
+            k for k in extra if k.replace("-", "_") not in SLURM_EXTRA_KEYS):
+        if allow_commands:
+            notices.append(f"slurm: {key} is passed to the scheduler (allowed by "
+                           "--allow-commands)")
+        else:
+            refusals.append(f"slurm: {key} can run commands or write outside --out (known: "
+                            f"{', '.join(SLURM_KEYS[:-1])}, additional_parameters "
+                            f"{', '.join(SLURM_EXTRA_KEYS)}); pass --allow-commands to use it")
+    for sub in ["logs", "slurm"] + [job.id for job in jobs if job.stage not in ("data", "report")]:
         probe = out
         for part in sub.split("/"):
             probe = os.path.join(probe, part)
@@ -285,8 +313,9 @@ def safety_check(grid, jobs, out, *, allow_commands=False, allow_env=False):
             continue
         if job.stage == "report":
             continue
-        counts = {opt: sum(a == opt or a.startswith(opt + "=") for a in job.argv)
-                  for opt in _OUTPUT_OPTIONS}
+        named = [_output_option(a) for a in job.argv]
+        counts = {opt: named.count(opt) for opt in _OUTPUT_OPTIONS}
+        counts["--output-dir"] += counts.pop("--out")   # one destination, two spellings
         for opt, n in counts.items():
             if n > 1:
                 refusals.append(f"{job.stage} job {job.id}: the grid's args or overrides set "

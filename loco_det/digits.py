@@ -21,7 +21,7 @@ import tempfile
 
 import numpy as np
 
-from .utils import LocoError, remove_stale_temps, temp_prefix
+from .utils import LocoError, _umask, remove_stale_temps, temp_prefix
 
 FORMAT = 1
 GENERATOR = "loco_det.digits"
@@ -109,9 +109,3 @@ def write(out, size=DEFAULT_SIZE, progress=None):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -281,6 +281,14 @@ def _grid_run(tmp_path, grid, *flags, dry=True):
      "set --output-dir again"),
     ({"pretrain": [{"methods": ["loco"], "recipe": "cpu_loco.yaml",
                     "overrides": ["--output-dir=/tmp/elsewhere"]}]}, "set --output-dir again"),
+    ({"readout": {"args": ["--output", "/tmp/elsewhere"], "random_init": {"arch": "resnet18"}}},
+     "set --output-dir again"),   # argparse takes the unambiguous prefix
+    ({"data": [{"name": "../../x", "command": ["python", "tools/make_digits.py", "--output-dir",
+                                               "{out}/d"], "creates": "{out}/d/meta.json"}]},
+     "'..' path component"),
+    ({"slurm": {"setup": ["touch {marker}"]}}, "slurm: setup can run commands"),
+    ({"slurm": {"additional_parameters": {"wrap": "touch {marker}"}}}, "slurm: wrap can run"),
+    ({"slurm": {"additional_parameters": {"output": "/tmp/x.log"}}}, "slurm: output can run"),
 ])
 def test_grid_refusals_are_listed_and_nothing_runs(tmp_path, sections, expect):
     marker = tmp_path / "pwned"
