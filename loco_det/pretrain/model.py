@@ -1,6 +1,6 @@
 """One torchvision ResNet trained by a learning rule, and the one engine that runs every rule.
 
-The encoder is cut into pieces (REFERENCE.md section 1): its four stages
+The encoder is cut into pieces as in the LoCo paper (docs/pretraining.md): its four stages
 
     S1 = stem (conv1, bn1, relu, maxpool) + layer1   ("res2")
     S2 = layer2 ("res3"),  S3 = layer3 ("res4"),  S4 = layer4 ("res5")
