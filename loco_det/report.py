@@ -948,7 +948,8 @@ def render_summary(rows, comps, reference):
             if kind == "detection":
                 name = str(head.protocol.get("config"))
             else:
-                name = f"readout ({head.protocol.get('readout')}, {head.protocol.get('arch')})"
+                name = (f"readout ({head.protocol.get('readout')}, {head.protocol.get('arch')}, "
+                        f"{head.protocol.get('image_size')} px)")
             columns.append([name, metric, _shared_protocol_text(head),
                             {r.label: r for r in grows}])
     md = ["## Summary", ""]

@@ -22,13 +22,13 @@ def _section(md, title):
     return md.split(title, 1)[1].split("\n## ", 1)[0]
 
 
-def _rows_under(section, name):
+def _rows_under(section, name, exact=False):
     """Table lines of the report's per-protocol tables ("### <protocol>") whose heading names
-    `name`."""
+    `name` (is `name`, with exact)."""
     out = []
     for part in section.split("\n### ")[1:]:
         head, _, body = part.partition("\n")
-        if name in head:
+        if head.strip() == name if exact else name in head:
             out += [l for l in body.splitlines() if l.startswith("| ")]
     return out
 
@@ -66,9 +66,11 @@ def test_reduced_demo_writes_a_full_report(tmp_path):
         assert any("| supervised (trained here) |" in r for r in rows)
     # kNN: its own section, a measured row per method
     section = _section(md, "## kNN readout")
-    for method in METHODS:
-        rows = [r for r in section.splitlines() if r.startswith(f"| {method} |")]
-        assert len(rows) == 1 and re.search(r"\|\s*\d+\.\d+", rows[0]), rows
+    for k in ("k = 20", "k = 200"):
+        for method in METHODS:
+            rows = [r for r in _rows_under(section, k, exact=True)
+                    if r.startswith(f"| {method} |")]
+            assert len(rows) == 1 and re.search(r"\|\s*\d+\.\d+", rows[0]), (k, rows)
     for png in re.findall(r"\(([^)]+\.png)\)", md):
         assert (out / png).is_file(), png
     assert len(re.findall(r"\.png\)", md)) >= 3
