@@ -335,3 +335,34 @@ def test_unrequested_baseline_is_not_listed(report):
 def test_wide_tables_are_split(report):
     for line, n in _tables(report["md"]):
         assert n <= 11, line
+
+
+def test_plot_legends_sit_outside_the_axes_and_text_is_readable(report, tmp_path, monkeypatch):
+    """Every legend is clear of the bars and curves (outside its axes) and no label is smaller
+    than 7 pt at the size the PNG is written."""
+    from loco_det import report as rep
+
+    figures = []
+    save = rep._save
+
+    def keep(fig, path):
+        save(fig, path)   # draws the figure: the extents below are those of the PNG
+        figures.append((os.path.basename(path), fig))
+
+    monkeypatch.setattr(rep, "_save", keep)
+    rows = rep.build_rows(rep.collect([report["runs"]])[0])
+    assert set(rep.make_plots(rows, str(tmp_path))) == {"pretrain", "readout", "detection"}
+    assert len(figures) == 3
+    for name, fig in figures:
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            if not ax.get_visible():
+                continue
+            legend = ax.get_legend()
+            assert legend is not None, name
+            assert not legend.get_window_extent(renderer).overlaps(
+                ax.get_window_extent(renderer)), f"{name}: legend over the plot"
+            texts = ax.get_xticklabels() + ax.get_yticklabels() + legend.get_texts() + [
+                ax.title, ax.xaxis.label, ax.yaxis.label]
+            small = [t.get_text() for t in texts if t.get_text() and t.get_fontsize() < 7]
+            assert not small, (name, small)
