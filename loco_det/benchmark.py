@@ -10,12 +10,13 @@ Why it is built this way:
   a grid after an interruption or a failure only does the work that is left.
 - A failing job does not stop independent jobs; its dependants are reported as blocked and the
   run exits non-zero at the end. The report is written in any case and lists what is missing.
-- The random-initialisation and supervised baselines are part of every detection grid. Random
-  init means what it says (`random_init_opts`): the whole backbone trains from scratch on a
-  fine-tuning config, it stays frozen on a readout config. Published supervised weights
-  (detection.supervised_weights) are labelled "supervised (published weights)", apart from a
-  `supervised` pretraining run by loco_det; a grid without them still lists those runs, as
-  missing with a note.
+- The random-initialisation baseline is part of every detection grid; published supervised
+  weights join when the grid names them. Random init means what it says (`random_init_opts`):
+  the whole backbone trains from scratch on a fine-tuning config, it stays frozen on a readout
+  config. Published supervised weights (detection.supervised_weights) are labelled "supervised
+  (published weights)", apart from a `supervised` pretraining run by loco_det; a grid without
+  them prints a note, and the manifest records those runs without a job id, which the report
+  does not list.
 
 Grid format (see det_configs/grids/demo.yaml and paper.yaml for complete, commented examples):
 

@@ -305,7 +305,8 @@ def add_readout_source_args(parser):
     src.add_argument("--random-init", action="store_true",
                      help="read out a randomly initialised encoder (needs --arch)")
     parser.add_argument("--arch", help="resnet18/34/50/101 (with --random-init)")
-    parser.add_argument("--output-dir", required=True, metavar="DIR")
+    parser.add_argument("--output-dir", required=True, metavar="DIR",
+                        help="folder the result file (readout.json, knn.json) is written to")
     parser.add_argument("--data", metavar="ROOT",
                         help="folder with train/ and val/ ImageFolder splits (default: next to "
                              "the checkpoint's DATA.ROOT, else "

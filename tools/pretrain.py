@@ -26,7 +26,7 @@ examples:
       DATA.ROOT=/data/imagenet/train --output-dir runs/loco_r50_100ep
 
   # several nodes
-  torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+  torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
       tools/pretrain.py --config pretrain/loco_r50_800ep.yaml --output-dir runs/loco_r50_800ep
 
 then read out the frozen features:
@@ -37,8 +37,10 @@ then read out the frozen features:
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description="Pretrain a torchvision ResNet with SimCLR (e2e), GIM or LoCo. Writes "
-                    "config.yaml, run_info.json, metrics.jsonl, TensorBoard logs, "
+        description="Pretrain a torchvision ResNet with a learning rule (MODEL.METHOD): e2e "
+                    "(SimCLR), gim, loco, supervised, loco_overlap2, loco_blocks, or your own "
+                    "(an import path or a loco_det.rules entry point; docs/pretraining.md). "
+                    "Writes config.yaml, run_info.json, metrics.jsonl, TensorBoard logs, "
                     "checkpoint_last.pth and summary.json to --output-dir.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="YAML",

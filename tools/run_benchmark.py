@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Run a benchmark grid: data -> pretraining -> linear readout -> conversion (--verify) ->
-Mask R-CNN (each method, random init and supervised baselines) -> report.
+"""Run a benchmark grid: data -> pretraining -> linear (and kNN) readout -> conversion
+(--verify) -> Detectron2 runs (each method, the random-init baseline, and published supervised
+weights when the grid's detection.supervised_weights names them) -> report.
 
 Each job is a command of this repo's tools, run in dependency order on this machine
 (--launcher local, the default) or submitted to SLURM through submitit (--launcher slurm, with
 the GPUs, CPUs and time the grid requests and afterok dependencies between stages). Jobs whose
 results exist are skipped and say so; interrupted pretraining and detection runs resume from
 their last checkpoint. A failed job is reported, independent jobs go on, its dependants are
-skipped, and the exit status is non-zero. The report (report.md, report.csv, plots/) is written
-to the output folder at the end in any case.
+skipped, and the exit status is non-zero. The report (report.md, its CSV files and plots/) is
+written to the output folder at the end in any case. Grid file format: docs/grids_and_report.md.
 
 Examples:
   # the CPU demo (what `make demo` runs); again: reuses finished steps

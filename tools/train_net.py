@@ -105,6 +105,10 @@ def main(argv=None):
 
     parser = default_argument_parser(epilog=EXAMPLES)
     parser.description = __doc__.split("\n\n")[0]
+    for action in parser._actions:   # Detectron2's text also describes LazyConfig, unused here
+        if action.dest == "opts":
+            action.help = ("config overrides, after every option: space-separated KEY VALUE "
+                           "pairs (yacs), e.g. SOLVER.MAX_ITER 300 OUTPUT_DIR runs/x")
     args = parser.parse_args(argv)
     args.loco_det_argv = list(sys.argv[1:] if argv is None else argv)  # for the resume hint
     misplaced = [o for o in args.opts if o.split("=")[0] in _OPTIONS]

@@ -1,6 +1,6 @@
 """Convert a torchvision-style ResNet checkpoint into Detectron2's weights pickle, and verify it.
 
-The renaming is Detectron2's own (`tools/convert-torchvision-to-d2.py`, REFERENCE.md section 3):
+The renaming is Detectron2's own (`tools/convert-torchvision-to-d2.py`; docs/checkpoints.md):
 keys without "layer" get `stem.`, `layerN` -> `res{N+1}`, `bnK` -> `convK.norm`,
 `downsample.0` -> `shortcut`, `downsample.1` -> `shortcut.norm`; Detectron2 then matches names by
 suffix when loading. On top of that script this module:
@@ -831,7 +831,8 @@ def convert(input_path, output_path, prefix=None, verify=False, tol=1e-4, verify
 
 
 def _backbone_cfg(depth):
-    """Detectron2 config for a bare ResNet with the self-supervised conventions (REFERENCE 3)."""
+    """Detectron2 config for a bare ResNet with the torchvision-weight conventions
+    (docs/benchmarks.md)."""
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
@@ -878,7 +879,7 @@ def verify_converted(data, torchvision_state=None, *, tol=1e-4, image_size=224, 
 
     `data` is the converted dict; `torchvision_state` the state dict it came from (if None it is
     rebuilt from the Detectron2 names). Detectron2's backbone is built by its own
-    `build_resnet_backbone` with REFERENCE.md's conventions (DEPTH, RES2_OUT_CHANNELS,
+    `build_resnet_backbone` with the conventions of docs/benchmarks.md (DEPTH, RES2_OUT_CHANNELS,
     STRIDE_IN_1X1 False, FrozenBN, res2..res5) and loaded through `LocoCheckpointer`, i.e.
     Detectron2's suffix matching. Both models run in eval mode on the same random input.
     Returns the max relative error; raises `LocoError` above `tol`.

@@ -43,7 +43,8 @@ from torch.utils.flop_counter import flop_registry
 from .model import LOCO_SCHEDULES, NUM_STAGES, build_encoder, build_model, run_stage, \
     stage_channels
 
-# REFERENCE.md section 2: the LoCo paper's per-stage shares for ResNet-50 (percent).
+# The LoCo paper's per-stage shares for ResNet-50, percent (Xiong, Ren and Urtasun, NeurIPS
+# 2020, arXiv:2008.01342).
 PAPER_ACTIVATION_SHARE = (43.64, 29.09, 21.82, 5.45)
 PAPER_FLOP_SHARE = (19.39, 25.09, 35.80, 19.73)
 STAGE_LABELS = ("S1 stem+res2", "S2 res3", "S3 res4", "S4 res5")
@@ -618,7 +619,7 @@ def format_analysis(a):
               f"{_pct(a['stem_acts'], sum(ac)):.2f} % of activations.",
               "act % = fvcore activation count (every conv output); blockout % = only the "
               "output of each residual block, the counting the paper's table matches.",
-              "paper % columns: the LoCo paper's ResNet-50 table (REFERENCE.md section 2)"
+              "paper % columns: the LoCo paper's ResNet-50 table (NeurIPS 2020)"
               + ("" if paper else "; shown only for resnet50 at 224 px") + ".", ""]
     lines.append(f"decoders (conv_blocks={opts.get('conv_blocks', 0)}, "
                  f"mlp_layers={opts.get('mlp_layers', 2)}, proj_dim={opts.get('proj_dim', 128)}); "

@@ -31,8 +31,8 @@ _C.MODEL = CfgNode()
 # pooled res5 features: the labelled baseline; MODEL.DECODER and LOSS.TEMPERATURE do not apply),
 # "loco_overlap2" (three-stage units {S1,S2,S3},{S2,S3,S4}), "loco_blocks" (LoCo over residual
 # blocks, see MODEL.LOCO_BLOCKS); or a rule from outside the library: an import path
-# "package.module:rule" or the name of a `loco_det.rules` entry point (README, "Your own
-# learning rule"; loco_det/pretrain/rules.py).
+# "package.module:rule" or the name of a `loco_det.rules` entry point (docs/pretraining.md,
+# "Learning rules, and your own"; loco_det/pretrain/rules.py).
 _C.MODEL.METHOD = "loco"
 # torchvision ResNet: resnet18, resnet34, resnet50 or resnet101 (parameter names unchanged).
 _C.MODEL.ARCH = "resnet50"
@@ -102,7 +102,7 @@ _C.OPTIM.BATCH_SIZE = 4096
 # time, so that activation memory is that of one micro-batch; every unit's loss still sees all
 # negatives of the global batch. Gradients equal those of one full-batch step except for
 # BatchNorm, whose batch statistics (and running-statistics updates) are per micro-batch. Costs
-# about one extra forward per step (README, "Gradient accumulation"). 1: off. The per-process
+# about one extra forward per step (docs/pretraining.md, "Gradient accumulation"). 1: off. The per-process
 # batch must divide by it.
 _C.OPTIM.ACCUM_STEPS = 1
 # Learning rate per 256 images of global batch: lr = BASE_LR * BATCH_SIZE / 256 (SimCLR).

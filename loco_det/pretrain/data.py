@@ -27,7 +27,7 @@ from ..utils import LocoError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # torchvision's ImageNet normalisation: the converted weights declare the same mean/std to
-# Detectron2 (see REFERENCE.md sec. 3), so pretraining must use it too.
+# Detectron2 (docs/benchmarks.md), so pretraining must use it too.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Errors PIL raises for truncated, corrupt or non-image files (UnidentifiedImageError is an

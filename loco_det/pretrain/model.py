@@ -1,6 +1,6 @@
 """One torchvision ResNet trained by a learning rule, and the one engine that runs every rule.
 
-The encoder is cut into pieces (REFERENCE.md section 1): its four stages
+The encoder is cut into pieces as in the LoCo paper (docs/pretraining.md): its four stages
 
     S1 = stem (conv1, bn1, relu, maxpool) + layer1   ("res2")
     S2 = layer2 ("res3"),  S3 = layer3 ("res4"),  S4 = layer4 ("res5")
@@ -678,7 +678,7 @@ def build_model(method, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_
     doc (rules without shared pieces ignore it); the default "fused_stem" is the schedule that
     meets the LoCo memory target (peak memory <= 0.80x e2e) and the time target (<= 1.15x
     e2e) only with `.grad` None before each step: the target is below its FLOP ratio (1.18x
-    e2e, 1.17x for "fused"; README, "Measured on this machine"). "supervised" needs
+    e2e, 1.17x for "fused"; docs/measurements.md). "supervised" needs
     num_classes and trains on both views (supervised_views=2) or view1 only (1); "loco_blocks"
     takes unit_length and overlap (in pieces).
     """
