@@ -321,3 +321,16 @@ def test_bench_part_on_cuda_reports_and_requires_max_memory_allocated(tmp_path, 
         else:
             with pytest.raises(gpu_check.PartFailed, match=expected):
                 gpu_check.part_bench(check)
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    """The two_rank part on CPU: two gloo ranks (GradientReducer, gather_with_grad; BN on
+    fixed statistics) against one process on the same global batches, within float32
+    tolerance. A missing division by the world size or a gather that returns its input makes
+    this row FAIL (checked by planting each)."""
+    status, text = gpu_check.run(cpu_smoke=True, work=str(tmp_path), parts=("data", "two_rank"))
+    rows = _table_rows(text)
+    assert status == 0 and rows["two_rank"][0] == "ok", text
+    assert "2 steps x8, gloo 2 ranks on cpu (fixed BN)" in rows["two_rank"][1]
+    worst = float(re.search(r"largest update difference (\S+)", rows["two_rank"][1]).group(1))
+    assert worst <= gpu_check.CPU_SMOKE["two_rank"]["tolerance"]
