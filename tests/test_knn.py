@@ -182,3 +182,81 @@ def test_knn_period_with_two_gloo_processes(synth_root, tmp_path):
     assert summary["world_size"] == 2 and len(set(summary["param_sha256"])) == 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if "knn/k200/res5" in r] == [1, 2]
+
+
+def sort_merge_knn_predict(train_feats, train_labels, query_feats, num_classes, ks, temperature,
+                           query_chunk, train_chunk):
+    """knn_predict as it was before it used topk and kept the bank on the device, verbatim:
+    every chunk re-converted, every merge a full stable sort. The reference the new one must
+    equal exactly, ties included."""
+    device = query_feats.device
+    n = train_feats.shape[0]
+    kmax = min(max(ks), n)
+    labels = train_labels.to(device)
+    preds = {k: [] for k in ks}
+    for q0 in range(0, query_feats.shape[0], query_chunk):
+        q = query_feats[q0:q0 + query_chunk].to(device, torch.float32)
+        best_s = torch.full((q.shape[0], 0), -math.inf, device=device)
+        best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=device)
+        for t0 in range(0, n, train_chunk):
+            t = train_feats[t0:t0 + train_chunk].to(device, torch.float32)
+            s = q @ t.T
+            cand_s = torch.cat([best_s, s], dim=1)
+            cand_i = torch.cat([best_i, torch.arange(t0, t0 + t.shape[0], device=device)
+                                .expand(q.shape[0], -1)], dim=1)
+            order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, :kmax]
+            best_s, best_i = cand_s.gather(1, order), cand_i.gather(1, order)
+        weights = (best_s / temperature).exp()
+        neighbour_labels = labels[best_i]
+        for k in ks:
+            kk = min(k, n)
+            scores = torch.zeros(q.shape[0], num_classes, device=device)
+            scores.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
+            preds[k].append(scores.argmax(1).cpu())
+    return {k: torch.cat(v) for k, v in preds.items()}
+
+
+@pytest.mark.parametrize("query_chunk,train_chunk", [(1024, 65536), (7, 64), (5, 3)])
+def test_topk_equals_the_sort_merge_it_replaced(query_chunk, train_chunk):
+    """float16 banks as extract_normalised makes them, full of exact duplicates with different
+    labels (equal similarities at the k-th place, where topk alone picks arbitrarily): the
+    predictions equal the full-sort version's at every k, for several chunkings."""
+    gen = torch.Generator().manual_seed(4)
+    unique = F.normalize(torch.randn(40, 16, generator=gen), dim=1)
+    train = unique[torch.randint(0, 40, (300,), generator=gen)].half()   # ~7 copies each
+    labels = torch.randint(0, 6, (300,), generator=gen)
+    queries = torch.cat([unique[:10], F.normalize(torch.randn(50, 16, generator=gen), dim=1)])
+    ks = (1, 5, 20, 200, 400)
+    new = knn_predict(train, labels, queries, 6, ks, 0.07, query_chunk, train_chunk)
+    old = sort_merge_knn_predict(train, labels, queries, 6, ks, 0.07, query_chunk, train_chunk)
+    for k in ks:
+        assert torch.equal(new[k], old[k]), k
+    # the duplicates matter: with the tie order reversed, some prediction changes
+    rev = sort_merge_knn_predict(train.flip(0), labels.flip(0), queries, 6, ks, 0.07,
+                                 query_chunk, train_chunk)
+    assert any(not torch.equal(rev[k], old[k]) for k in ks)
+
+
+def test_topk_tie_order_does_not_matter(monkeypatch):
+    """topk may pick any of equal values (CUDA's does; the CPU's happens to pick the lower
+    index): with a topk that picks the higher ones, the predictions still equal the stable
+    full sort's."""
+    original = torch.Tensor.topk
+
+    def higher_index_first(self, k, dim=-1, **kwargs):
+        values, index = original(self.flip(dim), k, dim=dim, **kwargs)
+        return values, self.shape[dim] - 1 - index
+
+    gen = torch.Generator().manual_seed(5)
+    unique = F.normalize(torch.randn(6, 8, generator=gen), dim=1)
+    train = unique[torch.randint(0, 6, (240,), generator=gen)].half()   # ~40 copies each
+    labels = torch.randint(0, 5, (240,), generator=gen)
+    queries = F.normalize(unique.repeat(4, 1) + 0.1 * torch.randn(24, 8, generator=gen), dim=1)
+    ks = (1, 5, 20)
+    for train_chunk in (1000, 50):
+        old = sort_merge_knn_predict(train, labels, queries, 5, ks, 0.07, 8, train_chunk)
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "topk", higher_index_first)
+            new = knn_predict(train, labels, queries, 5, ks, 0.07, 8, train_chunk)
+        for k in ks:
+            assert torch.equal(new[k], old[k]), (train_chunk, k)
