@@ -25,7 +25,8 @@ from tqdm import tqdm
 from ..utils import LocoError, write_json
 from .data import find_images
 from .readout import (SMALL_MAX_IMAGES, STAGE_NAMES, LabeledImages, default_data_dir,
-                      eval_transform, load_encoder, make_loader, majority_top1, pooled_features)
+                      eval_transform, inference_setup, load_encoder, make_loader, majority_top1,
+                      pooled_features)
 
 KS = (20, 200)
 TEMPERATURE = 0.07
@@ -166,7 +167,7 @@ def run_knn(output_dir, checkpoint=None, arch=None, data_dir=None, image_size=No
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
         raise LocoError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:N)") from None
-    encoder.to(device)
+    inference_setup(encoder, device)
     top1 = knn_eval(encoder, train_set, val_set, device, ks, temperature, batch_size, workers,
                     seed, progress)
     n_val = len(val_set)
