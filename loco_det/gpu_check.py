@@ -255,14 +255,14 @@ def two_rank_overrides(c):
             f"OPTIM.BATCH_SIZE={t['batch']}", "OPTIM.EPOCHS=1", "OPTIM.WARMUP_EPOCHS=0",
             "OPTIM.NAME=lars", "OPTIM.BASE_LR=0.3", "SEED=0", "DATA.NUM_WORKERS=0",
             "RUN.AMP=bf16", "RUN.CHANNELS_LAST=True", "MODEL.SYNC_BN=True",
-            "RUN.DIST_BACKEND=gloo", f"RUN.LOG_PERIOD={t['steps']}"]
+            "RUN.DIST_BACKEND=gloo", f"RUN.LOG_PERIOD={t['steps']}", "RUN.KNN_PERIOD=1"]
 
 
 def part_two_rank(c):
     """Two gloo ranks on one device (GradientReducer, gather_with_grad, SyncBN on CUDA, bf16,
-    channels_last) against one process on the same global batches: every tensor's update
-    after the steps must agree within the mode's tolerance (CPU: BN on fixed statistics, as
-    SyncBN is CUDA-only)."""
+    channels_last, the kNN monitor shared by the ranks) against one process on the same global
+    batches: every tensor's update after the steps must agree within the mode's tolerance
+    (CPU: BN on fixed statistics, as SyncBN is CUDA-only)."""
     t = c.s["two_rank"]
     two, one = c.path("two_rank", "ranks2"), c.path("two_rank", "ranks1")
     out2 = c.tool("two_rank", ["--standalone", "--nproc_per_node", "2", "--no-python",
@@ -287,6 +287,13 @@ def part_two_rank(c):
                 raise PartFailed(f"rank {r} did not take the CUDA paths: {f}")
         if "MODEL.SYNC_BN ignored" in out2:
             raise PartFailed("SyncBN was not used by the two ranks")
+    knn = {}
+    for label, folder in (("2 ranks", two), ("1 process", one)):
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f if "knn/k20/res5" in line]
+        if not records:
+            raise PartFailed(f"{label}: no kNN readout in metrics.jsonl (RUN.KNN_PERIOD=1)")
+        knn[label] = records[-1]["knn/k20/res5"]
     worst, name = two_rank_difference(os.path.join(one, "checkpoint_last.pth"),
                                       os.path.join(two, "checkpoint_last.pth"),
                                       os.path.join(one, "initial.pth"))
@@ -296,7 +303,8 @@ def part_two_rank(c):
     return (f"{t['steps']} steps x{t['batch']}, gloo 2 ranks on {facts[0]['device']}"
             f"{' (SyncBN, bf16, channels_last)' if c.s['device'] == 'cuda' else ' (fixed BN)'}, "
             f"{buckets} buckets/step; vs 1 process: largest update difference {worst:.2g} "
-            f"({name}), tolerance {t['tolerance']:g}")
+            f"({name}), tolerance {t['tolerance']:g}; kNN shared by the ranks: k20 res5 "
+            f"{knn['2 ranks']:.1f} (1 process {knn['1 process']:.1f})")
 
 
 def two_rank_difference(path_one, path_two, path_initial):

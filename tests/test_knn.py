@@ -260,3 +260,54 @@ def test_topk_tie_order_does_not_matter(monkeypatch):
             new = knn_predict(train, labels, queries, 5, ks, 0.07, 8, train_chunk)
         for k in ks:
             assert torch.equal(new[k], old[k]), (train_chunk, k)
+
+
+def _knn_rank(rank, world, port, data_dir, out_dir):
+    """One of `world` gloo ranks running knn_eval on its shards; saves its result."""
+    import torchvision
+
+    from loco_det.pretrain.knn import knn_eval, knn_splits
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        encoder = torchvision.models.resnet18()
+        train_set, val_set = knn_splits(data_dir, 32)
+        top1 = knn_eval(encoder, train_set, val_set, torch.device("cpu"), ks=(1, 3, 50),
+                        batch_size=1, workers=0, progress=False, world=world, rank=rank)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(top1, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_knn_shared_by_two_ranks_equals_one_process(tmp_path, one_torch_thread):
+    """Each rank extracts its shard of both splits and searches its shard of the bank; the
+    merged neighbours give exactly one process's top-1 on every rank (one image per batch,
+    so the features themselves are bit-identical). 21 training images: uneven shards, and
+    k=50 is more than a shard holds (the merge's fillers are never chosen)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    import torchvision
+
+    from loco_det.pretrain.knn import knn_eval, knn_splits
+    from test_pretrain_data import make_folder
+
+    make_folder(tmp_path / "data" / "train", n_per_class=7, classes=("a", "b", "c"), size=36)
+    make_folder(tmp_path / "data" / "val", n_per_class=3, classes=("a", "b", "c"), size=36)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_knn_rank, args=(2, port, str(tmp_path / "data"), str(tmp_path)), nprocs=2,
+             join=True)
+    torch.manual_seed(0)
+    encoder = torchvision.models.resnet18()
+    train_set, val_set = knn_splits(str(tmp_path / "data"), 32)
+    one = knn_eval(encoder, train_set, val_set, torch.device("cpu"), ks=(1, 3, 50),
+                   batch_size=1, workers=0, progress=False)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == one
+    assert set(one) == {"k1", "k3", "k50"} and len(one["k1"]) == 4

@@ -143,16 +143,19 @@ _C.RUN.CHANNELS_LAST = True
 # number of visible GPUs)); slow, meant for checks of the multi-process code on one GPU.
 _C.RUN.DIST_BACKEND = ""
 # Minutes any collective may wait for the slowest process before the job is ended with an
-# error (torch's own default is 10 minutes for nccl). Rank 0 alone runs the kNN monitor
-# (RUN.KNN_PERIOD) and writes checkpoints while the others wait in their next collective, so
-# this must exceed the longest of those (docs/distributed.md).
+# error (torch's own default is 10 minutes for nccl). Rank 0 alone writes checkpoints while the
+# others wait in their next collective, and a rank's kNN share (RUN.KNN_PERIOD) or slow file
+# system can keep the others waiting: this must exceed the longest such wait
+# (docs/distributed.md).
 _C.RUN.DIST_TIMEOUT_MIN = 120.0
 # Log to metrics.jsonl / TensorBoard every this many steps.
 _C.RUN.LOG_PERIOD = 10
 # Besides every epoch, write checkpoint_last.pth every this many steps (0: epochs only).
 _C.RUN.CHECKPOINT_PERIOD = 0
 # Weighted kNN readout per stage (k 20/200, T 0.07; loco_det/pretrain/knn.py) every this many
-# epochs on rank 0, into metrics.jsonl and TensorBoard as knn/k20/res5 etc. (0: off).
+# epochs, into metrics.jsonl and TensorBoard as knn/k20/res5 etc. (0: off). Every process
+# extracts and searches its share of the images, so the readout adds 1/world of its
+# one-process time.
 _C.RUN.KNN_PERIOD = 0
 # Folder with train/ (memory bank) and held-out val/ (queries) ImageFolder splits; empty: the
 # parent of DATA.ROOT (the embedded data's imagefolder/, ImageNet's root).

@@ -720,7 +720,7 @@ def _loop(cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler, l
                     if env.distributed:  # other ranks' unreadable files, before the checkpoint
                         note_bad(set().union(*env.all_gather_object(sorted(bad))))
                     checkpoint(epoch + 1)
-                    if knn is not None and knn.due(epoch + 1):
+                    if knn is not None and knn.due(epoch + 1):  # every rank takes part
                         logger.log(knn(model.encoder, step, epoch + 1))
                         model.train()
                 elif cfg.RUN.CHECKPOINT_PERIOD and step % cfg.RUN.CHECKPOINT_PERIOD == 0:
