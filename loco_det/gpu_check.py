@@ -4,10 +4,11 @@ On a machine with one NVIDIA GPU it runs, each as the real command-line tool in 
 the step-time / peak-memory benchmark (ResNet-50, 224 px, 128 images, bf16), 50 pretraining
 steps through torchrun (nccl at world size 1, bf16 autocast, channels_last, SyncBN conversion),
 a few steps of two gloo ranks sharing the GPU (RUN.DIST_BACKEND=gloo: GradientReducer,
-gather_with_grad, SyncBN, LARS under bf16 and channels_last) whose weights must match one
-process on the same global batches, the linear and kNN readouts of that checkpoint, its conversion, 200 iterations of the frozen
-COCO-view Mask R-CNN on the embedded data at 800 px plus evaluation, and plain Detectron2
-`DefaultTrainer` iterations on the same config for comparison. Parts that need numpy < 2 (the
+gather_with_grad, SyncBN, LARS and the shared kNN monitor under bf16 and channels_last) whose
+weights must match one process on the same global batches, the linear and kNN readouts of the
+pretrained checkpoint, its conversion, 200 iterations of the frozen COCO-view Mask R-CNN on the
+embedded data at 800 px plus evaluation, and plain Detectron2 `DefaultTrainer` iterations on
+the same config for comparison. Parts that need numpy < 2 (the
 Cityscapes evaluator) are skipped with a notice where numpy is 2.x. It prints one table (part,
 status, key figures, seconds), writes it to $OUT/gpu_check_summary.txt when OUT is set, and
 exits non-zero if any part failed.

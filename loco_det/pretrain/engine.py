@@ -22,7 +22,6 @@ a plain loop over epochs and batches. What is unusual, and why:
 import datetime
 import hashlib
 import json
-import math
 import os
 import pickle
 import random
