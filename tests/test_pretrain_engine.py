@@ -361,3 +361,37 @@ def test_non_finite_loss_stops_the_run_before_a_checkpoint(data16, tmp_path, cap
     assert rc == 1 and errors == ["error: non-finite loss at step 1; lower OPTIM.BASE_LR or "
                                   "check the data"]
     assert not (tmp_path / "o" / "checkpoint_last.pth").exists()
+
+
+def test_loss_scaler_path_of_the_loop(data16, tmp_path, monkeypatch):
+    """The loop's RUN.AMP=fp16 path, with GradScaler's CPU form standing in for the CUDA one
+    (autocast itself is CUDA-only here): the scaled steps give the unscaled run's weights, the
+    scale is logged and saved, and a resumed run restores it."""
+    from loco_det.pretrain import engine
+
+    plain = tmp_path / "plain"
+    train(tiny_cfg(data16), str(plain), stop_after_steps=2)   # epoch 1 of 2
+    setup = engine.setup_model
+
+    def with_scaler(*a, **k):
+        model = setup(*a, **k)
+        model.loss_scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+        return model
+
+    monkeypatch.setattr(engine, "setup_model", with_scaler)
+    scaled = tmp_path / "scaled"
+    train(tiny_cfg(data16), str(scaled), stop_after_steps=2)
+    a, b = load(plain / "checkpoint_last.pth"), load(scaled / "checkpoint_last.pth")
+    for part in ("encoder", "decoders"):
+        for key, w in a[part].items():
+            torch.testing.assert_close(b[part][key], w, rtol=1e-4, atol=1e-6)
+    assert b["grad_scaler"]["scale"] == 256.0 and "grad_scaler" not in a
+    records = [json.loads(line) for line in (scaled / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["amp/loss_scale"] == 256.0
+    # resuming restores the saved scale, not the initial one
+    ckpt = load(scaled / "checkpoint_last.pth")
+    ckpt["grad_scaler"]["scale"] = 64.0
+    torch.save(ckpt, scaled / "checkpoint_last.pth")
+    train(tiny_cfg(data16), str(scaled), resume=True)
+    records = [json.loads(line) for line in (scaled / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["amp/loss_scale"] == 64.0
