@@ -9,9 +9,10 @@ training images, neighbour i with weight exp(s_i / T) for its class; the class w
 summed weight is the prediction. k = 20 and 200, T = 0.07.
 
 Memory: features are kept in float16 on the host ((res2..res5 = 3840 dims for ResNet-50) x 1.28M
-ImageNet images is ~9.8 GB). One stage at a time goes to the device (res5: 2048 dims, 5.2 GB),
-and the similarity is computed for a chunk of queries against a chunk of that memory bank at a
-time, keeping a running top-k, so the full similarity matrix never exists.
+ImageNet images is ~9.8 GB; with several processes each holds its share). One stage at a time
+goes to the device (res5: 2048 dims, 5.2 GB on one process), and the similarity is computed for
+a chunk of queries against a chunk of that memory bank at a time, keeping a running top-k, so
+the full similarity matrix never exists.
 """
 import math
 import os
