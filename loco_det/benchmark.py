@@ -774,6 +774,47 @@ def local_env(workers, environ=None):
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
 
 
+class GpuSlices:
+    """CUDA_VISIBLE_DEVICES of concurrent local jobs (--jobs N > 1 on a machine with GPUs):
+    each job gets `gpus_per_node` GPUs no running job holds, a CPU job (0) gets none, so that
+    no two jobs share cuda:0. A job waits until enough GPUs are free. Inactive (no variable set)
+    with one job at a time or no GPU: that job sees every GPU, as before."""
+
+    def __init__(self, gpus, active):
+        self.all, self.free = list(gpus), list(gpus)
+        self.active = bool(active and self.all)
+
+    @classmethod
+    def for_machine(cls, workers, environ=None):
+        environ = os.environ if environ is None else environ
+        if workers <= 1:
+            return cls([], False)
+        if "CUDA_VISIBLE_DEVICES" in environ:
+            gpus = [g.strip() for g in environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+        else:
+            import torch  # only here: a dry run or a single worker stays fast
+
+            gpus = [str(i) for i in range(torch.cuda.device_count())]
+        return cls(gpus, True)
+
+    def take(self, job):
+        """(environment additions, None) when the job can start now; (None, None) while it
+        must wait; (None, reason) when this machine can never run it."""
+        if not self.active:
+            return {}, None
+        n = int(job.resources["gpus_per_node"])
+        if n > len(self.all):
+            return None, f"needs {n} GPUs, this machine has {len(self.all)}"
+        if n > len(self.free):
+            return None, None
+        ids, self.free = self.free[:n], self.free[n:]
+        return {"CUDA_VISIBLE_DEVICES": ",".join(ids)}, None
+
+    def give(self, env):
+        if self.active and env.get("CUDA_VISIBLE_DEVICES"):
+            self.free += env["CUDA_VISIBLE_DEVICES"].split(",")
+
+
 def run_local(jobs, notes, out, quiet=False, workers=1):
     """Run jobs in dependency order, up to `workers` at a time (each started as soon as its
     dependencies are done, in grid order); returns the exit status (0 only when every job is
@@ -789,22 +830,25 @@ def run_local(jobs, notes, out, quiet=False, workers=1):
     width = len(str(n))
     tags = {job.id: f"[{i:>{width}}/{n}]" for i, job in enumerate(jobs, 1)}
     extra_env = local_env(workers)
+    gpus = GpuSlices.for_machine(workers)
     quiet = quiet or workers > 1
     for note in notes:
         print(f"note: {note}")
     if workers > 1:
         print(f"note: {workers} jobs at a time"
               + (f", OMP_NUM_THREADS={extra_env['OMP_NUM_THREADS']} each" if extra_env else "")
+              + (f", GPUs {','.join(gpus.all)} shared out by gpus_per_node (CPU jobs get none)"
+                 if gpus.active else "")
               + f"; their output goes to {_rel(os.path.join(out, 'logs'))}/", flush=True)
     live = set()
     running = {}   # future -> (job, start time)
     pending = list(jobs)
 
-    def run(job):
+    def run(job, devices):
         if job.stage == "report":
             return _write_report(out), None
         try:
-            return _run_command(job, out, quiet, live, extra_env)
+            return _run_command(job, out, quiet, live, dict(extra_env, **devices))
         except LocoError as e:
             print(f"error: {job.id}: {e}", flush=True)
             return 1, None
@@ -821,6 +865,13 @@ def run_local(jobs, notes, out, quiet=False, workers=1):
                 check = _start_check(job, status, n)
                 if check is not None and check[0] == "wait":
                     continue
+                devices = {}
+                if check is None and job.stage != "report":
+                    devices, never = gpus.take(job)
+                    if devices is None and never is None:
+                        continue   # waits for GPUs that running jobs hold
+                    if never is not None:
+                        check = ("failed", never)
                 pending.remove(job)
                 if check is not None:
                     status[job.id] = check[0]
@@ -829,14 +880,15 @@ def run_local(jobs, notes, out, quiet=False, workers=1):
                 what = "resuming" if job.resuming() else "running"
                 print(f"{tags[job.id]} {what} {job.id}: {shlex.join(job.command())}",
                       flush=True)
-                running[pool.submit(run, job)] = (job, time.time())
+                running[pool.submit(run, job, devices)] = (job, time.time(), devices)
             if not running:
                 if pending:   # cannot happen with dependencies on earlier jobs; never spin
                     raise LocoError(f"grid: job {pending[0].id} waits for a job that never runs")
                 break
             finished, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
             for fut in finished:
-                job, t0 = running.pop(fut)
+                job, t0, devices = running.pop(fut)
+                gpus.give(devices)
                 rc, log = fut.result()
                 took = _fmt_time(time.time() - t0)
                 if rc == 0:
@@ -915,9 +967,12 @@ def run_slurm(jobs, notes, out, slurm_options):
         deps = [submitted[d] for d in job.deps if d in submitted]
         res = job.resources
         # SlurmExecutor directly: AutoExecutor's plugin discovery needs pkg_resources.
+        cpus = int(res["cpus_per_task"])
+        # srun does not inherit --cpus-per-task from sbatch on Slurm 22.05-23.02: without it
+        # the task (torchrun, its ranks and their loader workers) would get one CPU.
         params = dict(options, job_name=f"loco_det:{job.id}", nodes=int(res["nodes"]),
-                      ntasks_per_node=1, cpus_per_task=int(res["cpus_per_task"]),
-                      time=int(res["time_min"]))
+                      ntasks_per_node=1, cpus_per_task=cpus, time=int(res["time_min"]),
+                      srun_args=[*options.get("srun_args", []), f"--cpus-per-task={cpus}"])
         if int(res["gpus_per_node"]):
             params["gpus_per_node"] = int(res["gpus_per_node"])
         if res.get("mem_gb"):

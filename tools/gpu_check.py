@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""The prepared GPU check: benchmark, pretraining (nccl, bf16, channels_last, SyncBN), readouts,
-conversion and Mask R-CNN on CUDA, one summary table, non-zero exit on any failure. See
+"""The prepared GPU check: benchmark, pretraining (nccl, bf16, channels_last, SyncBN), two gloo
+ranks sharing the GPU against one process, readouts, conversion and Mask R-CNN on CUDA, one
+summary table, non-zero exit on any failure. See
 docs/gpu_check.md and loco_det/gpu_check.py.
 
 Examples:

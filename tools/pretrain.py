@@ -55,6 +55,12 @@ def build_parser():
     return parser
 
 
+def rank_prefix():
+    """"rank R of W: " in a run of several processes (torchrun's variables), else ""."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"rank {os.environ.get('RANK', '0')} of {world}: " if world > 1 else ""
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from loco_det.pretrain.config import load_config
@@ -74,10 +80,15 @@ def main(argv=None):
                   file=sys.stderr, flush=True)
         return exit_code(e)
     except LocoError as e:
-        # Every rank hits the same check; one line from rank 0 is enough.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
+        # Each rank prints its own error: most checks fail alike on every rank, but some (a
+        # rank's unreadable images) fail on one rank only.
+        print(f"error: {rank_prefix()}{e}", file=sys.stderr, flush=True)
         return 1
+    except Exception as e:  # a bug or a failed collective: say which rank, then the traceback
+        if rank_prefix():
+            print(f"error: {rank_prefix()}{type(e).__name__}: {str(e)[:500]} (traceback "
+                  f"follows)", file=sys.stderr, flush=True)
+        raise
     return 0
 
 

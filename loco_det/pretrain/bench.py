@@ -124,6 +124,15 @@ def make_inputs(batch, image_size, seed, device="cpu"):
             torch.randn(shape, generator=gen).to(device))
 
 
+def training_layout(model):
+    """channels_last weights, the layout pretraining uses on CUDA (RUN.CHANNELS_LAST's
+    default), for every variant (the encoder, and the decoders where there are any)."""
+    for part in (model.encoder, getattr(model, "decoders", None)):
+        if part is not None:
+            part.to(memory_format=torch.channels_last)
+    return model
+
+
 class BareStep:
     """Plain torchvision forward + backward of both views as one batch (no decoder, no loss)."""
 
@@ -363,14 +372,22 @@ def run_benchmark(arch="resnet50", image_size=224, batch=16, rounds=3, warmup=1,
     decoder_options = dict(decoder_options or {})
     names = variants(loco_schedules, accum_steps)
     modes = GRAD_MODES if accumulate else GRAD_MODES[:1]
+    cuda = torch.device(device).type == "cuda"
+    if cuda:  # as pretraining runs on CUDA (engine.py): cuDNN picks the fastest kernels
+        torch.backends.cudnn.benchmark = True
     models = {}
     for name in names:
         model = build_variant(name, arch, seed, decoder_options).to(device)
         model.autocast_dtype = torch.bfloat16 if amp else None
+        if cuda:
+            training_layout(model)
         models[name] = model
     views = make_inputs(batch, image_size, seed, device)
+    if cuda:
+        views = tuple(v.contiguous(memory_format=torch.channels_last) for v in views)
     head = {"arch": arch, "image_size": image_size, "batch": batch, "views": 2 * batch,
             "rounds": rounds, "warmup": warmup, "device": str(device), "amp": amp,
+            "memory_format": "channels_last" if cuda else "contiguous",
             "threads": torch.get_num_threads(), "decoder_options": decoder_options,
             "accum_steps": accum_steps, "memory_method": None, "memory_baseline": None}
     wall, cpu, faults = time_interleaved(models, views, rounds, warmup, device, modes)
