@@ -44,7 +44,7 @@ test: $(STAMP)
 clean-demo:
 	rm -rf $(DEMO_OUT)
 
-# GPU check (README, "GPU check"). gpu-wheels runs here (needs PyPI, not .venv); gpu-check runs
+# GPU check (docs/gpu_check.md). gpu-wheels runs here (needs PyPI, not .venv); gpu-check runs
 # on the GPU machine with that machine's python3, torch and numpy, from the carried folder.
 GPU_WHEELS ?= .gpu_wheels
 .PHONY: gpu-wheels gpu-check

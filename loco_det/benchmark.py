@@ -10,12 +10,13 @@ Why it is built this way:
   a grid after an interruption or a failure only does the work that is left.
 - A failing job does not stop independent jobs; its dependants are reported as blocked and the
   run exits non-zero at the end. The report is written in any case and lists what is missing.
-- The random-initialisation and supervised baselines are part of every detection grid. Random
-  init means what it says (`random_init_opts`): the whole backbone trains from scratch on a
-  fine-tuning config, it stays frozen on a readout config. Published supervised weights
-  (detection.supervised_weights) are labelled "supervised (published weights)", apart from a
-  `supervised` pretraining run by loco_det; a grid without them still lists those runs, as
-  missing with a note.
+- The random-initialisation baseline is part of every detection grid; published supervised
+  weights join when the grid names them. Random init means what it says (`random_init_opts`):
+  the whole backbone trains from scratch on a fine-tuning config, it stays frozen on a readout
+  config. Published supervised weights (detection.supervised_weights) are labelled "supervised
+  (published weights)", apart from a `supervised` pretraining run by loco_det; a grid without
+  them prints a note, and the manifest records those runs without a job id, which the report
+  does not list.
 
 Grid format (see det_configs/grids/demo.yaml and paper.yaml for complete, commented examples):
 
@@ -56,6 +57,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .safe_load import yaml_chain
 from .utils import LocoError, die_with_parent, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,6 +209,162 @@ class _Templates:
             raise LocoError(f"grid: unknown variable {{{name}}} in {text!r}; define it under "
                             f"vars: (known: {', '.join(sorted(names))})")
         return names[name]
+
+
+# ----------------------------------------------------------------------------- grid safety
+# A grid is data someone may hand you: it runs loco_det's own tools only, keeps every output
+# the runner writes inside --out, and sets only the environment variables the tools document.
+# --allow-commands / --allow-env lift the first and last rule for a grid you trust.
+
+# Environment variables a grid's `env:` may set without --allow-env: what the tools and their
+# libraries document as settings (data location, threads, devices, collective-communication
+# tuning). LD_PRELOAD, PYTHONPATH, PATH and the like run code and need --allow-env.
+ALLOWED_ENV = ("DETECTRON2_DATASETS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+               "CUDA_VISIBLE_DEVICES", "NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE",
+               "GLOO_SOCKET_IFNAME", "TORCH_DISTRIBUTED_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+# Options and config keys that name a job's output: the runner sets each once, a grid's args or
+# overrides may not add another (argparse also takes an unambiguous prefix such as --output).
+_OUTPUT_OPTIONS = ("--output-dir", "--out", "OUTPUT_DIR")
+# slurm: keys a grid may set without --allow-commands. submitit's `setup` and `srun_args`, and
+# sbatch options such as --wrap, --output or --chdir, run commands or write outside --out.
+SLURM_KEYS = ("partition", "account", "qos", "constraint", "comment", "exclude", "nodelist",
+              "reservation", "signal_delay_s", "max_num_timeout", "additional_parameters")
+SLURM_EXTRA_KEYS = ("exclusive", "gres", "hint", "mail_type", "mail_user", "requeue",
+                    "cpus_per_gpu", "mem_per_cpu", "gpus_per_task", "nice", "begin", "licenses",
+                    "switches", "kill-on-invalid-dep")
+
+
+def _output_option(arg):
+    """The output option `arg` sets (itself, `opt=...` or an argparse prefix), or None."""
+    flag = arg.split("=", 1)[0]
+    for opt in _OUTPUT_OPTIONS:
+        if flag == opt or (opt.startswith("--") and len(flag) > 3 and flag.startswith("--")
+                           and opt.startswith(flag)):
+            return opt
+    return None
+
+
+def own_tools():
+    """The command-line tools loco_det ships (tools/*.py), as `tools/NAME.py`."""
+    folder = os.path.join(REPO, "tools")
+    return sorted(f"tools/{name}" for name in os.listdir(folder)
+                  if name.endswith(".py") and not name.startswith("_"))
+
+
+def _is_own_tool(argv):
+    return (len(argv) >= 2 and argv[0] == sys.executable
+            and os.path.normpath(argv[1]) == argv[1] and argv[1] in own_tools())
+
+
+def _bad_path_part(job_id):
+    """Why `job_id` (a path below --out made of labels, names and seeds) could leave --out, or
+    None. Absolute paths, `..`, `.`, empty parts and control characters are refused."""
+    if os.path.isabs(job_id) or job_id.startswith("~"):
+        return "is an absolute path"
+    for part in job_id.split("/"):
+        if part in ("", ".", ".."):
+            return f"has a {part!r} path component" if part else "has an empty path component"
+        if any(ord(c) < 32 for c in part) or "\\" in part:
+            return "has a control character or backslash"
+    return None
+
+
+def safety_check(grid, jobs, out, *, allow_commands=False, allow_env=False):
+    """(refusals, notices): every reason the grid cannot run as given, one line each, and what a
+    dry run should show (outside commands allowed by --allow-commands, plug-in rule modules the
+    grid imports). Also refuses links planted where the runner writes below `out`."""
+    refusals, notices = [], []
+    slurm = grid.get("slurm") or {}
+    extra = slurm.get("additional_parameters") or {} if isinstance(slurm, dict) else {}
+    for key in sorted(set(slurm) - set(SLURM_KEYS)) + sorted(
+            k for k in extra if k.replace("-", "_") not in SLURM_EXTRA_KEYS):
+        if allow_commands:
+            notices.append(f"slurm: {key} is passed to the scheduler (allowed by "
+                           "--allow-commands)")
+        else:
+            refusals.append(f"slurm: {key} can run commands or write outside --out (known: "
+                            f"{', '.join(SLURM_KEYS[:-1])}, additional_parameters "
+                            f"{', '.join(SLURM_EXTRA_KEYS)}); pass --allow-commands to use it")
+    for sub in ["logs", "slurm"] + [job.id for job in jobs if job.stage not in ("data", "report")]:
+        probe = out
+        for part in sub.split("/"):
+            probe = os.path.join(probe, part)
+            if os.path.islink(probe):
+                refusals.append(f"{probe} is a symbolic link (to {os.readlink(probe)}); the "
+                                "runner writes there and refuses to write through a link")
+                break
+    for key in sorted((grid.get("env") or {})):
+        if key not in ALLOWED_ENV and not allow_env:
+            refusals.append(f"env: {key} is not a variable the tools document ("
+                            f"{', '.join(ALLOWED_ENV)}); pass --allow-env to set it")
+    for job in jobs:
+        why = _bad_path_part(job.id)
+        if why:
+            refusals.append(f"{job.stage} job {job.id!r}: its output path {why}; labels, names "
+                            "and seeds must keep every output inside --out")
+        if job.stage == "data":
+            if not _is_own_tool(job.argv):
+                what = shlex.join(job.argv[:3]) + (" ..." if len(job.argv) > 3 else "")
+                if allow_commands:
+                    notices.append(f"{job.id} runs a command that is not a loco_det tool "
+                                   f"(allowed by --allow-commands): {what}")
+                else:
+                    refusals.append(f"{job.id}: command {what} is not one of loco_det's tools "
+                                    "(python tools/NAME.py); pass --allow-commands to run it")
+            continue
+        if job.stage == "report":
+            continue
+        named = [_output_option(a) for a in job.argv]
+        counts = {opt: named.count(opt) for opt in _OUTPUT_OPTIONS}
+        counts["--output-dir"] += counts.pop("--out")   # one destination, two spellings
+        for opt, n in counts.items():
+            if n > 1:
+                refusals.append(f"{job.stage} job {job.id}: the grid's args or overrides set "
+                                f"{opt} again; the runner chooses each job's output folder")
+    configs = {}
+    for job in jobs:
+        argv = job.argv
+        for flag in ("--config", "--config-file"):
+            if job.stage in ("pretrain", "detection") and flag in argv:
+                configs.setdefault(argv[argv.index(flag) + 1], job.id)
+    for config, job_id in configs.items():
+        if not os.path.isfile(Job._abs(config)):
+            continue   # the job itself names a missing file when it starts
+        try:
+            yaml_chain(Job._abs(config))
+        except LocoError as e:
+            refusals.append(f"{job_id}: {e}")
+    for module, where in plugin_modules(grid, jobs):
+        notices.append(f"plug-in rule: {where} imports {module} (its code runs when pretraining "
+                       "starts)")
+    return refusals, notices
+
+
+def plugin_modules(grid, jobs):
+    """[(module, where)]: learning rules given as an import path ('pkg.mod:rule') in the grid's
+    pretraining recipes (with their _BASE_ chain) or overrides. Importing them runs their code,
+    by design (docs/security.md)."""
+    found = []
+    for job in jobs:
+        if job.stage != "pretrain":
+            continue
+        argv = job.argv
+        recipe = argv[argv.index("--config") + 1] if "--config" in argv else None
+        methods = []
+        if recipe and os.path.isfile(Job._abs(recipe)):
+            for _, data in reversed(yaml_chain(Job._abs(recipe))):
+                method = ((data or {}).get("MODEL") or {}).get("METHOD") \
+                    if isinstance(data, dict) else None
+                if method:
+                    methods = [(method, recipe)]
+        methods += [(a.split("=", 1)[1], "override " + a) for a in argv
+                    if a.startswith("MODEL.METHOD=")]
+        if not methods:
+            continue
+        method, where = methods[-1]
+        if isinstance(method, str) and ":" in method:
+            found.append((method.split(":", 1)[0], f"{job.id} ({where})"))
+    return found
 
 
 def _check_keys(mapping, allowed, where):
@@ -456,21 +614,16 @@ def config_value(config, dotted, overrides=None):
     if overrides and dotted in overrides:
         return yaml.safe_load(str(overrides[dotted]))
     path = config if os.path.isabs(config) else os.path.join(REPO, config)
-    seen = set()
-    while path and path not in seen:
-        seen.add(path)
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise LocoError(f"grid: cannot read detection config {config}: {e}") from None
+    try:
+        chain = yaml_chain(path)
+    except LocoError as e:
+        raise LocoError(f"grid: detection config {config}: {e}") from None
+    for _, data in chain:
         node = data
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         if node is not None:
             return node
-        base = data.get("_BASE_")
-        path = os.path.join(os.path.dirname(path), base) if base else None
     return _D2_DEFAULTS[dotted]
 
 
@@ -529,7 +682,7 @@ def _res_text(res):
     return f"{where}, {res['cpus_per_task']} CPUs, {res['time_min']} min"
 
 
-def dry_run(jobs, notes, missing):
+def dry_run(jobs, notes, missing, notices=()):
     """Print every command (with --resume where a checkpoint exists) and what would be skipped."""
     w = sys.stdout.write
     for i, job in enumerate(jobs, 1):
@@ -539,6 +692,8 @@ def dry_run(jobs, notes, missing):
         w(shlex.join(job.command()) + "\n")
     for note in notes:
         w(f"# note: {note} ({len(missing)} runs)\n")
+    for notice in notices:
+        w(f"# note: {notice}\n")
     counts = {s: sum(j.stage == s for j in jobs) for s in STAGES}
     w(f"# {len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + "\n")
 
@@ -554,7 +709,13 @@ def _run_command(job, out, quiet, live=None, extra_env=None):
     log = _log_path(out, job)
     os.makedirs(os.path.dirname(log), exist_ok=True)
     env = dict(os.environ, **(extra_env or {}), **job.env, PYTHONUNBUFFERED="1")
-    with open(log, "ab") as f:
+    try:   # never append through a link planted where the log goes
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        raise LocoError(f"cannot open the job log {log}: "
+                        + ("it is a symbolic link; refusing to write through it"
+                           if os.path.islink(log) else (e.strerror or str(e)))) from None
+    with os.fdopen(fd, "ab") as f:
         f.write(f"$ {shlex.join(job.command())}\n".encode())
         f.flush()
         proc = subprocess.Popen(job.command(), cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -613,6 +774,47 @@ def local_env(workers, environ=None):
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
 
 
+class GpuSlices:
+    """CUDA_VISIBLE_DEVICES of concurrent local jobs (--jobs N > 1 on a machine with GPUs):
+    each job gets `gpus_per_node` GPUs no running job holds, a CPU job (0) gets none, so that
+    no two jobs share cuda:0. A job waits until enough GPUs are free. Inactive (no variable set)
+    with one job at a time or no GPU: that job sees every GPU, as before."""
+
+    def __init__(self, gpus, active):
+        self.all, self.free = list(gpus), list(gpus)
+        self.active = bool(active and self.all)
+
+    @classmethod
+    def for_machine(cls, workers, environ=None):
+        environ = os.environ if environ is None else environ
+        if workers <= 1:
+            return cls([], False)
+        if "CUDA_VISIBLE_DEVICES" in environ:
+            gpus = [g.strip() for g in environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+        else:
+            import torch  # only here: a dry run or a single worker stays fast
+
+            gpus = [str(i) for i in range(torch.cuda.device_count())]
+        return cls(gpus, True)
+
+    def take(self, job):
+        """(environment additions, None) when the job can start now; (None, None) while it
+        must wait; (None, reason) when this machine can never run it."""
+        if not self.active:
+            return {}, None
+        n = int(job.resources["gpus_per_node"])
+        if n > len(self.all):
+            return None, f"needs {n} GPUs, this machine has {len(self.all)}"
+        if n > len(self.free):
+            return None, None
+        ids, self.free = self.free[:n], self.free[n:]
+        return {"CUDA_VISIBLE_DEVICES": ",".join(ids)}, None
+
+    def give(self, env):
+        if self.active and env.get("CUDA_VISIBLE_DEVICES"):
+            self.free += env["CUDA_VISIBLE_DEVICES"].split(",")
+
+
 def run_local(jobs, notes, out, quiet=False, workers=1):
     """Run jobs in dependency order, up to `workers` at a time (each started as soon as its
     dependencies are done, in grid order); returns the exit status (0 only when every job is
@@ -628,22 +830,28 @@ def run_local(jobs, notes, out, quiet=False, workers=1):
     width = len(str(n))
     tags = {job.id: f"[{i:>{width}}/{n}]" for i, job in enumerate(jobs, 1)}
     extra_env = local_env(workers)
+    gpus = GpuSlices.for_machine(workers)
     quiet = quiet or workers > 1
     for note in notes:
         print(f"note: {note}")
     if workers > 1:
         print(f"note: {workers} jobs at a time"
               + (f", OMP_NUM_THREADS={extra_env['OMP_NUM_THREADS']} each" if extra_env else "")
+              + (f", GPUs {','.join(gpus.all)} shared out by gpus_per_node (CPU jobs get none)"
+                 if gpus.active else "")
               + f"; their output goes to {_rel(os.path.join(out, 'logs'))}/", flush=True)
     live = set()
     running = {}   # future -> (job, start time)
     pending = list(jobs)
 
-    def run(job):
+    def run(job, devices):
         if job.stage == "report":
             return _write_report(out), None
         try:
-            return _run_command(job, out, quiet, live, extra_env)
+            return _run_command(job, out, quiet, live, dict(extra_env, **devices))
+        except LocoError as e:
+            print(f"error: {job.id}: {e}", flush=True)
+            return 1, None
         except OSError as e:
             print(f"error: {job.id}: cannot start {job.command()[0]}: {e.strerror}", flush=True)
             return 127, None
@@ -657,6 +865,13 @@ def run_local(jobs, notes, out, quiet=False, workers=1):
                 check = _start_check(job, status, n)
                 if check is not None and check[0] == "wait":
                     continue
+                devices = {}
+                if check is None and job.stage != "report":
+                    devices, never = gpus.take(job)
+                    if devices is None and never is None:
+                        continue   # waits for GPUs that running jobs hold
+                    if never is not None:
+                        check = ("failed", never)
                 pending.remove(job)
                 if check is not None:
                     status[job.id] = check[0]
@@ -665,14 +880,15 @@ def run_local(jobs, notes, out, quiet=False, workers=1):
                 what = "resuming" if job.resuming() else "running"
                 print(f"{tags[job.id]} {what} {job.id}: {shlex.join(job.command())}",
                       flush=True)
-                running[pool.submit(run, job)] = (job, time.time())
+                running[pool.submit(run, job, devices)] = (job, time.time(), devices)
             if not running:
                 if pending:   # cannot happen with dependencies on earlier jobs; never spin
                     raise LocoError(f"grid: job {pending[0].id} waits for a job that never runs")
                 break
             finished, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
             for fut in finished:
-                job, t0 = running.pop(fut)
+                job, t0, devices = running.pop(fut)
+                gpus.give(devices)
                 rc, log = fut.result()
                 took = _fmt_time(time.time() - t0)
                 if rc == 0:
@@ -751,9 +967,12 @@ def run_slurm(jobs, notes, out, slurm_options):
         deps = [submitted[d] for d in job.deps if d in submitted]
         res = job.resources
         # SlurmExecutor directly: AutoExecutor's plugin discovery needs pkg_resources.
+        cpus = int(res["cpus_per_task"])
+        # srun does not inherit --cpus-per-task from sbatch on Slurm 22.05-23.02: without it
+        # the task (torchrun, its ranks and their loader workers) would get one CPU.
         params = dict(options, job_name=f"loco_det:{job.id}", nodes=int(res["nodes"]),
-                      ntasks_per_node=1, cpus_per_task=int(res["cpus_per_task"]),
-                      time=int(res["time_min"]))
+                      ntasks_per_node=1, cpus_per_task=cpus, time=int(res["time_min"]),
+                      srun_args=[*options.get("srun_args", []), f"--cpus-per-task={cpus}"])
         if int(res["gpus_per_node"]):
             params["gpus_per_node"] = int(res["gpus_per_node"])
         if res.get("mem_gb"):

@@ -94,7 +94,8 @@ def check_out_path(src, out):
     if os.path.isdir(out):
         raise LocoError(f"--out {out} is a directory; give a file name, e.g. "
                         f"{os.path.join(out, 'instances_subset.json')}")
-    check_output_dir(os.path.dirname(os.path.abspath(out)), what=f"--out {out}: folder")
+    check_output_dir(os.path.dirname(os.path.abspath(out)), what=f"--out {out}: folder",
+                     links=False)  # a file written atomically: a link there is replaced
     check_distinct(out, src)
 
 

@@ -29,6 +29,10 @@ import yaml
 # DATA.AUGMENT_DEVICE is not run-only: the GPU computes the same augmentation in float, so the
 # views differ from the CPU's uint8 ones by rounding.
 PRETRAIN_ADDED_DEFAULTS = {"OPTIM.ACCUM_STEPS": 1, "DATA.AUGMENT_DEVICE": "cpu"}
+# Values that were spelled differently when runs were recorded: the identity keeps the old
+# spelling, so those runs keep their fingerprint and a new run of the same computation shares it.
+# RUN.AMP was a boolean before it took "bf16" | "fp16" | "off" ("fp16" has no old spelling).
+PRETRAIN_RENAMED_VALUES = {"RUN.AMP": {"bf16": True, "off": False}}
 PRETRAIN_RUN_ONLY = {
     "SEED": "the repetition, recorded separately",
     "DATA.NUM_WORKERS": "loader processes: speed only",
@@ -42,6 +46,8 @@ PRETRAIN_RUN_ONLY = {
     "RUN.KNN_PERIOD": "monitoring (kNN readout during training), not what is trained",
     "RUN.KNN_DATA": "monitoring (kNN readout during training), not what is trained",
     "RUN.KNN_MAX_TRAIN_IMAGES": "monitoring (kNN readout during training), not what is trained",
+    "RUN.DIST_BACKEND": "communication backend: the same averages, other transport",
+    "RUN.DIST_TIMEOUT_MIN": "how long a collective may wait before the job fails",
 }
 READOUT_RUN_ONLY = {
     "seed": "the repetition, recorded separately",
@@ -95,8 +101,12 @@ def digest(obj):
 def pretrain_identity(cfg):
     """Flat {key: value} of a pretraining config (dict, YAML text or CfgNode) minus run-only
     keys."""
-    return {k: v for k, v in flatten(plain(cfg)).items() if k not in PRETRAIN_RUN_ONLY
-            and not (k in PRETRAIN_ADDED_DEFAULTS and PRETRAIN_ADDED_DEFAULTS[k] == v)}
+    ident = {k: v for k, v in flatten(plain(cfg)).items() if k not in PRETRAIN_RUN_ONLY
+             and not (k in PRETRAIN_ADDED_DEFAULTS and PRETRAIN_ADDED_DEFAULTS[k] == v)}
+    for key, old in PRETRAIN_RENAMED_VALUES.items():
+        if isinstance(ident.get(key), str) and ident[key] in old:
+            ident[key] = old[ident[key]]
+    return ident
 
 
 def pretrain_fingerprint(cfg):

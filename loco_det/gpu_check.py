@@ -3,9 +3,12 @@
 On a machine with one NVIDIA GPU it runs, each as the real command-line tool in its own process:
 the step-time / peak-memory benchmark (ResNet-50, 224 px, 128 images, bf16), 50 pretraining
 steps through torchrun (nccl at world size 1, bf16 autocast, channels_last, SyncBN conversion),
-the linear and kNN readouts of that checkpoint, its conversion, 200 iterations of the frozen
-COCO-view Mask R-CNN on the embedded data at 800 px plus evaluation, and plain Detectron2
-`DefaultTrainer` iterations on the same config for comparison. Parts that need numpy < 2 (the
+a few steps of two gloo ranks sharing the GPU (RUN.DIST_BACKEND=gloo: GradientReducer,
+gather_with_grad, SyncBN, LARS and the shared kNN monitor under bf16 and channels_last) whose
+weights must match one process on the same global batches, the linear and kNN readouts of the
+pretrained checkpoint, its conversion, 200 iterations of the frozen COCO-view Mask R-CNN on the
+embedded data at 800 px plus evaluation, and plain Detectron2 `DefaultTrainer` iterations on
+the same config for comparison. Parts that need numpy < 2 (the
 Cityscapes evaluator) are skipped with a notice where numpy is 2.x. It prints one table (part,
 status, key figures, seconds), writes it to $OUT/gpu_check_summary.txt when OUT is set, and
 exits non-zero if any part failed.
@@ -36,19 +39,22 @@ GPU = dict(
     bench=["--arch", "resnet50", "--image-size", "224", "--batch", "128", "--rounds", "3",
            "--warmup", "1", "--amp"],
     pretrain_batch=60, pretrain_epochs=5, pretrain_size=64, workers=4,
+    two_rank=dict(batch=32, steps=4, size=64, tolerance=0.05),  # bf16: 5 % of each update
     readout=[], knn=[],
     det_iters=200, det_steps="(150, 180)", det_warmup=50, plain_iters=100,
     det_sizes=["INPUT.MIN_SIZE_TRAIN", "(800,)", "INPUT.MAX_SIZE_TRAIN", "1333",
                "INPUT.MIN_SIZE_TEST", "800", "INPUT.MAX_SIZE_TEST", "1333",
                "MODEL.ANCHOR_GENERATOR.SIZES", "[[32], [64], [128], [256], [512]]"],
-    timeouts=dict(data=90, bench=150, pretrain=120, linear_readout=90, knn_readout=90,
-                  convert=60, detection=200, plain_d2=120, cityscapes=120, input=60),
+    timeouts=dict(data=90, bench=150, pretrain=120, two_rank=120, linear_readout=90,
+                  knn_readout=90, convert=60, detection=200, plain_d2=120, cityscapes=120,
+                  input=60),
 )
 CPU_SMOKE = dict(
     device="cpu", budget_s=1200, n_train=16, n_val=8, data_size="64x80",
     bench=["--arch", "resnet18", "--image-size", "32", "--batch", "4", "--rounds", "1",
            "--warmup", "0", "--loco-schedule", "fused", "--no-memory", "--threads", "1"],
     pretrain_batch=8, pretrain_epochs=1, pretrain_size=32, workers=0,
+    two_rank=dict(batch=8, steps=2, size=32, tolerance=1e-3),   # float32
     readout=["--epochs", "2"], knn=["--k", "5"],
     det_iters=5, det_steps="(4,)", det_warmup=1, plain_iters=5,
     det_sizes=["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "96",
@@ -56,11 +62,12 @@ CPU_SMOKE = dict(
                "MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [64], [128], [256]]",
                "TEST.DETECTIONS_PER_IMAGE", "20"],
     # generous: a shared 2-core machine under load runs these several times slower than idle
-    timeouts=dict(data=300, bench=300, pretrain=300, linear_readout=300, knn_readout=300,
-                  convert=300, detection=300, plain_d2=300, cityscapes=300, input=300),
+    timeouts=dict(data=300, bench=300, pretrain=300, two_rank=300, linear_readout=300,
+                  knn_readout=300, convert=300, detection=300, plain_d2=300, cityscapes=300,
+                  input=300),
 )
-PARTS = ("data", "bench", "pretrain", "linear_readout", "knn_readout", "convert", "detection",
-         "plain_d2", "cityscapes", "input")
+PARTS = ("data", "bench", "pretrain", "two_rank", "linear_readout", "knn_readout", "convert",
+         "detection", "plain_d2", "cityscapes", "input")
 
 
 class PartFailed(Exception):
@@ -235,7 +242,7 @@ def pretrain_overrides(c):
     return [f"DATA.ROOT={c.path('datasets', 'loco_synth', 'imagefolder', 'train')}",
             f"DATA.IMAGE_SIZE={s['pretrain_size']}", f"DATA.NUM_WORKERS={s['workers']}",
             f"OPTIM.BATCH_SIZE={s['pretrain_batch']}", f"OPTIM.EPOCHS={s['pretrain_epochs']}",
-            "OPTIM.WARMUP_EPOCHS=1", "SEED=0", "RUN.AMP=True", "RUN.CHANNELS_LAST=True",
+            "OPTIM.WARMUP_EPOCHS=1", "SEED=0", "RUN.AMP=bf16", "RUN.CHANNELS_LAST=True",
             "MODEL.SYNC_BN=True", "RUN.LOG_PERIOD=10"]
 
 
@@ -266,6 +273,136 @@ def part_pretrain(c):
     backend = "nccl" if s["device"] == "cuda" else "gloo"
     return (f"{summary['steps']} steps, {backend} world 1 on {device}, "
             f"{summary['wall_time_s']:.0f} s in all; losses {losses}")
+
+
+TWO_RANK_CHILD = ("import sys; from loco_det.gpu_check import two_rank_main; "
+                  "sys.exit(two_rank_main(sys.argv[1:]))")
+
+
+def two_rank_overrides(c):
+    t = c.s["two_rank"]
+    return [f"DATA.ROOT={c.path('datasets', 'loco_synth', 'imagefolder', 'train')}",
+            f"DATA.MAX_IMAGES={t['batch'] * t['steps']}", f"DATA.IMAGE_SIZE={t['size']}",
+            f"OPTIM.BATCH_SIZE={t['batch']}", "OPTIM.EPOCHS=1", "OPTIM.WARMUP_EPOCHS=0",
+            "OPTIM.NAME=lars", "OPTIM.BASE_LR=0.3", "SEED=0", "DATA.NUM_WORKERS=0",
+            "RUN.AMP=bf16", "RUN.CHANNELS_LAST=True", "MODEL.SYNC_BN=True",
+            "RUN.DIST_BACKEND=gloo", f"RUN.LOG_PERIOD={t['steps']}", "RUN.KNN_PERIOD=1"]
+
+
+def part_two_rank(c):
+    """Two gloo ranks on one device (GradientReducer, gather_with_grad, SyncBN on CUDA, bf16,
+    channels_last, the kNN monitor shared by the ranks) against one process on the same global
+    batches: every tensor's update after the steps must agree within the mode's tolerance
+    (CPU: BN on fixed statistics, as SyncBN is CUDA-only)."""
+    t = c.s["two_rank"]
+    two, one = c.path("two_rank", "ranks2"), c.path("two_rank", "ranks1")
+    out2 = c.tool("two_rank", ["--standalone", "--nproc_per_node", "2", "--no-python",
+                               sys.executable, "-c", TWO_RANK_CHILD, two, *two_rank_overrides(c)],
+                  python_args=["-m", "torch.distributed.run"])
+    c.tool("two_rank", ["-c", TWO_RANK_CHILD, one, *two_rank_overrides(c)])
+    summary = _json(os.path.join(two, "summary.json"))
+    if summary.get("steps") != t["steps"] or summary.get("world_size") != 2:
+        raise PartFailed(f"two ranks: {summary.get('steps')} steps at world size "
+                         f"{summary.get('world_size')}, expected {t['steps']} at 2")
+    if len(set(summary["param_sha256"])) != 1:
+        raise PartFailed("the two ranks ended with different weights")
+    buckets = len(summary.get("comm_last_step", {}).get("buckets", []))
+    if not buckets:
+        raise PartFailed("no GradientReducer buckets recorded: gradients were not averaged")
+    facts = [_json(os.path.join(two, f"setup_rank{r}.json")) for r in (0, 1)]
+    if c.s["device"] == "cuda":
+        want = {"sync_bn": True, "autocast": "torch.bfloat16", "channels_last": True}
+        for r, f in enumerate(facts):
+            wrong = {k: f.get(k) for k, v in want.items() if f.get(k) != v}
+            if wrong or not f["device"].startswith("cuda"):
+                raise PartFailed(f"rank {r} did not take the CUDA paths: {f}")
+        if "MODEL.SYNC_BN ignored" in out2:
+            raise PartFailed("SyncBN was not used by the two ranks")
+    knn = {}
+    for label, folder in (("2 ranks", two), ("1 process", one)):
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f if "knn/k20/res5" in line]
+        if not records:
+            raise PartFailed(f"{label}: no kNN readout in metrics.jsonl (RUN.KNN_PERIOD=1)")
+        knn[label] = records[-1]["knn/k20/res5"]
+    worst, name = two_rank_difference(os.path.join(one, "checkpoint_last.pth"),
+                                      os.path.join(two, "checkpoint_last.pth"),
+                                      os.path.join(one, "initial.pth"))
+    if not worst <= t["tolerance"]:
+        raise PartFailed(f"2 ranks vs 1 process: {name}'s update differs by {worst:.2g} of its "
+                         f"norm (tolerance {t['tolerance']:g})")
+    return (f"{t['steps']} steps x{t['batch']}, gloo 2 ranks on {facts[0]['device']}"
+            f"{' (SyncBN, bf16, channels_last)' if c.s['device'] == 'cuda' else ' (fixed BN)'}, "
+            f"{buckets} buckets/step; vs 1 process: largest update difference {worst:.2g} "
+            f"({name}), tolerance {t['tolerance']:g}; kNN shared by the ranks: k20 res5 "
+            f"{knn['2 ranks']:.1f} (1 process {knn['1 process']:.1f})")
+
+
+def two_rank_difference(path_one, path_two, path_initial):
+    """(largest relative difference, its tensor): over every floating-point tensor that moved,
+    ||update_two - update_one|| / ||update_one||, updates taken from the initial weights."""
+    import torch
+
+    one, two, initial = (torch.load(p, map_location="cpu", weights_only=True)
+                         for p in (path_one, path_two, path_initial))
+    worst, name, moved = 0.0, "", 0
+    for part in ("encoder", "decoders"):
+        if one[part].keys() != two[part].keys():
+            raise PartFailed(f"the checkpoints' {part} tensors differ in names")
+        for key, w1 in one[part].items():
+            if not w1.is_floating_point() or key.endswith(("running_mean", "running_var")):
+                continue
+            w0, w2 = initial[f"{part}.{key}"].float(), two[part][key].float()
+            d1 = (w1.float() - w0).norm().item()
+            if d1 == 0:
+                continue
+            moved += 1
+            rel = (w2 - w1.float()).norm().item() / d1
+            if not rel <= worst:   # also catches NaN
+                worst, name = rel, f"{part}.{key}"
+    if moved < 10:
+        raise PartFailed(f"only {moved} tensors moved: nothing to compare")
+    return worst, name
+
+
+def two_rank_main(argv):
+    """Child process of the two_rank part (one of two ranks, or the one process): pretrains
+    pretrain/cpu_loco.yaml with KEY=VALUE overrides into OUT (argv[0]), recording what the
+    model setup did (setup_rank<r>.json) and, on rank 0, the initial weights (initial.pth).
+    On CPU every BatchNorm keeps fixed statistics: torch's SyncBN is CUDA-only, and per-rank
+    BN statistics would legitimately differ from one process's."""
+    import torch
+
+    from loco_det.pretrain import engine
+    from loco_det.pretrain.config import load_config
+
+    out, overrides = argv[0], argv[1:]
+    rank = int(os.environ.get("RANK", "0"))
+    setup = engine.setup_model
+
+    def recording_setup(cfg, env, num_classes=None):
+        model = setup(cfg, env, num_classes)
+        if env.device.type == "cpu":
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+                    m.train = lambda mode=True, m=m: m
+        os.makedirs(out, exist_ok=True)
+        conv = model.encoder.conv1.weight
+        facts = {"device": str(env.device), "autocast": str(model.autocast_dtype),
+                 "sync_bn": any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()),
+                 "channels_last": conv.is_contiguous(memory_format=torch.channels_last)
+                 and not conv.is_contiguous()}
+        with open(os.path.join(out, f"setup_rank{rank}.json"), "w") as f:
+            json.dump(facts, f)
+        if rank == 0:
+            torch.save({n: t.detach().cpu().clone() for n, t in model.state_dict().items()},
+                       os.path.join(out, "initial.pth"))
+        return model
+
+    engine.setup_model = recording_setup
+    engine.train(load_config(os.path.join(ROOT, "pretrain", "cpu_loco.yaml"), overrides), out)
+    return 0
 
 
 def _checkpoint(c):
@@ -499,4 +636,5 @@ def run(cpu_smoke=False, work=None, wheels=None, site=None, parts=PARTS, out_dir
 
 
 __all__ = ["run", "PARTS", "GPU", "CPU_SMOKE", "cityscapes_blocked", "format_table",
-           "install_wheels", "plain_trainer_main", "PartFailed", "PartSkipped"]
+           "install_wheels", "plain_trainer_main", "two_rank_main", "PartFailed",
+           "PartSkipped"]

@@ -14,8 +14,14 @@ Why it is built this way:
   verdict says "not resolved (1 run)".
 - A run that is missing or unfinished is shown as such, never as 0: a zero in a results table
   reads as a measurement.
-- The paper's numbers (REFERENCE.md section 2) are printed in their own section and file, never
-  in a measured table, so a reader cannot mistake them for ours.
+- The paper's numbers (loco_det/paper_reference.yaml, the paper cited there) are printed last,
+  in their own section and file, never in a measured table, so a reader cannot mistake them for
+  ours.
+- report.md opens with one summary table (method x benchmark, headline metric as mean ± std (n)
+  and the verdict against the reference method); the measured tables follow, one table per
+  protocol so that each reads on a screen.
+- Only runs the grid asked for are listed: a manifest entry without a job id (a baseline the
+  grid did not request, such as published supervised weights it was not given) is not a run.
 - Labels: the method label of a run is what `tools/run_benchmark.py` records in its manifest
   (`benchmark.json`) and passes to train_net as LOCO_DET.LABEL; without a manifest it falls back
   to the method named in the run's own files.
@@ -36,7 +42,7 @@ import yaml
 
 from . import fingerprint as fp
 from . import stats
-from .utils import LocoError, atomic_write
+from .utils import LocoError, atomic_write, check_no_links
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFEST = "benchmark.json"
@@ -58,46 +64,32 @@ KNN_KS = (20, 200)
 PLOTS = {"pretrain": "plots/pretrain_loss.png", "readout": "plots/readout_top1.png",
          "detection": "plots/detection_ap.png"}
 
-# REFERENCE.md section 2, copied as published (LoCo paper, NeurIPS 2020). Cells: top-1 or
-# "APbb / APmk".
-PAPER_TABLES = [
-    {"short": "ImageNet linear readout",
-     "title": "ImageNet linear readout, top-1 % (800 epochs)",
-     "header": ["method", "ResNet-50", "ShuffleNet v2-50"],
-     "rows": [["SimCLR (end-to-end)", "69.8", "69.1"], ["GIM", "64.7", "63.5"],
-              ["LoCo", "69.5", "69.3"]]},
-    {"short": "Mask R-CNN, frozen backbone",
-     "title": "Mask R-CNN, frozen pretrained backbone (readout), R50-FPN; COCO 1x, "
-              "Cityscapes 64 epochs; APbb / APmk",
-     "header": ["pretraining", "method", "COCO", "Cityscapes"],
-     "rows": [["supervised", "-", "33.9 / 31.3", "33.2 / 27.1"],
-              ["100 ep", "SimCLR", "32.2 / 29.9", "33.2 / 28.6"],
-              ["100 ep", "GIM", "27.7 / 25.7", "30.0 / 24.6"],
-              ["100 ep", "LoCo", "32.6 / 30.1", "33.2 / 28.4"],
-              ["800 ep", "SimCLR", "34.8 / 32.2", "34.8 / 30.1"],
-              ["800 ep", "GIM", "29.3 / 27.0", "30.7 / 26.0"],
-              ["800 ep", "LoCo", "34.5 / 32.0", "34.2 / 29.5"]]},
-    {"short": "Mask R-CNN fine-tuned, few labels",
-     "title": "Mask R-CNN fine-tuned with few COCO labels (R50-FPN, conv1+res2 frozen; COCO-10K "
-              "60k it, COCO-1K 15k it; mean of 5 splits); APbb / APmk",
-     "header": ["pretraining", "method", "COCO-10K", "COCO-1K"],
-     "rows": [["-", "random init", "23.5 / 22.0", "2.5 / 2.5"],
-              ["-", "supervised", "26.0 / 23.8", "10.4 / 10.1"],
-              ["100 ep", "SimCLR", "25.6 / 23.9", "11.3 / 11.4"],
-              ["100 ep", "GIM", "22.6 / 20.8", "9.7 / 9.6"],
-              ["100 ep", "LoCo", "26.1 / 24.2", "11.7 / 11.8"],
-              ["800 ep", "SimCLR", "27.2 / 25.2", "13.9 / 14.1"],
-              ["800 ep", "GIM", "24.4 / 22.4", "11.5 / 11.7"],
-              ["800 ep", "LoCo", "27.8 / 25.6", "13.9 / 13.8"]]},
-    {"title": "Decoder-depth ablation, ImageNet linear readout top-1 % (ResNet-50, 100 epochs; "
-              "labels of det_configs/grids/ablation_decoder.yaml)",
-     "header": ["setting", "grid label", "top-1"], "keys": 2,
-     "rows": [["end-to-end (SimCLR)", "e2e", "65.7"], ["GIM", "gim", "60.9"],
-              ["local with one extra conv block", "gim_conv1", "65.1"],
-              ["end-to-end with 2 extra MLP layers", "e2e_mlp4", "67.1"],
-              ["LoCo (local + sharing)", "loco", "66.2"],
-              ["LoCo with 2 extra MLP layers", "loco_mlp4", "67.5"]]},
-]
+# The paper's numbers live in one data file beside this module, with the paper cited; the
+# report prints them in their own section and file, never in a measured table.
+PAPER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_reference.yaml")
+
+
+def load_paper_reference(path=PAPER_FILE):
+    """(citation, tables) of the paper's reference numbers (loco_det/paper_reference.yaml)."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise LocoError(f"{path}: cannot read the paper's reference numbers: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tables"), list):
+        raise LocoError(f"{path}: expected a mapping with 'citation' and a list 'tables'")
+    for i, table in enumerate(data["tables"]):
+        for key in ("title", "header", "rows"):
+            if key not in table:
+                raise LocoError(f"{path}: tables[{i}] has no '{key}'")
+        for row in table["rows"]:
+            if len(row) != len(table["header"]):
+                raise LocoError(f"{path}: tables[{i}] ({table['title']}): row {row} has "
+                                f"{len(row)} cells for {len(table['header'])} columns")
+    return str(data.get("citation", "")), data["tables"]
+
+
+PAPER_CITATION, PAPER_TABLES = load_paper_reference()
 
 # Protocol fields shown in every measured row, per kind (display names).
 PROTOCOL_FIELDS = {
@@ -577,6 +569,10 @@ def _apply_manifests(runs, manifests):
         for job in manifest.get("jobs", []):
             if job.get("kind") not in PROTOCOL_FIELDS:
                 continue
+            if not job.get("id"):
+                # not a job of the grid: a baseline it did not request (tools/run_benchmark.py
+                # notes it when it runs); listing it would count runs nobody asked for
+                continue
             out = job.get("output") or ""
             path = os.path.realpath(out if os.path.isabs(out) else os.path.join(base, out))
             run = by_path.get(path)
@@ -867,6 +863,152 @@ def _fmt_comparison(c, digits=2):
     return diff, ci, test, c.verdict
 
 
+# Headline metric of each benchmark in the summary (higher is better).
+HEADLINE = {"voc": "APbb", "cityscapes_sem_seg": "mIoU"}
+# Benchmark columns per summary table: wider tables are split so that each reads on a screen.
+SUMMARY_COLUMNS = 3
+
+
+def _headline(row):
+    if row.kind == "readout":
+        return "top1/res5"
+    return HEADLINE.get(row.protocol.get("benchmark"), "APbb")
+
+
+def _metric_text(metric):
+    return metric.replace("top1/", "top-1 ")
+
+
+def _shared_protocol_text(row):
+    """The protocol every row of `row`'s comparison group shares, as one line."""
+    free = COMPARE_FREE.get(row.kind, ())
+    return ", ".join(f"{_HEADERS.get(k, k)} {row.protocol.get(k, '?')}"
+                     for k in PROTOCOL_FIELDS[row.kind] if k not in free)
+
+
+def _groups(rows):
+    """[(heading row, [rows])] per comparison group, in row order. Rows without finished runs
+    (missing / unfinished) join the first group of their config or recipe, else their own."""
+    groups = {}
+    for row in rows:
+        if row.runs:
+            groups.setdefault(group_key(row), []).append(row)
+    for row in rows:
+        if row.runs:
+            continue
+        name = row.protocol.get("config") or row.protocol.get("recipe")
+        home = next((g for g in groups.values() if name and name in (
+            g[0].protocol.get("config"), g[0].protocol.get("recipe"))), None)
+        if home is not None:
+            home.append(row)
+        else:
+            groups[("unmatched", row.kind, row.label, id(row))] = [row]
+    return list(groups.values())
+
+
+def _group_heading(grows):
+    head = grows[0]
+    if not head.runs:
+        name = head.protocol.get("config") or head.protocol.get("recipe") or "?"
+        return f"{name} (no finished run)", ""
+    if head.kind == "detection":
+        title = f"{head.protocol.get('benchmark')}: {head.protocol.get('config')}"
+    else:
+        title = (f"{head.protocol.get('arch')}, {head.protocol.get('readout')} readout, "
+                 f"{head.protocol.get('train_images')} train images")
+    return title, _shared_protocol_text(head)
+
+
+def _free_cells(row):
+    return [str(row.protocol.get(k, "-")) for k in COMPARE_FREE[row.kind]]
+
+
+def _free_header(kind):
+    return [_HEADERS.get(k, k) for k in COMPARE_FREE[kind]]
+
+
+def _ordered_methods(rows, reference):
+    """Row labels: the reference first, random init last, the rest sorted."""
+    labels = sorted({r.label for r in rows})
+    first = [l for l in labels if l == reference]
+    last = [l for l in labels if l in RANDOM_LABELS]
+    return first + [l for l in labels if l not in first and l not in last] + last
+
+
+def render_summary(rows, comps, reference):
+    """One table, method x benchmark: headline metric mean ± std (n) and the verdict against
+    the reference method; split into tables of SUMMARY_COLUMNS benchmarks."""
+    columns = []   # (name, metric, group text, {label: row})
+    for kind in ("detection", "readout"):
+        for grows in _groups(rows[kind]):
+            if not grows[0].runs:
+                continue
+            head = grows[0]
+            metric = _headline(head)
+            if kind == "detection":
+                name = str(head.protocol.get("config"))
+            else:
+                name = (f"readout ({head.protocol.get('readout')}, {head.protocol.get('arch')}, "
+                        f"{head.protocol.get('image_size')} px)")
+            columns.append([name, metric, _shared_protocol_text(head),
+                            {r.label: r for r in grows}])
+    md = ["## Summary", ""]
+    if not columns:
+        return md + ["No finished runs.", ""]
+    seen = {}
+    for col in columns:   # the same config under two protocols: number them
+        seen[col[0]] = seen.get(col[0], 0) + 1
+    count = {}
+    for col in columns:
+        if seen[col[0]] > 1:
+            count[col[0]] = count.get(col[0], 0) + 1
+            col[0] = f"{col[0]} ({count[col[0]]})"
+    verdicts = {}   # (group, metric, method) -> [(reference row label, verdict)]
+    for c in comps:
+        if c["role"] == "reference":
+            verdicts.setdefault((c["group"], c["metric"], c["method"]), []).append(
+                (c["vs"], c["comparison"].verdict))
+    methods = _ordered_methods([r for col in columns for r in col[3].values()], reference)
+    md += [f"Headline metric per benchmark (column): mean ± sample std (n distinct seeds or "
+           f"splits), then the verdict against the reference method `{reference}` (one-sided "
+           "t test at 5%; the sections below give every interval). \"-\": not run under that "
+           "protocol.", ""]
+
+    def cell(label, name, metric, by_label):
+        row = by_label.get(label)
+        if row is None:
+            return "-"
+        if not row.runs:
+            return row.status()
+        stat = row.stat(metric)
+        if stat is None:
+            return "n/a"
+        mean, std, _ = stat
+        value = f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}") + f" ({_n_cell(row)})"
+        if _matches(row, reference) and not _is_random(row):
+            return value + ", reference"
+        if _is_random(row):
+            return value + ", random init"
+        found = verdicts.get((_group_text(row), metric, row.label))
+        if not found:
+            return value + ", no reference run"
+        if len(found) == 1:
+            return value + ", " + found[0][1]
+        return value + ", " + "; ".join(f"{v} vs {vs}" for vs, v in found)
+
+    for i in range(0, len(columns), SUMMARY_COLUMNS):
+        part = columns[i:i + SUMMARY_COLUMNS]
+        header = ["method"] + [f"{name}, {_metric_text(metric)}" for name, metric, _, _ in part]
+        body = [[label] + [cell(label, name, metric, by_label)
+                           for name, metric, _, by_label in part]
+                for label in methods if any(label in c[3] for c in part)]
+        md += [_md_table(header, body), ""]
+    md += ["Benchmarks:", ""]
+    md += [f"- {name}: {text}" for name, _, text, _ in columns]
+    md.append("")
+    return md
+
+
 def render_comparisons(comps, reference):
     md = ["## Comparisons, measured (difference, 95% interval, verdict)", "",
           f"Each method against the reference method (`{reference}`; `--reference` changes it) "
@@ -881,27 +1023,38 @@ def render_comparisons(comps, reference):
     if not comps:
         md += ["No comparisons (no two measured rows under one protocol).", ""]
         return md
-    header = ["protocol", "metric", "method (A)", "vs (B)", "A - B", "95% interval", "test",
-              "n (A, B)", "verdict"]
-    body = []
+    header = ["metric", "method (A)", "vs (B)", "A - B", "95% interval", "test", "n (A, B)",
+              "verdict"]
+    by_group = {}
     for item in comps:
-        c = item["comparison"]
-        diff, ci, test, verdict = _fmt_comparison(c)
-        body.append([item["group"], item["metric"].replace("top1/", "top-1 "), item["method"],
-                     item["vs"], diff, ci, test, f"{c.n_a}, {c.n_b}", verdict])
+        by_group.setdefault(item["group"], []).append(item)
+    for group, items in by_group.items():
+        body = []
+        for item in items:
+            c = item["comparison"]
+            diff, ci, test, verdict = _fmt_comparison(c)
+            body.append([_metric_text(item["metric"]), item["method"], item["vs"], diff, ci,
+                         test, f"{c.n_a}, {c.n_b}", verdict])
+        md += [f"### {group}", "", _md_table(header, body), ""]
     unresolved = sum(1 for item in comps if item["comparison"].verdict.startswith("not"))
-    md += [_md_table(header, body), "",
-           f"{unresolved} of {len(comps)} comparisons are not resolved.", ""]
+    md += [f"{unresolved} of {len(comps)} comparisons are not resolved.", ""]
     return md
 
 
-def render_paper_differences():
-    md = ["### The paper's differences (not measured here)", "",
-          "The same differences as published in the LoCo paper (full ImageNet/COCO/Cityscapes "
-          "scale, one run each, no interval given there), to read beside ours; never mixed "
-          "into the measured tables.", ""]
-    md += [_md_table(["table", "pretraining", "difference", "benchmark", "metric",
-                      "paper"], paper_differences()), ""]
+def _measured_groups(rows, metrics, plot=None, plot_alt=""):
+    """One table per comparison group: its shared protocol as a line, then one row per method
+    with the fields that may differ, the metrics, n, seeds and status."""
+    md = []
+    for grows in _groups(rows):
+        title, shared = _group_heading(grows)
+        header = ["method"] + _free_header(grows[0].kind) + [_metric_text(m) for m in metrics] \
+            + ["n", "seeds", "status"]
+        body = [[r.label] + _free_cells(r) + [_cell(r, m) for m in metrics]
+                + [_n_cell(r), r.seeds() or "-", r.status()] for r in grows]
+        md += [f"### {title}", ""] + ([f"Protocol: {shared}.", ""] if shared else []) + [
+            _md_table(header, body), ""]
+    if plot:
+        md += [f"![{plot_alt}]({plot})", f"Plot: `{plot}`", ""]
     return md
 
 
@@ -909,77 +1062,72 @@ def render_markdown(rows, runs, plots, run_dirs, problems, reference=DEFAULT_REF
     n_by = {k: sum(1 for r in runs if r.kind == k and r.status == "finished")
             for k in PROTOCOL_FIELDS}
     not_done = [r for r in runs if r.status != "finished"]
+    comps = comparisons(rows, reference)
     md = ["# loco_det benchmark report", "",
           f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from "
           + ", ".join(f"`{d}`" for d in run_dirs) + ".",
           f"Finished runs: {n_by['pretrain']} pretraining, {n_by['readout']} readout, "
-          f"{n_by['detection']} detection; missing or unfinished: {len(not_done)}.", "",
-          "Cells are mean ± sample standard deviation (ddof=1) over the n distinct seeds (or "
-          "random splits) of one computation; with n=1 the single value is shown. A row is one "
-          "run fingerprint (everything that defines what was computed except the seed; "
-          "loco_det/fingerprint.py lists the run-only keys left out) under one protocol, never a "
-          "label: two different pretrainings never share a row, and labels that collide get a "
-          "suffix naming what differs. The same seed run twice is a repeat, counted once and "
-          "flagged in the status column. Missing or unfinished runs are marked as such and "
-          "never count as 0. Random init on a fine-tuning protocol trains the whole backbone "
-          "from scratch (FREEZE_AT 0 with a trainable norm, see the backbone column); on a "
-          "frozen protocol it stays frozen.", ""]
+          f"{n_by['detection']} detection; missing or unfinished: {len(not_done)}.", ""]
     for p in problems:
         md.append(f"- warning: {p}")
     if problems:
         md.append("")
-
-    md += render_comparisons(comparisons(rows, reference), reference)
-    md += render_paper_differences()
+    md += render_summary(rows, comps, reference)
+    md += ["## How to read the tables", "",
+           "Cells are mean ± sample standard deviation (ddof=1) over the n distinct seeds (or "
+           "random splits) of one computation; with n=1 the single value is shown. A row is one "
+           "run fingerprint (everything that defines what was computed except the seed; "
+           "loco_det/fingerprint.py lists the run-only keys left out) under one protocol, never a "
+           "label: two different pretrainings never share a row, and labels that collide get a "
+           "suffix naming what differs. The same seed run twice is a repeat, counted once and "
+           "flagged in the status column. Missing or unfinished runs are marked as such and "
+           "never count as 0. Random init on a fine-tuning protocol trains the whole backbone "
+           "from scratch (FREEZE_AT 0 with a trainable norm, see the backbone column); on a "
+           "frozen protocol it stays frozen. Each table below is one protocol: the line above "
+           "it gives what its rows share.", ""]
 
     md += ["## Detection (Mask R-CNN), measured", ""]
     det = [r for r in rows["detection"] if r.protocol.get("benchmark") not in OTHER_TASKS]
     if det:
-        md.append("AP in %. APbb: box AP, APmk: mask AP.")
-        md.append("")
-        header = ["method"] + _protocol_header("detection") + ["APbb", "APmk", "APbb50", "APmk50",
-                                                              "n", "seeds", "status"]
-        body = [[r.label] + _protocol_cells(r)
-                + [_cell(r, m) for m in ("APbb", "APmk", "APbb50", "APmk50")]
-                + [_n_cell(r), r.seeds() or "-", r.status()] for r in det]
-        md += [_md_table(header, body), ""]
-        if plots.get("detection"):
-            md += [f"![APbb and APmk per method and benchmark]({plots['detection']})",
-                   f"Plot: `{plots['detection']}`", ""]
+        md += ["AP in %. APbb: box AP, APmk: mask AP.", ""]
+        md += _measured_groups(det, ("APbb", "APmk", "APbb50", "APmk50"),
+                               plots.get("detection"), "APbb and APmk per method and benchmark")
     else:
         md += ["No detection runs found.", ""]
+    md += render_other_tasks(rows["detection"])
 
     md += ["## Linear readout, measured (top-1 %, frozen encoder, per stage)", ""]
-    ro = rows["readout"]
-    if ro:
-        header = ["method"] + _protocol_header("readout") + list(STAGES) + ["n", "seeds",
-                                                                            "status"]
-        body = [[r.label] + _protocol_cells(r) + [_cell(r, f"top1/{s}") for s in STAGES]
-                + [_n_cell(r), r.seeds() or "-", r.status()] for r in ro]
-        md += [_md_table(header, body), ""]
-        if plots.get("readout"):
-            md += [f"![Readout top-1 per stage and method]({plots['readout']})",
-                   f"Plot: `{plots['readout']}`", ""]
+    if rows["readout"]:
+        md += _measured_groups(rows["readout"], [f"top1/{s}" for s in STAGES],
+                               plots.get("readout"), "Readout top-1 per stage and method")
     else:
         md += ["No readout runs found.", ""]
-    md += render_knn(rows["readout"]) + render_other_tasks(rows["detection"])
+    md += render_knn(rows["readout"])
 
     md += ["## Pretraining, measured", ""]
     pre = rows["pretrain"]
     if pre:
         metrics = _metric_names(pre)
-        header = ["method"] + _protocol_header("pretrain") + [
+        header = ["method", "recipe"] + [
             m.replace("final_loss/", "final loss ").replace("wall_time_s", "wall time s")
-            for m in metrics] + ["n", "seeds", "status"]
-        body = [[r.label] + _protocol_cells(r)
+            for m in metrics] + ["n", "status"]
+        body = [[r.label, str(r.protocol.get("recipe", "-"))]
                 + [_cell(r, m, 1 if m == "wall_time_s" else 4) for m in metrics]
-                + [_n_cell(r), r.seeds() or "-", r.status()] for r in pre]
+                + [_n_cell(r), r.status()] for r in pre]
         md += [_md_table(header, body), ""]
+        fields = [k for k in PROTOCOL_FIELDS["pretrain"] if k != "recipe"]
+        md += ["Their protocols:", "", _md_table(
+            ["method", "recipe"] + [_HEADERS.get(k, k) for k in fields] + ["seeds"],
+            [[r.label, str(r.protocol.get("recipe", "-"))]
+             + [str(r.protocol.get(k, "-")) for k in fields] + [r.seeds() or "-"]
+             for r in pre]), ""]
         if plots.get("pretrain"):
             md += [f"![Per-unit loss curves per method]({plots['pretrain']})",
                    f"Plot: `{plots['pretrain']}`", ""]
     else:
         md += ["No pretraining runs found.", ""]
+
+    md += render_comparisons(comps, reference)
 
     md += ["## Missing or unfinished runs", ""]
     if not_done:
@@ -991,57 +1139,65 @@ def render_markdown(rows, runs, plots, run_dirs, problems, reference=DEFAULT_REF
     else:
         md += ["None.", ""]
 
-    md += ["## Paper's reported numbers (not measured here)", "",
-           "Copied from the LoCo paper (NeurIPS 2020, arXiv 2008.01342) for orientation. These "
-           "are **not** results of this suite and are never mixed into the measured tables "
-           "above; they were obtained at full ImageNet/COCO/Cityscapes scale.", ""]
-    for table in PAPER_TABLES:
-        md += [f"### {table['title']} (paper)", "", _md_table(table["header"], table["rows"]), ""]
-
     md += ["## Plots", ""]
     if plots:
         md += [f"- `{p}`" for p in plots.values()]
     else:
         md.append("No plots (no finished runs).")
     md.append("")
+
+    md += ["## Paper's reported numbers (not measured here)", "",
+           f"From {PAPER_CITATION}; copied in loco_det/paper_reference.yaml. These are **not** "
+           "results of this suite and are never mixed into the measured tables above; they "
+           "were obtained at full ImageNet/COCO/Cityscapes scale, one run each.", ""]
+    md += render_paper_differences()
+    for table in PAPER_TABLES:
+        md += [f"### {table['title']} (paper)", "", _md_table(table["header"], table["rows"]), ""]
     return "\n".join(md)
 
 
+def render_paper_differences():
+    return ["### The paper's differences (not measured here)", "",
+            "The differences as published, to read beside the measured comparisons above (no "
+            "interval is given in the paper).", "",
+            _md_table(["table", "pretraining", "difference", "benchmark", "metric", "paper"],
+                      paper_differences()), ""]
+
+
 def render_knn(readout_rows):
-    """Weighted kNN top-1 per stage (knn.json), one row per readout row and kNN protocol."""
-    body = []
+    """Weighted kNN top-1 per stage (knn.json): one table per k, one row per readout row and
+    kNN protocol."""
+    entries = []
     for row in readout_rows:
         groups = {}
         for run in row.runs:
             if "knn" in run.protocol:
                 groups.setdefault(run.protocol["knn"], []).append(run)
         for proto, runs in groups.items():
-            sub = Row("readout", row.label, row.protocol, runs=runs)
-            body.append([row.label, str(row.protocol.get("pretraining", "-")),
-                         str(row.protocol.get("arch", "-")), proto]
-                        + [_cell(sub, f"knn/k{k}/{s}") for k in KNN_KS for s in STAGES]
-                        + [str(len(runs)), sub.seeds() or "-"])
-    if not body:
+            entries.append((row, proto, Row("readout", row.label, row.protocol, runs=runs)))
+    if not entries:
         return []
-    header = ["method", "pretraining", "arch", "kNN protocol"] + [
-        f"k{k} {s}" for k in KNN_KS for s in STAGES] + ["n", "seeds"]
-    return ["## kNN readout, measured (top-1 %, frozen encoder, per stage)", "",
-            "Weighted kNN (InstDisc / DINO): L2-normalised pooled features, k nearest training "
-            "images vote with exp(cos / T).", "", _md_table(header, body), ""]
+    md = ["## kNN readout, measured (top-1 %, frozen encoder, per stage)", "",
+          "Weighted kNN (InstDisc / DINO): L2-normalised pooled features, k nearest training "
+          "images vote with exp(cos / T).", ""]
+    for k in KNN_KS:
+        header = ["method", "pretraining", "arch", "kNN protocol"] + list(STAGES) + [
+            "n", "seeds"]
+        body = [[row.label, str(row.protocol.get("pretraining", "-")),
+                 str(row.protocol.get("arch", "-")), proto]
+                + [_cell(sub, f"knn/k{k}/{s}") for s in STAGES]
+                + [str(len(sub.runs)), sub.seeds() or "-"] for row, proto, sub in entries]
+        md += [f"### k = {k}", "", _md_table(header, body), ""]
+    return md
 
 
 def render_other_tasks(det_rows):
-    """VOC detection and semantic-segmentation rows, each benchmark in its own table."""
+    """VOC detection and semantic-segmentation rows, each benchmark in its own section."""
     md = []
     for bench, (title, note, metrics) in OTHER_TASKS.items():
         brows = [r for r in det_rows if r.protocol.get("benchmark") == bench]
-        if not brows:
-            continue
-        header = ["method"] + _protocol_header("detection") + list(metrics) + [
-            "n", "seeds", "status"]
-        body = [[r.label] + _protocol_cells(r) + [_cell(r, m) for m in metrics]
-                + [_n_cell(r), r.seeds() or "-", r.status()] for r in brows]
-        md += [f"## {title}", "", note, "", _md_table(header, body), ""]
+        if brows:
+            md += [f"## {title}", "", note, ""] + _measured_groups(brows, metrics)
     return md
 
 
@@ -1121,13 +1277,13 @@ def _save(fig, path):
     """savefig to a temp file then rename: a reader never sees half a PNG."""
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=90, bbox_inches="tight")
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
 
 
 def _subplots(plt, n):
     cols = min(n, 3)
     nrows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.6 * cols, 4.6 * nrows), squeeze=False)
     flat = [ax for line in axes for ax in line]
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -1157,9 +1313,15 @@ def _bars(ax, xs, stats_list, width, **kw):
         else:
             bar.set_hatch("//")
             bar.set_alpha(0.6)
-            ax.annotate("1 run", (x, st[0]), ha="center", va="bottom", fontsize=5,
+            ax.annotate("1 run", (x, st[0]), ha="center", va="bottom", fontsize=7,
                         rotation=90, xytext=(0, 1), textcoords="offset points")
     return bars
+
+
+def _legend_below(ax, ncol):
+    """Legend under the axes, never over the bars or curves it explains."""
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=ncol,
+              frameon=False)
 
 
 def make_plots(rows, out_dir):
@@ -1179,10 +1341,10 @@ def make_plots(rows, out_dir):
                             marker="o" if len(xs) < 20 else None, ms=3,   # short runs: visible
                             label=unit if i == 0 else None)
             ax.set_title(f"{row.label} ({row.protocol.get('recipe')}, n={len(row.runs)})",
-                         fontsize=9)
-            ax.set_xlabel("step")
-            ax.set_ylabel("NT-Xent loss")
-            ax.legend(fontsize=7)
+                         fontsize=10)
+            ax.set_xlabel("step", fontsize=9)
+            ax.set_ylabel("loss", fontsize=9)
+            _legend_below(ax, ncol=4)
         fig.suptitle("Per-unit pretraining loss per method")
         _save(fig, os.path.join(out_dir, PLOTS["pretrain"]))
         plt.close(fig)
@@ -1199,15 +1361,16 @@ def make_plots(rows, out_dir):
                 n = len(row.by_seed())
                 _bars(ax, xs, values, width, color=f"C{i}",
                       label=f"{row.label} ({row.protocol.get('pretraining')}, n={n})")
-            ax.set_xticks([k + 0.4 - width / 2 for k in range(len(STAGES))], list(STAGES))
-            ax.set_ylabel("top-1 %")
+            ax.set_xticks([k + 0.4 - width / 2 for k in range(len(STAGES))], list(STAGES),
+                          fontsize=9)
+            ax.set_ylabel("top-1 %", fontsize=9)
             p = grows[0].protocol
-            ax.set_title(f"{p.get('arch')}, {p.get('readout')} readout: "
+            ax.set_title(f"{p.get('arch')}, {p.get('readout')} readout:\n"
                          f"{p.get('readout_epochs')} epochs, lr {p.get('lr')}, "
-                         f"{p.get('image_size')} px", fontsize=8)
-            ax.legend(fontsize=6)
-        fig.suptitle("Linear readout top-1 per stage and method (error bars: ± std over n >= 2 "
-                     "seeds; hatched: a single run, no error bar)", fontsize=9)
+                         f"{p.get('image_size')} px", fontsize=10)
+            _legend_below(ax, ncol=1)
+        fig.suptitle("Linear readout top-1 per stage and method\n(error bars: ± std over "
+                     "n >= 2 seeds; hatched: a single run, no error bar)", fontsize=11)
         _save(fig, os.path.join(out_dir, PLOTS["readout"]))
         plt.close(fig)
         written["readout"] = PLOTS["readout"]
@@ -1222,14 +1385,16 @@ def make_plots(rows, out_dir):
                 _bars(ax, [x + j * 0.4 for x in xs], [r.stat(metric) for r in grows], 0.4,
                       color=f"C{j}", label=metric)
             ax.set_xticks([x + 0.2 for x in xs],
-                          [f"{r.label}\nn={len(r.by_seed())}" for r in grows], fontsize=6)
-            ax.set_ylabel("AP %")
+                          [f"{r.label}\nn={len(r.by_seed())}" for r in grows], fontsize=8,
+                          rotation=30 if len(grows) > 3 else 0,
+                          ha="right" if len(grows) > 3 else "center")
+            ax.set_ylabel("AP %", fontsize=9)
             p = grows[0].protocol
             ax.set_title(f"{p.get('benchmark')}: {p.get('config')}\n{p.get('schedule')}, "
-                         f"batch {p.get('global_batch')}", fontsize=8)
-            ax.legend(fontsize=7)
-        fig.suptitle("Mask R-CNN APbb / APmk per method and benchmark (error bars: ± std over "
-                     "n >= 2 seeds; hatched: a single run, no error bar)", fontsize=9)
+                         f"batch {p.get('global_batch')}", fontsize=10)
+            ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+        fig.suptitle("Mask R-CNN APbb / APmk per method and benchmark\n(error bars: ± std "
+                     "over n >= 2 seeds; hatched: a single run, no error bar)", fontsize=11)
         _save(fig, os.path.join(out_dir, PLOTS["detection"]))
         plt.close(fig)
         written["detection"] = PLOTS["detection"]
@@ -1247,6 +1412,10 @@ def write_report(run_dirs, out_dir, reference=DEFAULT_REFERENCE):
         raise LocoError("no runs found under " + ", ".join(run_dirs)
                         + " (expected run_info.json, summary.json, readout.json or results.json)")
     rows = build_rows(runs)
+    plots_dir = os.path.join(out_dir, "plots")
+    if os.path.islink(plots_dir):   # the other outputs are written atomically (links replaced)
+        raise LocoError(f"{plots_dir} is a symbolic link; refusing to write the plots through it")
+    check_no_links(plots_dir, "plots folder")
     os.makedirs(out_dir, exist_ok=True)
     plots = make_plots(rows, out_dir)
     with atomic_write(os.path.join(out_dir, "report.csv"), "w") as f:

@@ -125,11 +125,31 @@ def run_info(world_size, **extra):
 
 
 # ----------------------------------------------------------------------------- output checks
-def check_output_dir(path, what="--output-dir"):
+def check_no_links(folder, what="output folder"):
+    """Refuse a folder that holds a symbolic link anywhere below it (one line naming the link).
+
+    Why: a tool's libraries (Detectron2's logger and metrics writer, evaluators, TensorBoard)
+    open their output names for writing and would follow a link planted there to any file the
+    user can write. A run folder never needs a link, so one is refused before anything is
+    written. The folder itself may be a link (the user's choice of where runs live)."""
+    if not os.path.isdir(folder):
+        return
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in sorted(dirnames + filenames):
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                raise LocoError(f"{what} {folder} holds a symbolic link {path} -> "
+                                f"{os.readlink(path)}; refusing to write through it (remove the "
+                                "link or choose another folder)")
+
+
+def check_output_dir(path, what="--output-dir", links=True):
     """One line when `path` cannot be a run directory: it is an existing file, or a component
-    of it is. Creates nothing."""
+    of it is, or (with `links`) it holds a symbolic link (`check_no_links`). Creates nothing."""
     if not path:
         raise LocoError(f"{what} is empty")
+    if links:
+        check_no_links(path, what)
     probe = os.path.abspath(path)
     while True:
         if os.path.exists(probe):
@@ -285,7 +305,8 @@ def add_readout_source_args(parser):
     src.add_argument("--random-init", action="store_true",
                      help="read out a randomly initialised encoder (needs --arch)")
     parser.add_argument("--arch", help="resnet18/34/50/101 (with --random-init)")
-    parser.add_argument("--output-dir", required=True, metavar="DIR")
+    parser.add_argument("--output-dir", required=True, metavar="DIR",
+                        help="folder the result file (readout.json, knn.json) is written to")
     parser.add_argument("--data", metavar="ROOT",
                         help="folder with train/ and val/ ImageFolder splits (default: next to "
                              "the checkpoint's DATA.ROOT, else "

@@ -236,3 +236,21 @@ def test_bench_kept_gradients_and_accumulation_rows(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--batch", "3", "--accum-steps", "2"])
     assert "--accum-steps 2 does not divide --batch 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,schedule,accum", [("e2e", "fused", 1), ("gim", "fused", 1),
+                                                   ("loco", "fused_stem", 1),
+                                                   ("loco", "recompute", 1),
+                                                   ("loco", "hybrid_stem", 2)])
+def test_loss_scale_reaches_every_gradient(method, schedule, accum):
+    """RUN.AMP=fp16's GradScaler (here its CPU form): every backward of the schedule (the
+    units' losses, the shared stages' summed gradients, the stem's recompute, the GradCache
+    replays) carries the scale, so every gradient is exactly scale x the unscaled one, and
+    the losses are reported unscaled."""
+    model = fixed_bn_model(method, schedule)
+    plain_losses, plain = step(model, accum)
+    model.loss_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaled_losses, scaled = step(model, accum)
+    assert scaled_losses == pytest.approx(plain_losses, rel=1e-6)
+    assert_same_grads({n: g / 1024.0 for n, g in scaled.items()}, plain)
+    assert min(g.abs().max().item() for g in scaled.values()) > 0

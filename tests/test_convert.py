@@ -111,7 +111,8 @@ def test_metadata_record(r50):
 
 
 def test_verify_r50_random_bn_stats(r50):
-    """--verify: Detectron2's ResNet-50 (its own builder, REFERENCE conventions) gives
+    """--verify: Detectron2's ResNet-50 (its own builder, the conventions of
+    docs/benchmarks.md) gives
     torchvision's features at res2..res5 on random input."""
     assert r50["result"].verify_error is not None and r50["result"].verify_error < 1e-4
     assert set(r50["result"].stage_errors) == {"res2", "res3", "res4", "res5"}

@@ -59,7 +59,7 @@ def test_all_recipes_present():
 @pytest.mark.parametrize("path", CONFIGS, ids=_name)
 def test_config_loads_with_ssl_conventions(path):
     cfg = setup_cfg(path, [])
-    # REFERENCE.md section 3: torchvision-style weights need these, in every recipe.
+    # docs/benchmarks.md: torchvision-style weights need these, in every recipe.
     assert cfg.INPUT.FORMAT == "RGB"
     assert list(cfg.MODEL.PIXEL_MEAN) == pytest.approx([123.675, 116.28, 103.53])
     assert list(cfg.MODEL.PIXEL_STD) == pytest.approx([58.395, 57.12, 57.375])

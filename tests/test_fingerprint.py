@@ -90,3 +90,25 @@ def test_new_data_keys_keep_recorded_runs_fingerprints():
     assert fp.pretrain_fingerprint(before) == fp.pretrain_fingerprint(now)
     assert fp.pretrain_fingerprint(cfg("SEED=0", "DATA.AUGMENT_DEVICE=cuda")) \
         != fp.pretrain_fingerprint(now)
+
+
+def test_amp_modes_keep_the_fingerprints_of_boolean_configs(tmp_path):
+    """RUN.AMP took a boolean before it took bf16 | fp16 | off: a recorded config with the
+    boolean still loads, means the same mode, and keeps its fingerprint; fp16 is a new
+    computation; the process-group keys are run-only."""
+    base = cfg("SEED=0")
+    old_text = base.dump().replace("AMP: 'off'", "AMP: false").replace("AMP: off", "AMP: false")
+    assert "AMP: false" in old_text
+    old_yaml = tmp_path / "old.yaml"
+    old_yaml.write_text(old_text)
+    assert load_config(str(old_yaml)).RUN.AMP == "off"
+    assert fp.pretrain_fingerprint(old_text) == fp.pretrain_fingerprint(base)
+    bf16 = cfg("SEED=0", "RUN.AMP=bf16")
+    assert cfg("SEED=0", "RUN.AMP=True").RUN.AMP == "bf16"
+    assert fp.pretrain_fingerprint(bf16.dump().replace("AMP: bf16", "AMP: true")) \
+        == fp.pretrain_fingerprint(bf16)
+    assert fp.pretrain_identity(bf16)["RUN.AMP"] is True      # the old spelling
+    assert fp.pretrain_fingerprint(cfg("SEED=0", "RUN.AMP=fp16")) not in (
+        fp.pretrain_fingerprint(bf16), fp.pretrain_fingerprint(base))
+    for override in ("RUN.DIST_BACKEND=gloo", "RUN.DIST_TIMEOUT_MIN=5"):
+        assert fp.pretrain_fingerprint(cfg("SEED=0", override)) == fp.pretrain_fingerprint(base)

@@ -322,3 +322,47 @@ def test_bench_part_on_cuda_reports_and_requires_max_memory_allocated(tmp_path, 
         else:
             with pytest.raises(gpu_check.PartFailed, match=expected):
                 gpu_check.part_bench(check)
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    """The two_rank part on CPU: two gloo ranks (GradientReducer, gather_with_grad; BN on
+    fixed statistics) against one process on the same global batches, within float32
+    tolerance. A missing division by the world size or a gather that returns its input makes
+    this row FAIL (checked by planting each)."""
+    status, text = gpu_check.run(cpu_smoke=True, work=str(tmp_path), parts=("data", "two_rank"))
+    rows = _table_rows(text)
+    assert status == 0 and rows["two_rank"][0] == "ok", text
+    assert "2 steps x8, gloo 2 ranks on cpu (fixed BN)" in rows["two_rank"][1]
+    worst = float(re.search(r"largest update difference (\S+)", rows["two_rank"][1]).group(1))
+    assert worst <= gpu_check.CPU_SMOKE["two_rank"]["tolerance"]
+
+
+def test_backend_override_and_timeout(monkeypatch):
+    """RUN.DIST_BACKEND=gloo maps LOCAL_RANK onto the visible GPUs (two ranks share one);
+    nccl keeps one GPU per process and says what to do when there are too few; nccl without
+    a GPU is a config error; the timeout reaches init_process_group."""
+    from datetime import timedelta
+
+    from loco_det.pretrain import engine
+    from loco_det.utils import ConfigError, LocoError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(engine.torch.cuda, "device_count", lambda: 1)
+    assert str(engine.DistEnv("gloo").device) == "cuda:0"
+    nccl = engine.DistEnv()
+    assert nccl.backend == "nccl" and str(nccl.device) == "cuda:1"
+    with pytest.raises(LocoError, match="LOCAL_RANK=1 needs a GPU of its own but 1 are "
+                                        "visible.*RUN.DIST_BACKEND=gloo"):
+        nccl.init()
+    monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="RUN.DIST_BACKEND=nccl needs CUDA"):
+        engine.DistEnv("nccl").init()
+    calls = []
+    monkeypatch.setattr(engine.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(engine.dist, "init_process_group", lambda *a, **k: calls.append((a, k)))
+    env = engine.DistEnv("", 90.0)
+    env.init()
+    assert calls == [(("gloo",), {"timeout": timedelta(minutes=90)})] and env.owns_group

@@ -182,3 +182,132 @@ def test_knn_period_with_two_gloo_processes(synth_root, tmp_path):
     assert summary["world_size"] == 2 and len(set(summary["param_sha256"])) == 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if "knn/k200/res5" in r] == [1, 2]
+
+
+def sort_merge_knn_predict(train_feats, train_labels, query_feats, num_classes, ks, temperature,
+                           query_chunk, train_chunk):
+    """knn_predict as it was before it used topk and kept the bank on the device, verbatim:
+    every chunk re-converted, every merge a full stable sort. The reference the new one must
+    equal exactly, ties included."""
+    device = query_feats.device
+    n = train_feats.shape[0]
+    kmax = min(max(ks), n)
+    labels = train_labels.to(device)
+    preds = {k: [] for k in ks}
+    for q0 in range(0, query_feats.shape[0], query_chunk):
+        q = query_feats[q0:q0 + query_chunk].to(device, torch.float32)
+        best_s = torch.full((q.shape[0], 0), -math.inf, device=device)
+        best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=device)
+        for t0 in range(0, n, train_chunk):
+            t = train_feats[t0:t0 + train_chunk].to(device, torch.float32)
+            s = q @ t.T
+            cand_s = torch.cat([best_s, s], dim=1)
+            cand_i = torch.cat([best_i, torch.arange(t0, t0 + t.shape[0], device=device)
+                                .expand(q.shape[0], -1)], dim=1)
+            order = torch.sort(cand_s, dim=1, descending=True, stable=True).indices[:, :kmax]
+            best_s, best_i = cand_s.gather(1, order), cand_i.gather(1, order)
+        weights = (best_s / temperature).exp()
+        neighbour_labels = labels[best_i]
+        for k in ks:
+            kk = min(k, n)
+            scores = torch.zeros(q.shape[0], num_classes, device=device)
+            scores.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
+            preds[k].append(scores.argmax(1).cpu())
+    return {k: torch.cat(v) for k, v in preds.items()}
+
+
+@pytest.mark.parametrize("query_chunk,train_chunk", [(1024, 65536), (7, 64), (5, 3)])
+def test_topk_equals_the_sort_merge_it_replaced(query_chunk, train_chunk):
+    """float16 banks as extract_normalised makes them, full of exact duplicates with different
+    labels (equal similarities at the k-th place, where topk alone picks arbitrarily): the
+    predictions equal the full-sort version's at every k, for several chunkings."""
+    gen = torch.Generator().manual_seed(4)
+    unique = F.normalize(torch.randn(40, 16, generator=gen), dim=1)
+    train = unique[torch.randint(0, 40, (300,), generator=gen)].half()   # ~7 copies each
+    labels = torch.randint(0, 6, (300,), generator=gen)
+    queries = torch.cat([unique[:10], F.normalize(torch.randn(50, 16, generator=gen), dim=1)])
+    ks = (1, 5, 20, 200, 400)
+    new = knn_predict(train, labels, queries, 6, ks, 0.07, query_chunk, train_chunk)
+    old = sort_merge_knn_predict(train, labels, queries, 6, ks, 0.07, query_chunk, train_chunk)
+    for k in ks:
+        assert torch.equal(new[k], old[k]), k
+    # the duplicates matter: with the tie order reversed, some prediction changes
+    rev = sort_merge_knn_predict(train.flip(0), labels.flip(0), queries, 6, ks, 0.07,
+                                 query_chunk, train_chunk)
+    assert any(not torch.equal(rev[k], old[k]) for k in ks)
+
+
+def test_topk_tie_order_does_not_matter(monkeypatch):
+    """topk may pick any of equal values (CUDA's does; the CPU's happens to pick the lower
+    index): with a topk that picks the higher ones, the predictions still equal the stable
+    full sort's."""
+    original = torch.Tensor.topk
+
+    def higher_index_first(self, k, dim=-1, **kwargs):
+        values, index = original(self.flip(dim), k, dim=dim, **kwargs)
+        return values, self.shape[dim] - 1 - index
+
+    gen = torch.Generator().manual_seed(5)
+    unique = F.normalize(torch.randn(6, 8, generator=gen), dim=1)
+    train = unique[torch.randint(0, 6, (240,), generator=gen)].half()   # ~40 copies each
+    labels = torch.randint(0, 5, (240,), generator=gen)
+    queries = F.normalize(unique.repeat(4, 1) + 0.1 * torch.randn(24, 8, generator=gen), dim=1)
+    ks = (1, 5, 20)
+    for train_chunk in (1000, 50):
+        old = sort_merge_knn_predict(train, labels, queries, 5, ks, 0.07, 8, train_chunk)
+        with monkeypatch.context() as m:
+            m.setattr(torch.Tensor, "topk", higher_index_first)
+            new = knn_predict(train, labels, queries, 5, ks, 0.07, 8, train_chunk)
+        for k in ks:
+            assert torch.equal(new[k], old[k]), (train_chunk, k)
+
+
+def _knn_rank(rank, world, port, data_dir, out_dir):
+    """One of `world` gloo ranks running knn_eval on its shards; saves its result."""
+    import torchvision
+
+    from loco_det.pretrain.knn import knn_eval, knn_splits
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        encoder = torchvision.models.resnet18()
+        train_set, val_set = knn_splits(data_dir, 32)
+        top1 = knn_eval(encoder, train_set, val_set, torch.device("cpu"), ks=(1, 3, 50),
+                        batch_size=1, workers=0, progress=False, world=world, rank=rank)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(top1, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_knn_shared_by_two_ranks_equals_one_process(tmp_path, one_torch_thread):
+    """Each rank extracts its shard of both splits and searches its shard of the bank; the
+    merged neighbours give exactly one process's top-1 on every rank (one image per batch,
+    so the features themselves are bit-identical). 21 training images: uneven shards, and
+    k=50 is more than a shard holds (the merge's fillers are never chosen)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    import torchvision
+
+    from loco_det.pretrain.knn import knn_eval, knn_splits
+    from test_pretrain_data import make_folder
+
+    make_folder(tmp_path / "data" / "train", n_per_class=7, classes=("a", "b", "c"), size=36)
+    make_folder(tmp_path / "data" / "val", n_per_class=3, classes=("a", "b", "c"), size=36)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_knn_rank, args=(2, port, str(tmp_path / "data"), str(tmp_path)), nprocs=2,
+             join=True)
+    torch.manual_seed(0)
+    encoder = torchvision.models.resnet18()
+    train_set, val_set = knn_splits(str(tmp_path / "data"), 32)
+    one = knn_eval(encoder, train_set, val_set, torch.device("cpu"), ks=(1, 3, 50),
+                   batch_size=1, workers=0, progress=False)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == one
+    assert set(one) == {"k1", "k3", "k50"} and len(one["k1"]) == 4

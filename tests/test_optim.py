@@ -108,3 +108,77 @@ def test_scheduler_steps_per_optimizer_step():
     sched2 = build_scheduler(cfg, build_optimizer(cfg, model), steps_per_epoch=5)
     sched2.load_state_dict(sched.state_dict())
     assert sched2.last_epoch == 20
+
+
+class ReferenceLARS(torch.optim.Optimizer):
+    """The per-tensor LARS loop loco_det used before its step moved to the `torch._foreach_*`
+    ops, kept verbatim as the reference the new step must equal."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if group["weight_decay"] != 0:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                if group["lars"]:
+                    w_norm = torch.linalg.vector_norm(p)
+                    g_norm = torch.linalg.vector_norm(grad)
+                    one = torch.ones_like(w_norm)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                        group["eta"] * w_norm / g_norm, one)
+                    grad = grad.mul(trust * group["lr"])
+                else:
+                    grad = grad.mul(group["lr"])
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(grad)
+                p.sub_(buf)
+
+
+def test_foreach_lars_equals_the_per_tensor_reference():
+    """A ResNet-18 with its real parameter groups (LARS + decay on weights; BN and biases
+    without), five steps with a changing lr, a tensor of zeros (trust 1), a parameter without
+    gradient in some steps: weights, gradients and momentum buffers equal the per-tensor loop
+    at float32 tolerance."""
+    import copy
+
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():
+        model.layer1[0].conv1.weight.zero_()       # ||w|| = 0
+    twin, initial = copy.deepcopy(model), copy.deepcopy(model)
+    cfg = load_config(None, ["OPTIM.NAME=lars", "OPTIM.WEIGHT_DECAY=1e-4", "OPTIM.BATCH_SIZE=512",
+                             "OPTIM.LARS_ETA=0.02"])
+    new = build_optimizer(cfg, model)
+    assert isinstance(new, LARS)
+    ref_groups = [{"params": g["params"], "weight_decay": g["weight_decay"], "lars": g["lars"]}
+                  for g in build_optimizer(cfg, twin).param_groups]
+    ref = ReferenceLARS(ref_groups, lr=peak_lr(cfg), momentum=cfg.OPTIM.MOMENTUM,
+                        eta=cfg.OPTIM.LARS_ETA)
+    x = torch.randn(4, 3, 32, 32)
+    for step in range(5):
+        for m, opt in ((model, new), (twin, ref)):
+            opt.zero_grad(set_to_none=True)
+            m(x).square().mean().backward()
+            if step % 2:
+                m.fc.bias.grad = None                   # skipped this step
+            for group in opt.param_groups:
+                group["lr"] = peak_lr(cfg) * (step + 1) / 5
+            opt.step()
+        for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(a, b, msg=lambda m: f"step {step} {name}: {m}")
+            torch.testing.assert_close(new.state[a]["momentum_buffer"],
+                                       ref.state[b]["momentum_buffer"])
+    moved = sum(not torch.equal(a, b) for a, b in zip(model.parameters(), initial.parameters()))
+    assert moved > 50   # of 62 tensors (the zeroed conv, its BN weight see no gradient)

@@ -287,3 +287,111 @@ def test_integer_override_of_a_float_key():
         load_config(None, ["OPTIM.EPOCHS=1.5"])
     with pytest.raises(ConfigError, match="LOSS.TEMPERATURE"):
         load_config(None, ["LOSS.TEMPERATURE=warm"])
+
+
+def test_an_error_on_another_rank_is_printed_with_its_rank(data16, tmp_path, capsys,
+                                                           monkeypatch):
+    """Every rank prints its own error line, naming the rank (rank 0 alone used to)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    rc, errors = run_cli(["--output-dir", tmp_path / "o", *TINY, f"DATA.ROOT={data16}",
+                          "OPTIM.BATCH_SIZE=7"], capsys)
+    assert rc == 1 and len(errors) == 1
+    assert errors[0].startswith("error: rank 1 of 2: OPTIM.BATCH_SIZE=7")
+
+
+def _host_reads_in(function_name, monkeypatch):
+    """Counts calls of Tensor.item / float() / bool() / int() made while a frame of
+    engine.py's `function_name` is on the stack: each is the host waiting for the device."""
+    calls = []
+    for name in ("item", "__float__", "__bool__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _original=original, _name=name, **k):
+            frame = sys._getframe(1)
+            while frame is not None:
+                code = frame.f_code
+                if code.co_name == function_name and code.co_filename.endswith("engine.py"):
+                    calls.append((_name, sys._getframe(1).f_code.co_name))
+                    break
+                frame = frame.f_back
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return calls
+
+
+def test_no_host_read_inside_a_training_step(data16, tmp_path, monkeypatch):
+    """Losses and their finiteness stay on the device during the step (read at log time only):
+    nothing inside `train_step` converts a tensor to a Python number. The log does (the
+    check is not blind)."""
+    calls = _host_reads_in("train_step", monkeypatch)
+    summary = train(tiny_cfg(data16, "OPTIM.EPOCHS=1", "RUN.LOG_PERIOD=100"), str(tmp_path / "a"))
+    assert summary["steps"] == 2
+    assert calls == []
+    logged = _host_reads_in("log", monkeypatch)
+    train(tiny_cfg(data16, "OPTIM.EPOCHS=1", "RUN.LOG_PERIOD=100"), str(tmp_path / "b"))
+    assert logged
+
+
+def test_non_finite_loss_stops_the_run_before_a_checkpoint(data16, tmp_path, capsys, monkeypatch):
+    """A NaN loss in step 1 is found when the window is read (the end of the epoch at step 2,
+    RUN.LOG_PERIOD=100), reported with its step, and no checkpoint holds the damaged weights."""
+    from loco_det.pretrain import engine
+
+    setup = engine.setup_model
+
+    def nan_at_first_step(*a, **k):
+        model = setup(*a, **k)
+        forward_backward, count = model.forward_backward, []
+
+        def patched(*args, **kwargs):
+            losses = forward_backward(*args, **kwargs)
+            count.append(1)
+            if len(count) == 1:
+                losses["unit2"] = losses["unit2"] * float("nan")
+            return losses
+
+        model.forward_backward = patched
+        return model
+
+    monkeypatch.setattr(engine, "setup_model", nan_at_first_step)
+    rc, errors = run_cli(["--output-dir", tmp_path / "o", *TINY, f"DATA.ROOT={data16}",
+                          "RUN.LOG_PERIOD=100"], capsys)
+    assert rc == 1 and errors == ["error: non-finite loss at step 1; lower OPTIM.BASE_LR or "
+                                  "check the data"]
+    assert not (tmp_path / "o" / "checkpoint_last.pth").exists()
+
+
+def test_loss_scaler_path_of_the_loop(data16, tmp_path, monkeypatch):
+    """The loop's RUN.AMP=fp16 path, with GradScaler's CPU form standing in for the CUDA one
+    (autocast itself is CUDA-only here): the scaled steps give the unscaled run's weights, the
+    scale is logged and saved, and a resumed run restores it."""
+    from loco_det.pretrain import engine
+
+    plain = tmp_path / "plain"
+    train(tiny_cfg(data16), str(plain), stop_after_steps=2)   # epoch 1 of 2
+    setup = engine.setup_model
+
+    def with_scaler(*a, **k):
+        model = setup(*a, **k)
+        model.loss_scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+        return model
+
+    monkeypatch.setattr(engine, "setup_model", with_scaler)
+    scaled = tmp_path / "scaled"
+    train(tiny_cfg(data16), str(scaled), stop_after_steps=2)
+    a, b = load(plain / "checkpoint_last.pth"), load(scaled / "checkpoint_last.pth")
+    for part in ("encoder", "decoders"):
+        for key, w in a[part].items():
+            torch.testing.assert_close(b[part][key], w, rtol=1e-4, atol=1e-6)
+    assert b["grad_scaler"]["scale"] == 256.0 and "grad_scaler" not in a
+    records = [json.loads(line) for line in (scaled / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["amp/loss_scale"] == 256.0
+    # resuming restores the saved scale, not the initial one
+    ckpt = load(scaled / "checkpoint_last.pth")
+    ckpt["grad_scaler"]["scale"] = 64.0
+    torch.save(ckpt, scaled / "checkpoint_last.pth")
+    train(tiny_cfg(data16), str(scaled), resume=True)
+    records = [json.loads(line) for line in (scaled / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["amp/loss_scale"] == 64.0

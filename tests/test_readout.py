@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from loco_det.pretrain.config import load_config
 from loco_det.pretrain.engine import train
@@ -92,3 +93,23 @@ def test_random_init_equals_initial_encoder_of_pretraining_run():
     initial = build_model("loco", "resnet18").encoder.state_dict()
     random_init = load_encoder(None, "resnet18", seed=11)[0].state_dict()
     assert all(torch.equal(initial[k], random_init[k]) for k in initial)
+
+
+def test_pooled_features_follow_the_encoders_layout():
+    """An encoder laid out channels_last (as in CUDA training, or after inference_setup there)
+    gets channels_last images and gives the same features as the contiguous one."""
+    import torchvision
+
+    from loco_det.pretrain.readout import pooled_features
+
+    torch.manual_seed(0)
+    encoder = torchvision.models.resnet18().eval()
+    images = torch.randn(2, 3, 64, 64)
+    plain = pooled_features(encoder, images)
+    encoder.to(memory_format=torch.channels_last)
+    seen = []
+    encoder.conv1.register_forward_pre_hook(lambda m, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last)))
+    for a, b in zip(pooled_features(encoder, images), plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert seen == [True]

@@ -120,15 +120,24 @@ def report(tmp_path_factory):
                  bb - 1, s, freeze_at=2, max_iter=60000, train=f"coco_2017_train_10k_seed{s}")
     make_det(f"{r}/det/coco_frozen/gim/seed0", "gim", "cpu_synth_coco_R18_FPN_frozen", 0.0, 0.0,
              0, finished=False)
-    # Manifest of the benchmark: a supervised run that was never produced, one loco seed that
-    # is missing (counts into the loco cityscapes row), and a label override for the e2e pretraining run.
+    # Manifest of the benchmark (jobs carry their id, as tools/run_benchmark.py writes them): a
+    # supervised run that was never produced, one loco seed that is missing (counts into the
+    # loco cityscapes row), a label override for the e2e pretraining run, and a baseline the
+    # grid did not request (no job id: published weights it was not given).
     _json(f"{r}/benchmark.json", {"kind": "benchmark_manifest", "jobs": [
-        {"kind": "detection", "label": "supervised", "config": "cpu_synth_coco_R18_FPN_frozen",
+        {"kind": "detection", "id": "det/coco_frozen/supervised/seed0", "label": "supervised",
+         "config": "cpu_synth_coco_R18_FPN_frozen",
          "output": "det/coco_frozen/supervised/seed0", "seed": 0,
          "note": "no supervised weights in the grid"},
-        {"kind": "detection", "label": "loco", "config": "cpu_synth_cityscapes_R18_FPN_frozen",
+        {"kind": "detection", "id": "det/cs_frozen/loco/seed3", "label": "loco",
+         "config": "cpu_synth_cityscapes_R18_FPN_frozen",
          "output": "det/cs_frozen/loco/seed3", "seed": 3},
-        {"kind": "pretrain", "label": "e2e", "config": "cpu_e2e", "output": "pretrain/e2e/seed0"},
+        {"kind": "pretrain", "id": "pretrain/e2e/seed0", "label": "e2e", "config": "cpu_e2e",
+         "output": "pretrain/e2e/seed0"},
+        {"kind": "detection", "label": "supervised (published weights)",
+         "config": "cpu_synth_coco_R18_FPN_frozen",
+         "output": "det/coco_frozen/supervised_published/seed0", "seed": 0,
+         "note": "no published supervised-ImageNet weights given in the grid"},
     ]})
     out = tmp_path_factory.mktemp("report")
     md_path, _ = write_report([r], str(out))
@@ -191,10 +200,18 @@ def test_protocols_are_kept_apart(report):
             and r["config"] == "cpu_synth_coco_R18_FPN_frozen"]
     assert sorted((r["world_size"], r["global_batch"], r["n"], r["mean"]) for r in loco) == \
         [("1", "2", "3", "31.5"), ("8", "16", "1", "40.0")]
-    # every measured detection row in the md states config, schedule, backbone, world, batch
-    header = next(l for l in report["md"].splitlines() if l.startswith("| method | benchmark"))
-    for col in ("config", "schedule", "backbone", "world size", "global batch"):
-        assert col in header
+    # every measured detection table states what its rows share (config, schedule, world
+    # size, batch) in the line above it, and what may differ (backbone, init) in its columns
+    det = report["md"].split("## Detection (Mask R-CNN), measured")[1].split("\n## ")[0]
+    tables = det.split("\n### ")[1:]
+    assert len(tables) == 4   # coco frozen at world size 1 and 8, cityscapes, coco-10k
+    for table in tables:
+        protocol = next(l for l in table.splitlines() if l.startswith("Protocol: "))
+        for key in ("config", "train set", "schedule", "world size", "global batch"):
+            assert key + " " in protocol
+        header = next(l for l in table.splitlines() if l.startswith("| method |"))
+        assert "| backbone |" in header and "| init |" in header
+    assert sum("world size 8, global batch 16" in t for t in tables) == 1
 
 
 def test_missing_and_unfinished_never_zero(report):
@@ -256,3 +273,96 @@ def test_cli_help_and_errors(tmp_path):
     assert res.stderr.strip().startswith("error: no runs found")
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "rep" / "report.md").exists()
+
+
+def _tables(md):
+    """[(first line, number of columns)] of every markdown table in `md`."""
+    out, inside = [], False
+    for line in md.splitlines():
+        if line.startswith("|") and not inside:
+            out.append((line, line.count(" | ") + 1))
+        inside = line.startswith("|")
+    return out
+
+
+def test_report_opens_with_the_summary(report):
+    md = report["md"]
+    sections = [l for l in md.splitlines() if l.startswith("## ")]
+    assert sections[0] == "## Summary"
+    assert sections[-1] == "## Paper's reported numbers (not measured here)"
+    first_table = md.index("\n|")
+    assert md.index("## Summary") < first_table < md.index("\n## ", md.index("## Summary"))
+    summary = md.split("## Summary")[1].split("\n## ")[0]
+    # headline metric as mean ± std (n) and the verdict against the reference method
+    loco = [l for l in summary.splitlines() if l.startswith("| loco |")]
+    assert "31.50 ± 1.50 (3), no reference run" in loco[0]   # no e2e detection run here
+    assert "17.25 (1 of 2), no reference run" in "".join(loco)
+    random = next(l for l in summary.splitlines() if l.startswith("| random |"))
+    assert "22.00 ± 1.58 (5), random init" in random
+    readout = [l for l in summary.splitlines() if "51.17 ± 1.26 (3)" in l]
+    assert len(readout) == 1 and readout[0].startswith("| loco |")
+    # four detection protocols and one readout: split into tables of at most three columns
+    heads = [line for line, n in _tables(summary)]
+    assert len(heads) == 2 and all(h.count(" | ") <= 3 for h in heads)
+    # one config under two protocols: two numbered columns, each spelt out below the tables
+    for name in ("cpu_synth_coco_R18_FPN_frozen (1)", "cpu_synth_coco_R18_FPN_frozen (2)"):
+        assert f" {name}, APbb |" in "".join(heads)
+        assert f"- {name}: benchmark coco, config cpu_synth_coco_R18_FPN_frozen" in summary
+    # missing and unfinished runs of the grid show as such in their column, never as numbers
+    assert next(l for l in summary.splitlines() if l.startswith("| supervised |")).endswith(
+        "| missing |")
+
+
+def test_summary_verdict_is_the_comparison_against_the_reference(tmp_path):
+    r = str(tmp_path / "runs")
+    for s, (e2e, loco) in enumerate([(10.0, 11.0), (11.0, 13.0), (12.0, 15.0)]):
+        make_det(f"{r}/e2e/{s}", "e2e", "cpu_synth_coco_R18_FPN_frozen", e2e, e2e, s)
+        make_det(f"{r}/loco/{s}", "loco", "cpu_synth_coco_R18_FPN_frozen", loco, loco, s)
+    md_path, _ = write_report([r], str(tmp_path / "out"))
+    summary = open(md_path).read().split("## Summary")[1].split("\n## ")[0]
+    assert "| loco | 13.00 ± 2.00 (3), better |" in summary
+    assert "| e2e | 11.00 ± 1.00 (3), reference |" in summary
+    cmp = read_csv(tmp_path / "out" / "comparisons.csv")
+    assert find(cmp, method="loco", metric="APbb")["verdict"] == "better"
+
+
+def test_unrequested_baseline_is_not_listed(report):
+    assert "supervised (published weights)" not in report["md"]
+    assert "supervised_published" not in report["md"]
+    assert not [r for r in report["csv"] if "published" in r["method"]]
+
+
+def test_wide_tables_are_split(report):
+    for line, n in _tables(report["md"]):
+        assert n <= 11, line
+
+
+def test_plot_legends_sit_outside_the_axes_and_text_is_readable(report, tmp_path, monkeypatch):
+    """Every legend is clear of the bars and curves (outside its axes) and no label is smaller
+    than 7 pt at the size the PNG is written."""
+    from loco_det import report as rep
+
+    figures = []
+    save = rep._save
+
+    def keep(fig, path):
+        save(fig, path)   # draws the figure: the extents below are those of the PNG
+        figures.append((os.path.basename(path), fig))
+
+    monkeypatch.setattr(rep, "_save", keep)
+    rows = rep.build_rows(rep.collect([report["runs"]])[0])
+    assert set(rep.make_plots(rows, str(tmp_path))) == {"pretrain", "readout", "detection"}
+    assert len(figures) == 3
+    for name, fig in figures:
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            if not ax.get_visible():
+                continue
+            legend = ax.get_legend()
+            assert legend is not None, name
+            assert not legend.get_window_extent(renderer).overlaps(
+                ax.get_window_extent(renderer)), f"{name}: legend over the plot"
+            texts = ax.get_xticklabels() + ax.get_yticklabels() + legend.get_texts() + [
+                ax.title, ax.xaxis.label, ax.yaxis.label]
+            small = [t.get_text() for t in texts if t.get_text() and t.get_fontsize() < 7]
+            assert not small, (name, small)

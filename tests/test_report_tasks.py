@@ -70,16 +70,18 @@ def test_voc_semseg_and_knn_sections(tmp_path):
     mean, std = statistics.fmean(ap50), statistics.stdev(ap50)
     assert f"{mean:.2f} ± {std:.2f}" == cells[col["APbb50"]]
     assert f"{mean - 30:.2f} ± {std:.2f}" == cells[col["APbb"]] and cells[col["n"]] == "5"
-    assert "voc" in cells and "cpu_synth_voc_R18_FPN_frozen" in cells
+    assert "### voc: cpu_synth_voc_R18_FPN_frozen" in voc   # the table's protocol heading
 
     sem = md.split("## Cityscapes semantic segmentation, measured")[1].split("\n## ")[0]
     line = next(l for l in sem.splitlines() if l.startswith("| loco |"))
     assert "| 41.25 | 20.50 |" in line
 
     kn = md.split("## kNN readout, measured")[1].split("\n## ")[0]
-    line = next(l for l in kn.splitlines() if l.startswith("| random |"))
-    assert "T 0.07, 64 px, 100 train / 50 val" in line
-    assert "| 21.00 | 22.00 | 23.00 | 24.50 | 11.00 | 12.00 | 13.00 | 14.50 |" in line
+    for k, values in (("20", "| 21.00 | 22.00 | 23.00 | 24.50 |"),
+                      ("200", "| 11.00 | 12.00 | 13.00 | 14.50 |")):
+        table = kn.split(f"### k = {k}\n")[1].split("\n### ")[0]
+        line = next(l for l in table.splitlines() if l.startswith("| random |"))
+        assert "T 0.07, 64 px, 100 train / 50 val" in line and values in line
 
     with open(tmp_path / "out" / "report.csv") as f:
         text = f.read()

@@ -25,14 +25,15 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def readme_example():
-    """The README's complete plug-in example (the module `my_rules`), as written there."""
-    with open(os.path.join(REPO, "README.md")) as f:
+    """The complete plug-in example of docs/pretraining.md (the module `my_rules`), as written
+    there."""
+    with open(os.path.join(REPO, "docs", "pretraining.md")) as f:
         text = f.read()
     start = text.index("```python\n# my_rules.py\n") + len("```python\n")
     return text[start:text.index("```", start)]
 
 
-# Added to the README's module for the error cases.
+# Added to the documented module for the error cases.
 BROKEN = textwrap.dedent('''
 
     not_a_rule = 42

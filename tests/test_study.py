@@ -68,6 +68,17 @@ def _section(md, title):
     return md.split(title, 1)[1].split("\n## ", 1)[0]
 
 
+def _rows_under(section, name):
+    """Table lines of the report's per-protocol tables ("### <protocol>") whose heading names
+    `name`."""
+    out = []
+    for part in section.split("\n### ")[1:]:
+        head, _, body = part.partition("\n")
+        if name in head:
+            out += [l for l in body.splitlines() if l.startswith("| ")]
+    return out
+
+
 def test_reduced_study_reports_every_method_with_verdicts(tmp_path):
     out = tmp_path / "study"
     res = _tool("--profile", "reduced", "--jobs", "2", "--out", str(out))
@@ -77,8 +88,7 @@ def test_reduced_study_reports_every_method_with_verdicts(tmp_path):
     detection = _section(md, "## Detection")
     for proto in PROTOCOLS:
         for method in METHODS:
-            rows = [r for r in detection.splitlines()
-                    if r.startswith(f"| {method} |") and proto in r]
+            rows = [r for r in _rows_under(detection, proto) if r.startswith(f"| {method} |")]
             assert len(rows) == 1, f"{method} on {proto}: {rows}"
             assert rows[0].endswith("| ok |") and re.search(r"\|\s*\d+\.\d+", rows[0]), rows[0]
     readout = _section(md, "## Linear readout")
@@ -89,8 +99,7 @@ def test_reduced_study_reports_every_method_with_verdicts(tmp_path):
     comparisons = _section(md, "## Comparisons")
     for proto in PROTOCOLS:
         for method in METHODS[:4]:
-            rows = [r for r in comparisons.splitlines()
-                    if proto in r and f"| {method} | random |" in r]
+            rows = [r for r in _rows_under(comparisons, proto) if f"| {method} | random |" in r]
             assert len(rows) == 2, (method, proto, rows)   # APbb and APmk against random init
             assert all(any(f"| {v}" in r for v in VERDICTS) for r in rows), rows
     rows = [r for r in comparisons.splitlines() if "| supervised (trained here) | random |" in r

@@ -306,3 +306,24 @@ def test_help_has_examples():
     for flag in ("--config-file", "--num-gpus", "--num-machines", "--machine-rank", "--dist-url",
                  "--eval-only", "--resume", "Examples:"):
         assert flag in proc.stdout
+
+
+@pytest.mark.parametrize("extra,want", [([], "auto"),
+                                        (["--dist-url", "tcp://10.0.0.1:1234"],
+                                         "tcp://10.0.0.1:1234")])
+def test_one_machine_picks_a_free_port(extra, want, capsys, monkeypatch):
+    """Detectron2's default --dist-url is one port per user, so two multi-GPU jobs on one
+    machine (the grid runner with --jobs N) would collide: on one machine train_net asks
+    launch() for a free port ("auto") unless --dist-url is given."""
+    import loco_det.detection  # noqa: F401  (compat layer first, as the tool does)
+    import detectron2.engine
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(detectron2.engine, "launch",
+                        lambda fn, n, num_machines, machine_rank, dist_url, args: seen.append(
+                            (n, dist_url)))
+    config = os.path.join(REPO, "det_configs", "cpu_synth_coco_R18_FPN_frozen.yaml")
+    code, errors = _main(["--num-gpus", "2", *extra, "--config-file", config], capsys)
+    assert code == 0 and not errors
+    assert seen == [(2, want)]

@@ -44,13 +44,17 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet50", choices=ARCHS)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--arch", default="resnet50", choices=ARCHS,
+                        help="torchvision ResNet (default resnet50)")
+    parser.add_argument("--image-size", type=int, default=224,
+                        help="square input side in pixels (default 224)")
     parser.add_argument("--batch", type=int, default=16, help="images per step (views: 2x)")
     parser.add_argument("--rounds", type=int, default=3, help="timed interleaved rounds")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--conv-blocks", type=int, default=0, choices=(0, 1, 2))
-    parser.add_argument("--mlp-layers", type=int, default=2, choices=(2, 4))
+    parser.add_argument("--conv-blocks", type=int, default=0, choices=(0, 1, 2),
+                        help="residual conv blocks in every decoder (MODEL.DECODER.CONV_BLOCKS)")
+    parser.add_argument("--mlp-layers", type=int, default=2, choices=(2, 4),
+                        help="MLP layers in every decoder (MODEL.DECODER.MLP_LAYERS)")
     parser.add_argument("--loco-schedule", default="all",
                         help="LoCo schedule(s) to measure, one row each: 'all' or a comma-"
                              f"separated list of {', '.join(LOCO_SCHEDULES)} (default: all)")

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""The prepared GPU check: benchmark, pretraining (nccl, bf16, channels_last, SyncBN), readouts,
-conversion and Mask R-CNN on CUDA, one summary table, non-zero exit on any failure. See README,
-"GPU check", and loco_det/gpu_check.py.
+"""The prepared GPU check: benchmark, pretraining (nccl, bf16, channels_last, SyncBN), two gloo
+ranks sharing the GPU against one process, readouts, conversion and Mask R-CNN on CUDA, one
+summary table, non-zero exit on any failure. See
+docs/gpu_check.md and loco_det/gpu_check.py.
 
 Examples:
   # on the GPU machine, with the folder `make gpu-wheels` prepared (what `make gpu-check` runs)

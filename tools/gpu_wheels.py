@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Prepare the wheels (and the pinned Detectron2 sdist) that `make gpu-check` installs on a GPU
-machine that cannot fetch anything; run here, where PyPI is reachable. See README, "GPU check".
+machine that cannot fetch anything; run where PyPI is reachable. See docs/gpu_check.md.
 
 Examples:
   python tools/gpu_wheels.py                 # fill .gpu_wheels/ (kept wheels are not refetched)

@@ -38,7 +38,8 @@ def build_parser():
     add_readout_source_args(parser)
     parser.add_argument("--k", type=int, nargs="+", default=[20, 200], metavar="K",
                         help="neighbour counts (default 20 200)")
-    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--temperature", type=float, default=0.07,
+                        help="T of the vote weight exp(cos / T) (default 0.07)")
     parser.add_argument("--image-size", type=int,
                         help="default: the checkpoint's DATA.IMAGE_SIZE (random init: 64 up to "
                              "50,000 training images, else 224)")
@@ -47,7 +48,7 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=-1,
                         help="seed of the random init (-1: draw one; recorded in knn.json)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 

@@ -17,7 +17,7 @@ examples:
       --output-dir runs/cpu_loco/readout
 
   # the same encoder before pretraining (SEED=0 run): the floor any pretraining must beat
-  python tools/linear_readout.py --random-init --arch resnet18 --seed 0 \
+  python tools/linear_readout.py --random-init --arch resnet18 --seed 0 \\
       --output-dir runs/random_r18
 
   # ImageNet with the LoCo paper's protocol (auto-selected above 50,000 training images)
@@ -41,22 +41,29 @@ def build_parser():
     add_readout_source_args(parser)
     parser.add_argument("--protocol", default="auto", choices=("auto", "small", "paper"),
                         help="default auto: small up to 50,000 training images, else paper")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--weight-decay", type=float)
-    parser.add_argument("--momentum", type=float)
+    parser.add_argument("--epochs", type=int,
+                        help="classifier training epochs (default: small 200, paper 100)")
+    parser.add_argument("--lr", type=float,
+                        help="base learning rate (default: small 0.1 cosine, paper 30 divided "
+                             "by 10 at epochs 30, 60, 90)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default 256)")
+    parser.add_argument("--weight-decay", type=float,
+                        help="classifier weight decay (default: small 5e-4, paper 0)")
+    parser.add_argument("--momentum", type=float,
+                        help="SGD momentum (default: small 0.9, paper 0)")
     parser.add_argument("--image-size", type=int,
                         help="default: the checkpoint's DATA.IMAGE_SIZE (random init: 64 small, "
                              "224 paper)")
     parser.add_argument("--feature-norm", choices=("none", "bn", "standardize"),
-                        help="standardize: cached features only")
+                        help="what precedes each classifier (default: small standardize, "
+                             "paper none); bn: a non-affine BatchNorm1d; standardize: the "
+                             "training set's per-dimension mean and std, cached features only")
     parser.add_argument("--workers", type=int, default=2, help="data-loading workers")
     parser.add_argument("--seed", type=int, default=-1,
                         help="seed of the random init and the classifiers (-1: draw one; it is "
                              "recorded in readout.json). --random-init --seed S is exactly the "
                              "initial encoder of a pretraining run with SEED=S")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 

@@ -29,9 +29,11 @@ examples:
   python tools/make_synthetic_data.py --size 192x256 --num-train 2000 --num-val 200 --overwrite
 
 then, with DETECTRON2_DATASETS pointing at the parent of --out:
-  python tools/pretrain.py ...          # reads DIR/imagefolder/{train,val}
+  python tools/pretrain.py ...          # reads DIR/imagefolder/{train,val} or DIR/objects/...
   python tools/train_net.py ...         # datasets loco_synth_coco_{train,val},
-                                        # loco_synth_cityscapes_instance_seg_{train,val}
+                                        # loco_synth_cityscapes_instance_seg_{train,val},
+                                        # loco_synth_cityscapes_sem_seg_{train,val},
+                                        # loco_synth_voc_{train,val}
 
 Running it again with the same arguments is a no-op; different arguments on an existing dataset
 are refused unless --overwrite (two datasets are never mixed in one folder).
@@ -48,9 +50,11 @@ def parse_size(text):
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Write the embedded dataset: deterministic scenes of textured, overlapping "
-                    "shapes (6 categories, each mapped to a Cityscapes instance class) in three "
-                    "views: ImageFolder (label = category of the largest object), COCO instance "
-                    "segmentation and the Cityscapes layout.",
+                    "shapes (6 categories, each mapped to a Cityscapes instance class) in five "
+                    "views: ImageFolder (label = category of the largest object), object crops "
+                    "(one per instance, labelled by its category), COCO instance segmentation, "
+                    "the Cityscapes layout (instance and semantic labels) and PASCAL VOC "
+                    "detection. Layout: docs/formats.md.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None,
                         help="output folder (default: $DETECTRON2_DATASETS/loco_synth, "

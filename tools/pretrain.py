@@ -26,7 +26,7 @@ examples:
       DATA.ROOT=/data/imagenet/train --output-dir runs/loco_r50_100ep
 
   # several nodes
-  torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+  torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
       tools/pretrain.py --config pretrain/loco_r50_800ep.yaml --output-dir runs/loco_r50_800ep
 
 then read out the frozen features:
@@ -37,8 +37,10 @@ then read out the frozen features:
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description="Pretrain a torchvision ResNet with SimCLR (e2e), GIM or LoCo. Writes "
-                    "config.yaml, run_info.json, metrics.jsonl, TensorBoard logs, "
+        description="Pretrain a torchvision ResNet with a learning rule (MODEL.METHOD): e2e "
+                    "(SimCLR), gim, loco, supervised, loco_overlap2, loco_blocks, or your own "
+                    "(an import path or a loco_det.rules entry point; docs/pretraining.md). "
+                    "Writes config.yaml, run_info.json, metrics.jsonl, TensorBoard logs, "
                     "checkpoint_last.pth and summary.json to --output-dir.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="YAML",
@@ -51,6 +53,12 @@ def build_parser():
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="config overrides, e.g. OPTIM.EPOCHS=10 DATA.ROOT=/data/train")
     return parser
+
+
+def rank_prefix():
+    """"rank R of W: " in a run of several processes (torchrun's variables), else ""."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"rank {os.environ.get('RANK', '0')} of {world}: " if world > 1 else ""
 
 
 def main(argv=None):
@@ -72,10 +80,15 @@ def main(argv=None):
                   file=sys.stderr, flush=True)
         return exit_code(e)
     except LocoError as e:
-        # Every rank hits the same check; one line from rank 0 is enough.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
+        # Each rank prints its own error: most checks fail alike on every rank, but some (a
+        # rank's unreadable images) fail on one rank only.
+        print(f"error: {rank_prefix()}{e}", file=sys.stderr, flush=True)
         return 1
+    except Exception as e:  # a bug or a failed collective: say which rank, then the traceback
+        if rank_prefix():
+            print(f"error: {rank_prefix()}{type(e).__name__}: {str(e)[:500]} (traceback "
+                  f"follows)", file=sys.stderr, flush=True)
+        raise
     return 0
 
 

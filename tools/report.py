@@ -1,16 +1,21 @@
 #!/usr/bin/env python
-"""Write the benchmark report (report.md, report.csv, paper_reference.csv, plots/*.png) from run
-directories.
+"""Write the benchmark report from run directories.
+
+Writes, into --out: report.md, report.csv (measured numbers), comparisons.csv,
+paper_reference.csv (the paper's numbers, apart) and plots/*.png.
 
 Walks every RUN_DIR recursively for pretraining runs (run_info.json, metrics.jsonl,
-summary.json), linear-readout runs (readout.json) and Detectron2 runs (results.json,
+summary.json), linear-readout runs (readout.json, knn.json) and Detectron2 runs (results.json,
 run_info.json, config.yaml), and for the manifest that tools/run_benchmark.py writes
-(benchmark.json), whose expected runs without results are listed as missing. Runs are grouped by
-their fingerprint (what was computed, seed excluded), never by label: repeated seeds of one
-computation become mean +- sample std over distinct seeds; the same seed twice is flagged as a
-repeat. Each method is compared with a reference method (--reference, default e2e) and with
-random init: mean difference, 95% t interval, verdict (better / worse / not resolved). The
-paper's numbers are printed in their own section.
+(benchmark.json), whose jobs without results are listed as missing. Runs are grouped by their
+fingerprint (what was computed, seed excluded), never by label: repeated seeds of one computation
+become mean +- sample std over distinct seeds; the same seed twice is flagged as a repeat. Each
+method is compared with a reference method (--reference, default e2e) and with random init:
+mean difference, 95% t interval, verdict (better / worse / not resolved).
+
+report.md opens with a summary (method x benchmark: headline metric, mean +- std (n), verdict
+against the reference), then the measured tables, one per protocol, the comparisons, the
+missing runs, and last the paper's numbers in their own section.
 
 Examples:
   python tools/report.py runs/demo --out runs/demo
@@ -30,8 +35,8 @@ def main(argv=None):
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                         help="directories to search (recursively) for runs")
     parser.add_argument("--out", required=True, metavar="DIR",
-                        help="output directory for report.md, report.csv, comparisons.csv and "
-                             "plots/")
+                        help="output directory for report.md, report.csv, comparisons.csv, "
+                             "paper_reference.csv and plots/")
     parser.add_argument("--reference", default="e2e", metavar="METHOD",
                         help="method (label or learning rule) every other method is compared "
                              "with (default: e2e)")

@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Run a benchmark grid: data -> pretraining -> linear readout -> conversion (--verify) ->
-Mask R-CNN (each method, random init and supervised baselines) -> report.
+"""Run a benchmark grid: data -> pretraining -> linear (and kNN) readout -> conversion
+(--verify) -> Detectron2 runs (each method, the random-init baseline, and published supervised
+weights when the grid's detection.supervised_weights names them) -> report.
 
 Each job is a command of this repo's tools, run in dependency order on this machine
 (--launcher local, the default) or submitted to SLURM through submitit (--launcher slurm, with
 the GPUs, CPUs and time the grid requests and afterok dependencies between stages). Jobs whose
 results exist are skipped and say so; interrupted pretraining and detection runs resume from
 their last checkpoint. A failed job is reported, independent jobs go on, its dependants are
-skipped, and the exit status is non-zero. The report (report.md, report.csv, plots/) is written
-to the output folder at the end in any case.
+skipped, and the exit status is non-zero. The report (report.md, its CSV files and plots/) is
+written to the output folder at the end in any case. Grid file format: docs/grids_and_report.md.
 
 Examples:
   # the CPU demo (what `make demo` runs); again: reuses finished steps
@@ -49,6 +50,12 @@ def main(argv=None):
                         help="local launcher: run up to N independent jobs at a time (default "
                              "1); each gets OMP_NUM_THREADS = CPUs / N unless you set it, and "
                              "their output goes to OUT/logs/ only")
+    parser.add_argument("--allow-commands", action="store_true",
+                        help="let the grid's data jobs run commands other than loco_det's own "
+                             "tools (a grid is data: only for a grid you trust)")
+    parser.add_argument("--allow-env", action="store_true",
+                        help="let the grid's env: set variables other than the documented ones "
+                             "(e.g. LD_PRELOAD, PYTHONPATH: only for a grid you trust)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="do not stream the jobs' output (it still goes to OUT/logs/)")
     args = parser.parse_args(argv)
@@ -63,10 +70,25 @@ def main(argv=None):
             grid = benchmark.load_grid(args.grid, args.profile, args.sets)
             out = args.out or grid.get("out") or os.path.join(
                 "runs", os.path.splitext(os.path.basename(args.grid))[0])
+            if not args.out and grid.get("out") and benchmark._bad_path_part(
+                    os.path.normpath(str(grid["out"]))):
+                raise LocoError(f"{args.grid}: out: {grid['out']} leaves the current folder; a "
+                                "grid's default output must be a relative path (or pass --out)")
             jobs, notes, missing = benchmark.expand(grid, out)
+            refusals, notices = benchmark.safety_check(
+                grid, jobs, out, allow_commands=args.allow_commands, allow_env=args.allow_env)
             if args.dry_run:
-                benchmark.dry_run(jobs, notes, missing)
+                benchmark.dry_run(jobs, notes, missing, notices)
+            for line in refusals:
+                print(f"error: {line}", file=sys.stderr)
+            if refusals:
+                print(f"error: {args.grid}: {len(refusals)} problem(s); nothing was run",
+                      file=sys.stderr)
+                return 1
+            if args.dry_run:
                 return 0
+            for line in notices:
+                print(f"note: {line}")
             benchmark.write_manifest(out, args.grid, args.profile, args.sets, jobs, missing)
             if args.launcher == "slurm":
                 return benchmark.run_slurm(jobs, notes, out, grid.get("slurm"))

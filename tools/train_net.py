@@ -105,6 +105,10 @@ def main(argv=None):
 
     parser = default_argument_parser(epilog=EXAMPLES)
     parser.description = __doc__.split("\n\n")[0]
+    for action in parser._actions:   # Detectron2's text also describes LazyConfig, unused here
+        if action.dest == "opts":
+            action.help = ("config overrides, after every option: space-separated KEY VALUE "
+                           "pairs (yacs), e.g. SOLVER.MAX_ITER 300 OUTPUT_DIR runs/x")
     args = parser.parse_args(argv)
     args.loco_det_argv = list(sys.argv[1:] if argv is None else argv)  # for the resume hint
     misplaced = [o for o in args.opts if o.split("=")[0] in _OPTIONS]
@@ -113,6 +117,10 @@ def main(argv=None):
               f"before them (e.g. train_net.py {misplaced[0]} ... --config-file CFG KEY VALUE)",
               file=sys.stderr)
         return 1
+    if args.num_machines == 1 and not any(a.split("=")[0] == "--dist-url"
+                                          for a in args.loco_det_argv):
+        # Detectron2's default is one port per user: two jobs on one machine would collide.
+        args.dist_url = "auto"   # a free port of this machine
     world = args.num_gpus * args.num_machines
     if args.num_gpus < 1 or args.num_machines < 1:
         print("error: --num-gpus and --num-machines must be at least 1", file=sys.stderr)

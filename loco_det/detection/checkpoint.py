@@ -5,7 +5,8 @@ can run arbitrary code; and it only *warns* when backbone weights are missing or
 preprocessing disagrees with the weights, which silently produces "lower than the paper" numbers.
 This module closes those gaps while keeping Detectron2's loading behaviour otherwise unchanged:
 
-- `safe_load_pkl`: a restricted unpickler (containers, strings, numbers, numpy arrays only).
+- `safe_load_pkl` (`loco_det.safe_load.load_pkl`): a restricted, memory-safe unpickler
+  (containers, strings, numbers, numeric numpy arrays only).
 - `LocoCheckpointer`: Detectron2's `DetectionCheckpointer` that loads `.pkl` through
   `safe_load_pkl`, `.pth` with `torch.load(weights_only=True)`, errors when a backbone
   parameter is missing, and logs a table of loaded / missing / unused keys.
@@ -16,7 +17,6 @@ Import order: `loco_det.detection.compat` must be imported before detectron2; im
 module (part of `loco_det.detection`) does so.
 """
 import collections
-import io
 import os
 import pickle
 
@@ -27,6 +27,7 @@ from . import compat  # noqa: F401  (must precede detectron2 imports)
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from fvcore.common.checkpoint import _filter_reused_missing_keys  # noqa: E402
 
+from ..safe_load import load_pkl, loads_pkl  # noqa: E402
 from ..utils import LocoError  # noqa: E402
 
 __all__ = ["safe_load_pkl", "safe_loads_pkl", "torch_load_weights", "LocoCheckpointer", "read_weights_metadata",
@@ -35,104 +36,9 @@ __all__ = ["safe_load_pkl", "safe_loads_pkl", "torch_load_weights", "LocoCheckpo
 
 METADATA_KEY = "loco_det"
 
-# Globals a weights pickle legitimately needs. Plain dict/list/tuple/str/bytes/int/float/bool/None
-# have their own pickle opcodes and need no global at all. numpy arrays, dtypes and scalars are
-# rebuilt through these functions (numpy 1.x spells them numpy.core.*, numpy 2 numpy._core.*);
-# they only build arrays from bytes, a dtype and a shape.
-# `_codecs.encode` / `bytes` are how protocol-2 pickles written by Python 3 store `bytes` (numpy
-# array data included); they only build a bytes object. `collections.OrderedDict` is a dict (state dicts are
-# OrderedDicts). `builtins.complex` is a number. Nothing here can run user-chosen code.
-_ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),  # protocol-5 pickles (Python 3.14's default)
-    ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
-    ("builtins", "bytes"),  # protocol <= 2 writes b"" (e.g. an empty array's data) as bytes()
-    ("__builtin__", "bytes"),
-    ("collections", "OrderedDict"),
-    ("builtins", "complex"),
-    ("__builtin__", "complex"),  # Python 2 pickles (Caffe2 / Detectron1 model zoo)
-}
-
-# Errors that a malformed pickle stream can raise from the unpickler itself.
-_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
-                  AttributeError, OverflowError, MemoryError, ImportError)
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only `_ALLOWED_GLOBALS`. Every object a pickle builds other than the opcode-native
-    containers and scalars has to be looked up here first, so refusing here means nothing from a
-    hostile file has run yet."""
-
-    def __init__(self, file, path):
-        super().__init__(file, encoding="latin1")  # latin1: Python 2 (Caffe2) pickles of numpy data
-        self._path = path
-
-    def find_class(self, module, name):
-        if (module, name) not in _ALLOWED_GLOBALS:
-            raise LocoError(
-                f"refusing to load {self._path}: it asks to import {module}.{name} while unpickling "
-                "(only dicts, lists, tuples, strings, numbers and numpy arrays are allowed in "
-                "weights files); nothing from the file was run")
-        if module == "__builtin__":
-            module = "builtins"
-        if module.startswith("numpy._core") and not _has_module("numpy._core.multiarray"):
-            module = module.replace("numpy._core", "numpy.core", 1)
-        return super().find_class(module, name)
-
-    def persistent_load(self, pid):
-        raise pickle.UnpicklingError("persistent ids are not allowed in weights pickles")
-
-
-def _has_module(name):
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ImportError:
-        return False
-
-
-def safe_load_pkl(path):
-    """Unpickle a weights `.pkl` allowing only dicts, lists, tuples, strings, bytes, numbers, bool,
-    None and numpy arrays/dtypes/scalars.
-
-    Why: a pickle can name any importable callable and have the unpickler call it (the classic
-    `__reduce__` -> `os.system` payload); Detectron2 uses plain `pickle.load`. Here any other
-    global is refused with a `LocoError` naming the file and the global when the unpickler meets
-    it, before it is even imported, so no code from the file runs. A missing, empty, truncated or
-    corrupt file is also a one-line `LocoError` naming the path.
-    """
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            return _load_stream(f, path)
-    except FileNotFoundError:
-        raise LocoError(f"weights file not found: {path}") from None
-    except IsADirectoryError:
-        raise LocoError(f"weights path is a directory, not a file: {path}") from None
-    except OSError as e:
-        raise LocoError(f"cannot read weights file {path}: {e.strerror or e}") from None
-
-
-def safe_loads_pkl(data, name="<bytes>"):
-    """`safe_load_pkl` for pickled bytes already in memory (`name` is used in errors)."""
-    return _load_stream(io.BytesIO(data), name)
-
-
-def _load_stream(f, path):
-    try:
-        return _RestrictedUnpickler(f, path).load()
-    except _PICKLE_ERRORS as e:
-        truncated = isinstance(e, EOFError) or "truncated" in str(e)
-        kind = "empty or truncated" if truncated else "corrupt or not a pickle"
-        detail = f" ({type(e).__name__}: {e})" if str(e) else ""
-        raise LocoError(f"cannot load {path}: file is {kind}{detail}") from None
+# The restricted, memory-safe unpickler lives in loco_det.safe_load (no Detectron2 import).
+safe_load_pkl = load_pkl
+safe_loads_pkl = loads_pkl
 
 
 def _weights_only_reason(message):

@@ -14,6 +14,7 @@ import yaml
 from . import compat  # noqa: F401  (must precede every detectron2 import)
 from detectron2.config import CfgNode, get_cfg
 
+from ..safe_load import yaml_chain
 from ..utils import ConfigError
 
 logger = logging.getLogger("loco_det.detection")
@@ -63,46 +64,21 @@ def _one_line(exc):
     return " ".join(text.split())
 
 
-def _check_base_chain(config_file):
-    """Name the missing file of a `_BASE_` chain: Detectron2 raises a FileNotFoundError without
-    the file name. Same path rule as Detectron2 (relative to the including file)."""
-    seen = set()
-    path = config_file
-    while path:
-        if not os.path.isfile(path):
-            if path == config_file:
-                raise ConfigError(f"config file not found: {config_file}")
-            raise ConfigError(f"{config_file}: _BASE_ file not found: {path}")
-        real = os.path.realpath(path)
-        if real in seen:
-            raise ConfigError(f"{config_file}: _BASE_ chain loops at {path}")
-        seen.add(real)
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except yaml.YAMLError:
-            return  # Detectron2's own loader reports it (or accepts python tags unsafe_load needs)
-        base = data.get("_BASE_") if isinstance(data, dict) else None
-        if not base:
-            return
-        if base.startswith(("http://", "https://")):
-            return
-        if not base.startswith(("/", "~")):
-            base = os.path.join(os.path.dirname(path), base)
-        path = os.path.expanduser(base)
-
-
 def setup_cfg(config_file, opts=()):
-    """Detectron2 defaults + LOCO_DET + `config_file` + `opts` (KEY VALUE pairs).
+    """Detectron2 defaults + LOCO_DET + `config_file` + `opts` (KEY VALUE pairs). No YAML
+    file of the chain can construct Python objects (loco_det.safe_load).
 
     A missing file, an unknown key, a value of the wrong type or an odd-length override list is a
     ConfigError with one line naming the file or key (yacs' own messages span several lines or
     are bare KeyErrors)."""
     cfg = add_loco_config(get_cfg())
     if config_file:
-        _check_base_chain(config_file)
+        # Every file of the _BASE_ chain is read with yaml.safe_load first (a Python tag is one
+        # line naming file, line and tag); Detectron2 itself is told not to fall back to
+        # yaml.unsafe_load, which its merge_from_file does by default.
+        yaml_chain(config_file)
         try:
-            cfg.merge_from_file(config_file)
+            cfg.merge_from_file(config_file, allow_unsafe=False)
         except KeyError as e:
             raise ConfigError(f"{config_file}: unknown config key: {_one_line(e)}") from None
         except (ValueError, AssertionError, TypeError) as e:

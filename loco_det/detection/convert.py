@@ -1,6 +1,6 @@
 """Convert a torchvision-style ResNet checkpoint into Detectron2's weights pickle, and verify it.
 
-The renaming is Detectron2's own (`tools/convert-torchvision-to-d2.py`, REFERENCE.md section 3):
+The renaming is Detectron2's own (`tools/convert-torchvision-to-d2.py`; docs/checkpoints.md):
 keys without "layer" get `stem.`, `layerN` -> `res{N+1}`, `bnK` -> `convK.norm`,
 `downsample.0` -> `shortcut`, `downsample.1` -> `shortcut.norm`; Detectron2 then matches names by
 suffix when loading. On top of that script this module:
@@ -21,6 +21,7 @@ suffix when loading. On top of that script this module:
 - writes atomically, and `verify` checks Detectron2's own ResNet against torchvision's.
 """
 import builtins
+import collections
 import hashlib
 import os
 import pickle
@@ -72,11 +73,14 @@ MOMENTUM_COPIES = ("encoder_k", "momentum_encoder", "momentum_backbone", "target
 TEACHER_STUDENT = ("teacher", "student")
 
 # Globals that exist to run code: a checkpoint asking for one is refused outright. Every other
-# global that torch.load(weights_only=True) refuses becomes an inert `_Opaque` placeholder.
+# global that torch.load(weights_only=True) refuses becomes an inert `_Opaque` placeholder,
+# registered with torch's own weights-only unpickler for that one load.
 _REFUSED_MODULES = {"os", "posix", "nt", "sys", "subprocess", "shutil", "runpy", "importlib",
                     "pickle", "_pickle", "code", "codeop", "socket", "ctypes", "pty", "marshal",
                     "webbrowser", "pdb", "multiprocessing"}
-_PLAIN_BUILTINS = {"set", "frozenset", "slice", "range", "complex", "bytearray", "bytes"}
+# Plain data types an object may hold (an nn.Module's sets); calling them allocates nothing
+# unbounded (bytes and bytearray, which take a size, stay placeholders).
+_PLAIN_BUILTINS = {"set", "frozenset", "slice", "range", "complex"}
 _REFUSED_BUILTINS = {"eval", "exec", "compile", "open", "__import__", "getattr", "setattr",
                      "delattr", "globals", "locals", "vars", "input", "breakpoint", "exit", "quit"}
 
@@ -112,26 +116,47 @@ class _Opaque:
     def extend(self, values):
         self.__dict__["_opaque"]["list"].extend(values)
 
-    def __call__(self, *args, **kwargs):
-        return _placeholder(self._name + "()")(*args, **kwargs)
 
     def __repr__(self):
         return f"<{self._name}, not unpickled>"
 
 
-_PLACEHOLDERS = {}
-
-
 def _placeholder(full_name):
-    if full_name not in _PLACEHOLDERS:
-        _PLACEHOLDERS[full_name] = type(full_name.rsplit(".", 1)[-1], (_Opaque,), {"_name": full_name})
-    return _PLACEHOLDERS[full_name]
+    """A fresh placeholder class per load: what one file does to it touches no other load."""
+    return type(full_name.rsplit(".", 1)[-1], (_Opaque,), {"_name": full_name})
 
 
-class _PlaceholderUnpickler(pickle.Unpickler):
-    """torch's weights-only globals, an inert placeholder for every other class or function, and
-    a refusal for the few that exist to run code. torch.load wraps this (pickle_module) and adds
-    its own storage handling."""
+class _RefusedGlobal(Exception):
+    pass
+
+
+def _stand_in(full):
+    """The object registered for global `full`: a plain builtin type, a refusal, or a
+    placeholder class."""
+    module, _, name = full.rpartition(".")
+    if module in ("builtins", "__builtin__") and name in _PLAIN_BUILTINS:
+        return getattr(builtins, name)
+    if module in ("builtins", "__builtin__") and name in _REFUSED_BUILTINS \
+            or module.split(".")[0] in _REFUSED_MODULES:
+        raise _RefusedGlobal(full)
+    return _placeholder(full)
+
+
+class _PlaceholderUnpickler(pickle._Unpickler):
+    """torch's weights-only globals, a fresh inert placeholder class (per load) for every other
+    class or function, and a refusal for the few that exist to run code. torch.load wraps this
+    (pickle_module) and adds its own storage handling.
+
+    BUILD follows torch's weights-only rules: only on tensors, parameters, OrderedDicts,
+    placeholders and instances of torch's allowed classes, never on a class, a function or any
+    other module-level object (which would change it for the rest of the process). That is why
+    this is the pure-Python unpickler: the C one cannot restrict BUILD."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stand_ins = {}
 
     def find_class(self, module, name):
         from torch._weights_only_unpickler import _get_allowed_globals
@@ -140,16 +165,23 @@ class _PlaceholderUnpickler(pickle.Unpickler):
         allowed = _get_allowed_globals()
         if full in allowed:
             return allowed[full]
-        if module in ("builtins", "__builtin__") and name in _PLAIN_BUILTINS:
-            return getattr(builtins, name)  # plain data types (e.g. an nn.Module's sets)
-        if module in ("builtins", "__builtin__") and name in _REFUSED_BUILTINS \
-                or module.split(".")[0] in _REFUSED_MODULES:
-            raise _RefusedGlobal(full)
-        return _placeholder(full)
+        if full not in self._stand_ins:
+            self._stand_ins[full] = _stand_in(full)
+        return self._stand_ins[full]
 
+    def _load_build(self):
+        from torch._weights_only_unpickler import _get_allowed_globals
 
-class _RefusedGlobal(Exception):
-    pass
+        inst = self.stack[-2]
+        kind = type(inst)
+        if kind in (torch.Tensor, torch.nn.Parameter, collections.OrderedDict) \
+                or isinstance(inst, _Opaque) \
+                or (kind in _get_allowed_globals().values() and not isinstance(inst, type)
+                    and not callable(inst)):
+            return pickle._Unpickler.load_build(self)
+        raise pickle.UnpicklingError(f"BUILD on {kind.__name__} is not allowed")
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
 
 class _PlaceholderPickleModule:
@@ -200,7 +232,8 @@ def load_checkpoint(path):
     Order: `torch.load(weights_only=True)`; if torch refuses only because the file also holds
     objects of other classes (DINO's and timm's `args` Namespace, Lightning hyper-parameters,
     mmengine's message hub), the same torch.load with `_PlaceholderUnpickler`, where each such
-    object is an inert placeholder: its class is named, never imported. `.safetensors` files
+    object is an inert placeholder (fresh for each load): its class is named, never imported,
+    and BUILD follows torch's weights-only rules. `.safetensors` files
     are read with safetensors. A Detectron2 `.pkl` is refused as already converted.
     `placeholders` lists the class names that were left unread.
     """
@@ -218,7 +251,10 @@ def load_checkpoint(path):
     if kind == "pickle":
         try:
             data = safe_load_pkl(path)
-        except LocoError:
+        except LocoError as e:
+            if str(e).startswith("refusing to load"):
+                raise  # a plain pickle asking for what no weights file needs (a legacy
+                       # torch.save file starts with a bare number, which loads)
             data = None  # not a plain-data pickle: a legacy torch.save file, or corrupt
         if isinstance(data, dict):  # (a legacy torch.save file starts with a bare number)
             _refuse_detectron2(path, data)
@@ -241,7 +277,8 @@ def load_checkpoint(path):
         raise LocoError(f"refusing to load {path}: it asks to import {e} while unpickling, which "
                         "only code (never weights) needs; nothing from the file was run") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
-            AttributeError, RuntimeError, OverflowError, MemoryError, ImportError):
+            AttributeError, RuntimeError, OverflowError, MemoryError, ImportError,
+            RecursionError):
         raise first_refusal from None
     return obj, sorted(_placeholder_names(obj))
 
@@ -794,7 +831,8 @@ def convert(input_path, output_path, prefix=None, verify=False, tol=1e-4, verify
 
 
 def _backbone_cfg(depth):
-    """Detectron2 config for a bare ResNet with the self-supervised conventions (REFERENCE 3)."""
+    """Detectron2 config for a bare ResNet with the torchvision-weight conventions
+    (docs/benchmarks.md)."""
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
@@ -841,7 +879,7 @@ def verify_converted(data, torchvision_state=None, *, tol=1e-4, image_size=224, 
 
     `data` is the converted dict; `torchvision_state` the state dict it came from (if None it is
     rebuilt from the Detectron2 names). Detectron2's backbone is built by its own
-    `build_resnet_backbone` with REFERENCE.md's conventions (DEPTH, RES2_OUT_CHANNELS,
+    `build_resnet_backbone` with the conventions of docs/benchmarks.md (DEPTH, RES2_OUT_CHANNELS,
     STRIDE_IN_1X1 False, FrozenBN, res2..res5) and loaded through `LocoCheckpointer`, i.e.
     Detectron2's suffix matching. Both models run in eval mode on the same random input.
     Returns the max relative error; raises `LocoError` above `tol`.

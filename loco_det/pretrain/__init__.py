@@ -1,7 +1,7 @@
 """Pretraining of torchvision ResNets by a learning rule: SimCLR (e2e), GIM, LoCo, supervised,
 loco_overlap2, loco_blocks, or a rule of your own (rules.py).
 
-Public API (documented in the README; other code builds on these names):
+Public API (documented in docs/pretraining.md, "Python API"; other code builds on these names):
 
     build_model(method, arch, **decoder_options)  nn.Module with .encoder and .forward_backward
     rules.Rule / rules.Unit / rules.load_rule     learning rules as data, the plug-in API

@@ -43,7 +43,8 @@ from torch.utils.flop_counter import flop_registry
 from .model import LOCO_SCHEDULES, NUM_STAGES, build_encoder, build_model, run_stage, \
     stage_channels
 
-# REFERENCE.md section 2: the LoCo paper's per-stage shares for ResNet-50 (percent).
+# The LoCo paper's per-stage shares for ResNet-50, percent (Xiong, Ren and Urtasun, NeurIPS
+# 2020, arXiv:2008.01342).
 PAPER_ACTIVATION_SHARE = (43.64, 29.09, 21.82, 5.45)
 PAPER_FLOP_SHARE = (19.39, 25.09, 35.80, 19.73)
 STAGE_LABELS = ("S1 stem+res2", "S2 res3", "S3 res4", "S4 res5")
@@ -121,6 +122,15 @@ def make_inputs(batch, image_size, seed, device="cpu"):
     shape = (batch, 3, image_size, image_size)
     return (torch.randn(shape, generator=gen).to(device),
             torch.randn(shape, generator=gen).to(device))
+
+
+def training_layout(model):
+    """channels_last weights, the layout pretraining uses on CUDA (RUN.CHANNELS_LAST's
+    default), for every variant (the encoder, and the decoders where there are any)."""
+    for part in (model.encoder, getattr(model, "decoders", None)):
+        if part is not None:
+            part.to(memory_format=torch.channels_last)
+    return model
 
 
 class BareStep:
@@ -362,14 +372,22 @@ def run_benchmark(arch="resnet50", image_size=224, batch=16, rounds=3, warmup=1,
     decoder_options = dict(decoder_options or {})
     names = variants(loco_schedules, accum_steps)
     modes = GRAD_MODES if accumulate else GRAD_MODES[:1]
+    cuda = torch.device(device).type == "cuda"
+    if cuda:  # as pretraining runs on CUDA (engine.py): cuDNN picks the fastest kernels
+        torch.backends.cudnn.benchmark = True
     models = {}
     for name in names:
         model = build_variant(name, arch, seed, decoder_options).to(device)
         model.autocast_dtype = torch.bfloat16 if amp else None
+        if cuda:
+            training_layout(model)
         models[name] = model
     views = make_inputs(batch, image_size, seed, device)
+    if cuda:
+        views = tuple(v.contiguous(memory_format=torch.channels_last) for v in views)
     head = {"arch": arch, "image_size": image_size, "batch": batch, "views": 2 * batch,
             "rounds": rounds, "warmup": warmup, "device": str(device), "amp": amp,
+            "memory_format": "channels_last" if cuda else "contiguous",
             "threads": torch.get_num_threads(), "decoder_options": decoder_options,
             "accum_steps": accum_steps, "memory_method": None, "memory_baseline": None}
     wall, cpu, faults = time_interleaved(models, views, rounds, warmup, device, modes)
@@ -618,7 +636,7 @@ def format_analysis(a):
               f"{_pct(a['stem_acts'], sum(ac)):.2f} % of activations.",
               "act % = fvcore activation count (every conv output); blockout % = only the "
               "output of each residual block, the counting the paper's table matches.",
-              "paper % columns: the LoCo paper's ResNet-50 table (REFERENCE.md section 2)"
+              "paper % columns: the LoCo paper's ResNet-50 table (NeurIPS 2020)"
               + ("" if paper else "; shown only for resnet50 at 224 px") + ".", ""]
     lines.append(f"decoders (conv_blocks={opts.get('conv_blocks', 0)}, "
                  f"mlp_layers={opts.get('mlp_layers', 2)}, proj_dim={opts.get('proj_dim', 128)}); "

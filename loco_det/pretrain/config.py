@@ -9,13 +9,23 @@ import os
 
 from fvcore.common.config import CfgNode as _FvCfgNode
 
+from ..safe_load import yaml_chain
 from ..utils import ConfigError
 from .model import DECODER_DEFAULTS, LOCO_SCHEDULES
 from .rules import RuleError, find_factory
 
 
+AMP_MODES = ("bf16", "fp16", "off")
+LEGACY_AMP = {True: "bf16", False: "off"}  # RUN.AMP was a boolean (bf16 autocast or none)
+
+
 class CfgNode(_FvCfgNode):
-    pass
+    def merge_from_other_cfg(self, cfg_other):
+        """Reads a recipe's boolean RUN.AMP as its mode (yacs refuses a bool for a str key)."""
+        amp = cfg_other.get("RUN", {}).get("AMP")
+        if isinstance(amp, bool):
+            cfg_other.RUN.AMP = LEGACY_AMP[amp]
+        return super().merge_from_other_cfg(cfg_other)
 
 
 _C = CfgNode()
@@ -30,8 +40,8 @@ _C.MODEL = CfgNode()
 # pooled res5 features: the labelled baseline; MODEL.DECODER and LOSS.TEMPERATURE do not apply),
 # "loco_overlap2" (three-stage units {S1,S2,S3},{S2,S3,S4}), "loco_blocks" (LoCo over residual
 # blocks, see MODEL.LOCO_BLOCKS); or a rule from outside the library: an import path
-# "package.module:rule" or the name of a `loco_det.rules` entry point (README, "Your own
-# learning rule"; loco_det/pretrain/rules.py).
+# "package.module:rule" or the name of a `loco_det.rules` entry point (docs/pretraining.md,
+# "Learning rules, and your own"; loco_det/pretrain/rules.py).
 _C.MODEL.METHOD = "loco"
 # torchvision ResNet: resnet18, resnet34, resnet50 or resnet101 (parameter names unchanged).
 _C.MODEL.ARCH = "resnet50"
@@ -112,7 +122,7 @@ _C.OPTIM.BATCH_SIZE = 4096
 # time, so that activation memory is that of one micro-batch; every unit's loss still sees all
 # negatives of the global batch. Gradients equal those of one full-batch step except for
 # BatchNorm, whose batch statistics (and running-statistics updates) are per micro-batch. Costs
-# about one extra forward per step (README, "Gradient accumulation"). 1: off. The per-process
+# about one extra forward per step (docs/pretraining.md, "Gradient accumulation"). 1: off. The per-process
 # batch must divide by it.
 _C.OPTIM.ACCUM_STEPS = 1
 # Learning rate per 256 images of global batch: lr = BASE_LR * BATCH_SIZE / 256 (SimCLR).
@@ -133,15 +143,31 @@ _C.OPTIM.LR_STEPS = ()
 _C.OPTIM.LR_GAMMA = 0.1
 
 _C.RUN = CfgNode()
-# bf16 autocast and channels_last (CUDA only; ignored with a notice on CPU).
-_C.RUN.AMP = True
+# Mixed precision on CUDA: "bf16" (bfloat16 autocast; Ampere and newer GPUs), "fp16" (float16
+# autocast with a dynamic loss scale, torch.amp.GradScaler: for V100, T4 and other GPUs without
+# fast bfloat16) or "off" (float32). The booleans of older configs still read: true is "bf16",
+# false is "off" (and they keep their fingerprint). CUDA only; ignored with a notice on CPU.
+_C.RUN.AMP = "bf16"
+# channels_last memory format for the model and its inputs (CUDA only).
 _C.RUN.CHANNELS_LAST = True
+# Process-group backend: "" for nccl on CUDA and gloo on CPU; "nccl" or "gloo" to choose. With
+# "gloo" on CUDA several processes may share one GPU (process i uses cuda:(LOCAL_RANK mod the
+# number of visible GPUs)); slow, meant for checks of the multi-process code on one GPU.
+_C.RUN.DIST_BACKEND = ""
+# Minutes any collective may wait for the slowest process before the job is ended with an
+# error (torch's own default is 10 minutes for nccl). Rank 0 alone writes checkpoints while the
+# others wait in their next collective, and a rank's kNN share (RUN.KNN_PERIOD) or slow file
+# system can keep the others waiting: this must exceed the longest such wait
+# (docs/distributed.md).
+_C.RUN.DIST_TIMEOUT_MIN = 120.0
 # Log to metrics.jsonl / TensorBoard every this many steps.
 _C.RUN.LOG_PERIOD = 10
 # Besides every epoch, write checkpoint_last.pth every this many steps (0: epochs only).
 _C.RUN.CHECKPOINT_PERIOD = 0
 # Weighted kNN readout per stage (k 20/200, T 0.07; loco_det/pretrain/knn.py) every this many
-# epochs on rank 0, into metrics.jsonl and TensorBoard as knn/k20/res5 etc. (0: off).
+# epochs, into metrics.jsonl and TensorBoard as knn/k20/res5 etc. (0: off). Every process
+# extracts and searches its share of the images, so the readout adds 1/world of its
+# one-process time.
 _C.RUN.KNN_PERIOD = 0
 # Folder with train/ (memory bank) and held-out val/ (queries) ImageFolder splits; empty: the
 # parent of DATA.ROOT (the embedded data's imagefolder/, ImageNet's root).
@@ -160,8 +186,9 @@ def load_config(path=None, overrides=()):
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"{path}: config file not found")
+        yaml_chain(path)   # plain data only: a Python tag is one line naming file and line
         try:
-            cfg.merge_from_file(path)
+            cfg.merge_from_file(path, allow_unsafe=False)
         except KeyError as e:
             raise ConfigError(f"{path}: {e.args[0] if e.args else e}") from None
     opts = []
@@ -169,6 +196,8 @@ def load_config(path=None, overrides=()):
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not KEY=VALUE")
         k, v = item.split("=", 1)
+        if k == "RUN.AMP" and v.strip().lower() in ("true", "false"):
+            v = LEGACY_AMP[v.strip().lower() == "true"]
         opts += [k, _float_if_needed(cfg, k, v)]
     try:
         cfg.merge_from_list(opts)
@@ -201,6 +230,8 @@ def validate(cfg):
         "OPTIM.SCHEDULE": ("cosine", "step"),
         "LOSS.SUPERVISED_VIEWS": (1, 2),
         "DATA.AUGMENT_DEVICE": ("cpu", "cuda"),
+        "RUN.AMP": AMP_MODES,
+        "RUN.DIST_BACKEND": ("", "nccl", "gloo"),
     }
     try:
         find_factory(cfg.MODEL.METHOD)
@@ -229,6 +260,9 @@ def validate(cfg):
         raise ConfigError(f"OPTIM.ACCUM_STEPS={accum} does not divide OPTIM.BATCH_SIZE="
                           f"{cfg.OPTIM.BATCH_SIZE}: each process's batch must split into equal "
                           f"micro-batches")
+    if not cfg.RUN.DIST_TIMEOUT_MIN > 0:
+        raise ConfigError(f"RUN.DIST_TIMEOUT_MIN: {cfg.RUN.DIST_TIMEOUT_MIN} must be a positive "
+                          f"number of minutes")
     steps = list(cfg.OPTIM.LR_STEPS)
     if cfg.OPTIM.SCHEDULE == "step":
         if not steps or steps != sorted(set(steps)) or steps[0] < 1 \

@@ -30,24 +30,51 @@ from .augment import MEAN, STD, SimCLRCrop, SimCLRView, blur_kernel_size, to_uin
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # torchvision's ImageNet normalisation: the converted weights declare the same mean/std to
-# Detectron2 (see REFERENCE.md sec. 3), so pretraining must use it too.
+# Detectron2 (docs/benchmarks.md), so pretraining must use it too.
 IMAGENET_MEAN, IMAGENET_STD = MEAN, STD
 # Errors PIL raises for truncated, corrupt or non-image files (UnidentifiedImageError is an
 # OSError; some broken PNG chunks raise SyntaxError or ValueError).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+# Set to 1 to let a dataset walk follow directory links that lead outside the data root (e.g.
+# class folders linked in from another disk); by default such a link is an error.
+FOLLOW_LINKS_ENV = "LOCO_DET_DATA_FOLLOW_LINKS"
+
+
 def find_images(root, max_images=0):
     """(samples, classes) of an ImageFolder-style `root`: root/<class>/**/<image>.
 
-    Raises LocoError naming `root` when it is missing or holds no images."""
+    Raises LocoError naming `root` when it is missing or holds no images. Directory links are
+    followed only while they stay inside `root` (or anywhere with LOCO_DET_DATA_FOLLOW_LINKS=1),
+    and a link back to a folder already walked (a loop) is one error line naming it: a crafted
+    data folder cannot make the walk endless or roam the file system."""
     if not os.path.isdir(root):
         raise LocoError(f"{root}: data directory not found (expected ROOT/<class>/<image>)")
+    follow_outside = os.environ.get(FOLLOW_LINKS_ENV, "") == "1"
+    real_root = os.path.realpath(root)
+    visited = {real_root}
+
+    def enter(path):
+        """Whether to walk directory `path` (a class folder or a subfolder)."""
+        real = os.path.realpath(path)
+        if real in visited:
+            raise LocoError(f"{root}: {path} leads back to {real}, which the walk already "
+                            "visited (a symbolic link loop); remove the link")
+        inside = real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+        if not inside and not follow_outside:
+            raise LocoError(f"{root}: {path} is a link to {real}, outside the data root; set "
+                            f"{FOLLOW_LINKS_ENV}=1 to follow links out of it")
+        visited.add(real)
+        return True
+
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     samples = []
     for label, cls in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls), followlinks=True):
-            dirnames.sort()
+        top = os.path.join(root, cls)
+        enter(top)
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if enter(os.path.join(dirpath, d)))
             for name in sorted(filenames):
                 if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
                     samples.append((os.path.join(dirpath, name), label))

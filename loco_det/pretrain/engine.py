@@ -19,9 +19,9 @@ a plain loop over epochs and batches. What is unusual, and why:
   anything is written to the output directory, and checkpoints are only ever replaced
   atomically, so a mistake never damages an existing run.
 """
+import datetime
 import hashlib
 import json
-import math
 import os
 import pickle
 import random
@@ -45,30 +45,52 @@ from .optim import build_optimizer, build_scheduler
 CHECKPOINT = "checkpoint_last.pth"
 CHECKPOINT_FORMAT = 1
 COMM_STATS = ("buckets", "early", "done_at_wait", "wait_s")  # GradientReducer.wait()'s counters
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # RUN.AMP
 
 
 # ----------------------------------------------------------------------------- distributed
 class DistEnv:
-    """rank / world size / device of this process, from torchrun's environment variables."""
+    """rank / world size / device of this process, from torchrun's environment variables.
 
-    def __init__(self):
+    `backend`: "" (nccl on CUDA, gloo on CPU), "nccl" or "gloo" (RUN.DIST_BACKEND); with gloo
+    on CUDA, processes share the visible GPUs (cuda:LOCAL_RANK mod their number), which nccl
+    refuses. `timeout_min`: how long a collective waits for the slowest rank (RUN.DIST_TIMEOUT_MIN;
+    None: torch's default)."""
+
+    def __init__(self, backend="", timeout_min=None):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.owns_group = False
-        self.device = (torch.device("cuda", self.local_rank) if torch.cuda.is_available()
-                       else torch.device("cpu"))
+        cuda = torch.cuda.is_available()
+        self.backend = backend or ("nccl" if cuda else "gloo")
+        self.timeout = datetime.timedelta(minutes=timeout_min) if timeout_min else None
+        if not cuda:
+            self.device = torch.device("cpu")
+        elif self.backend == "gloo":
+            self.device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+        else:
+            self.device = torch.device("cuda", self.local_rank)
 
     def init(self):
-        """Join the process group (nccl on CUDA, gloo on CPU) when started by torchrun."""
+        """Join the process group (nccl on CUDA, gloo on CPU, or RUN.DIST_BACKEND) when started
+        by torchrun."""
+        if self.backend == "nccl" and self.device.type != "cuda":
+            raise ConfigError("RUN.DIST_BACKEND=nccl needs CUDA, and no GPU is visible; leave "
+                              "it empty (gloo on CPU)")
         if self.device.type == "cuda":
+            count = torch.cuda.device_count()
+            if self.device.index >= count:
+                raise LocoError(f"process LOCAL_RANK={self.local_rank} needs a GPU of its own "
+                                f"but {count} are visible: start at most {count} processes per "
+                                f"node, or set RUN.DIST_BACKEND=gloo to let processes share one")
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels
         if self.distributed and not dist.is_initialized():
-            if self.device.type == "cuda":
-                dist.init_process_group("nccl", device_id=self.device)
-            else:
-                dist.init_process_group("gloo")
+            extra = {"device_id": self.device} if self.backend == "nccl" else {}
+            if self.timeout is not None:
+                extra["timeout"] = self.timeout
+            dist.init_process_group(self.backend, **extra)
             self.owns_group = True
 
     @property
@@ -343,6 +365,8 @@ def save_checkpoint(path, model, optimizer, scheduler, cfg, env, epoch, step, st
         "wall_time_s": wall_time_s,
         "last_log": last_log,                # the last metrics.jsonl record (final losses)
     }
+    if getattr(model, "loss_scaler", None) is not None:  # RUN.AMP=fp16: the dynamic loss scale
+        ckpt["grad_scaler"] = model.loss_scaler.state_dict()
     with atomic_write(path) as f:
         torch.save(ckpt, f)
 
@@ -437,9 +461,10 @@ def setup_model(cfg, env, num_classes=None):
     if env.device.type == "cuda":
         if cfg.RUN.CHANNELS_LAST:
             model.to(memory_format=torch.channels_last)
-        if cfg.RUN.AMP:
-            model.autocast_dtype = torch.bfloat16
-    elif cfg.RUN.AMP or cfg.RUN.CHANNELS_LAST:
+        model.autocast_dtype = AUTOCAST_DTYPES[cfg.RUN.AMP]
+        if model.autocast_dtype == torch.float16:
+            model.loss_scaler = torch.amp.GradScaler("cuda")
+    elif cfg.RUN.AMP != "off" or cfg.RUN.CHANNELS_LAST:
         notice(env, "RUN.AMP / RUN.CHANNELS_LAST apply on CUDA only; training in float32 on CPU")
     return model
 
@@ -466,7 +491,7 @@ def train(cfg, output_dir, resume=False, stop_after_steps=None, config_file=None
       process were killed there (nothing extra is written); for tests and time-limited jobs.
     Returns the summary dict on rank 0 when the run has finished, else None.
     """
-    env = DistEnv()
+    env = DistEnv(cfg.RUN.DIST_BACKEND, cfg.RUN.DIST_TIMEOUT_MIN)
     check_output_dir(output_dir)
     if cfg.OPTIM.BATCH_SIZE % env.world_size:  # before joining: fails fast on every rank
         raise ConfigError(f"OPTIM.BATCH_SIZE={cfg.OPTIM.BATCH_SIZE} does not divide by the "
@@ -517,6 +542,8 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
         model.decoders.load_state_dict(ckpt["decoders"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if model.loss_scaler is not None and "grad_scaler" in ckpt:
+            model.loss_scaler.load_state_dict(ckpt["grad_scaler"])
         start_step = ckpt["step"]
         bad = set(ckpt.get("bad_images", []))
         wall_before = ckpt.get("wall_time_s", 0.0)
@@ -572,8 +599,13 @@ def _loop(cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler, l
                      else torch.contiguous_format)
     step = start_step
     last = last_logged   # a run resumed at its end still reports its final losses
-    window = {"loss": torch.zeros(len(units) + 1, dtype=torch.float64), "t": time.time(),
-              "comm": dict.fromkeys(COMM_STATS, 0.0)}
+    scaler = model.loss_scaler
+    # The window's loss sums and the first step with a non-finite loss (0: none) stay on the
+    # device: the host reads them only every LOG_PERIOD steps and before a checkpoint, so it
+    # never waits for the GPU inside a step.
+    window = {"loss": torch.zeros(len(units), dtype=torch.float64, device=env.device),
+              "bad_step": torch.zeros((), dtype=torch.int64, device=env.device),
+              "steps": 0, "t": time.time(), "comm": dict.fromkeys(COMM_STATS, 0.0)}
 
     def note_bad(indices):
         for i in indices:
@@ -589,33 +621,49 @@ def _loop(cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler, l
                             f"unreadable, more than DATA.MAX_BAD_FRACTION="
                             f"{cfg.DATA.MAX_BAD_FRACTION} (first: {first})")
 
+    def check_finite():
+        """Raise on every rank if any rank saw a non-finite loss since the last check (before
+        the weights it produced are logged or saved)."""
+        bad_step = torch.where(window["bad_step"] > 0, window["bad_step"], total_steps + 1)
+        if env.distributed:
+            dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+        first = int(bad_step.item())
+        if first <= total_steps:
+            raise LocoError(f"non-finite loss at step {first}; lower OPTIM.BASE_LR or check "
+                            f"the data")
+
     def checkpoint(done_epochs):
+        check_finite()
         save_checkpoint(ckpt_path, model, optimizer, scheduler, cfg, env, done_epochs, step,
                         steps_per_epoch, bad, wall_before + time.time() - t_start, last)
 
     def log(lr):
-        stats = window["loss"].clone()
+        check_finite()
+        stats = torch.cat([window["loss"], window["loss"].new_tensor([window["steps"]])])
         if env.distributed:
-            stats = stats.to(env.device)
             dist.all_reduce(stats)
-            stats = stats.cpu()
+        stats = stats.cpu()
         count = max(1.0, stats[-1].item())
         elapsed = max(1e-9, time.time() - window["t"])
         record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "lr": lr,
                   "images_per_s": count / env.world_size * cfg.OPTIM.BATCH_SIZE / elapsed}
         record.update({f"loss/{u}": stats[k].item() / count for k, u in enumerate(units)})
         if reducer is not None:  # rank 0's own, per step
-            steps = max(1.0, window["loss"][-1].item())
+            steps = max(1, window["steps"])
             record.update({f"comm/{k}": v / steps for k, v in window["comm"].items()})
             window["comm"] = dict.fromkeys(COMM_STATS, 0.0)
+        if scaler is not None:
+            record["amp/loss_scale"] = float(scaler.get_scale())
         window["loss"].zero_()
+        window["steps"] = 0
         window["t"] = time.time()
         logger.log(record)
         return record
 
     def train_step(view1, view2, labels):
         """One optimizer step on a batch of view pairs (and their ImageFolder labels, used by
-        the supervised rule); returns (lr used, unit losses)."""
+        the supervised rule); returns the lr used. Nothing in it waits for the GPU (except
+        GradScaler's decision to skip a step, RUN.AMP=fp16)."""
         # uint8 from the loader; normalised (and, with DATA.AUGMENT_DEVICE=cuda, augmented) here
         view1 = views_to_device(view1, env.device, memory_format)
         view2 = views_to_device(view2, env.device, memory_format)
@@ -624,21 +672,24 @@ def _loop(cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler, l
         if reducer is not None:
             reducer.begin()
         losses = model.forward_backward(view1, view2, labels,
-                                        accum_steps=cfg.OPTIM.ACCUM_STEPS)
+                                        accum_steps=cfg.OPTIM.ACCUM_STEPS, as_floats=False)
         if reducer is not None:
-            # All-reduces started during the backward; finished before anything reads .grad,
-            # and before a bad loss raises (no collective is left in flight).
+            # All-reduces started during the backward; finished before anything reads .grad.
             for k, v in reducer.wait().items():
                 window["comm"][k] += v
-        if not all(math.isfinite(v) for v in losses.values()):
-            raise LocoError(f"non-finite loss at step {step + 1} ({losses}); lower "
-                            f"OPTIM.BASE_LR or check the data")
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        if scaler is not None:   # unscales, skips the step on inf/nan gradients (same on all ranks)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
-        window["loss"][:-1] += torch.tensor([losses[u] for u in units], dtype=torch.float64)
-        window["loss"][-1] += 1
-        return lr, losses
+        vec = torch.stack([losses[u] for u in units]).to(torch.float64)
+        window["loss"] += vec
+        window["bad_step"] = torch.where((window["bad_step"] == 0) & ~torch.isfinite(vec).all(),
+                                         step + 1, window["bad_step"])
+        window["steps"] += 1
+        return lr
 
     summary_path = os.path.join(output_dir, "summary.json")
     if step >= total_steps and os.path.exists(summary_path):
@@ -657,7 +708,7 @@ def _loop(cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler, l
             for batch_idx, (view1, view2, labels, bad_idx) in enumerate(loader,
                                                                         start=first_batch):
                 note_bad(bad_idx.tolist())
-                lr, losses = train_step(view1, view2, labels)
+                lr = train_step(view1, view2, labels)
                 step += 1
                 bar.update(1)
                 end_of_epoch = batch_idx + 1 == steps_per_epoch
@@ -670,7 +721,7 @@ def _loop(cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler, l
                     if env.distributed:  # other ranks' unreadable files, before the checkpoint
                         note_bad(set().union(*env.all_gather_object(sorted(bad))))
                     checkpoint(epoch + 1)
-                    if knn is not None and knn.due(epoch + 1):
+                    if knn is not None and knn.due(epoch + 1):  # every rank takes part
                         logger.log(knn(model.encoder, step, epoch + 1))
                         model.train()
                 elif cfg.RUN.CHECKPOINT_PERIOD and step % cfg.RUN.CHECKPOINT_PERIOD == 0:

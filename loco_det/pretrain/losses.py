@@ -93,5 +93,7 @@ def _nt_xent(z1, z2, temperature):
     self_col = torch.cat([local, local + n_global])                      # anchor's own column
     pos_col = torch.cat([local + n_global, local])                       # its positive's column
     rows = torch.arange(2 * n, device=z1.device)
-    logits = logits.index_put((rows, self_col), logits.new_tensor(float("-inf")))
+    # A fill on the device (new_tensor would copy from the host and wait for the GPU).
+    minus_inf = torch.full((), float("-inf"), dtype=logits.dtype, device=logits.device)
+    logits = logits.index_put((rows, self_col), minus_inf)
     return F.cross_entropy(logits, pos_col)

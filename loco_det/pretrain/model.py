@@ -1,6 +1,6 @@
 """One torchvision ResNet trained by a learning rule, and the one engine that runs every rule.
 
-The encoder is cut into pieces (REFERENCE.md section 1): its four stages
+The encoder is cut into pieces as in the LoCo paper (docs/pretraining.md): its four stages
 
     S1 = stem (conv1, bn1, relu, maxpool) + layer1   ("res2")
     S2 = layer2 ("res3"),  S3 = layer3 ("res4"),  S4 = layer4 ("res5")
@@ -343,6 +343,9 @@ class PretrainModel(nn.Module):
         self.loco_schedule = loco_schedule
         # When set (e.g. torch.bfloat16), forwards run under torch.autocast; backwards outside.
         self.autocast_dtype = None
+        # When set (a torch.amp.GradScaler, for float16 autocast), every loss is scaled by it
+        # before its backward, so that small float16 gradients do not underflow to 0.
+        self.loss_scaler = None
         self.grads_ready_hook = None
         # False during all but the last micro-batch of an accumulated step: gradients are final
         # (and grads_ready_hook fires) only in the last micro-batch's replay.
@@ -423,6 +426,9 @@ class PretrainModel(nn.Module):
             return (z.float() * cached.float()).sum()
         return self._check_loss(k, self.rule.loss(z, labels))
 
+    def _backward(self, loss):
+        (loss if self.loss_scaler is None else self.loss_scaler.scale(loss)).backward()
+
     def _check_loss(self, k, loss):
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
             raise RuleError(f"method {self.method!r}: the loss of unit {k + 1} returned "
@@ -440,9 +446,10 @@ class PretrainModel(nn.Module):
         return feats
 
     # -- one step ------------------------------------------------------------------------------
-    def forward_backward(self, view1, view2, labels=None, accum_steps=1):
+    def forward_backward(self, view1, view2, labels=None, accum_steps=1, as_floats=True):
         """Compute every unit's loss on two batches of views of the same images, accumulate all
-        gradients into `.grad`, and return {"unit1": loss, ...} as floats.
+        gradients into `.grad`, and return {"unit1": loss, ...} as floats (as_floats=False:
+        as detached 0-d tensors on the device, so that the host need not wait for the GPU).
 
         Both views go through the encoder as one 2N batch, so BatchNorm sees both (SimCLR);
         a rule with views=1 uses view1 only. `labels` (N ImageFolder class indices) are passed
@@ -466,6 +473,8 @@ class PretrainModel(nn.Module):
         else:
             x = torch.cat([view1, view2], dim=0) if self.rule.views == 2 else view1
             losses = self._step(x, labels)
+        if not as_floats:
+            return dict(zip(self.unit_names, losses))
         return {name: float(loss) for name, loss in zip(self.unit_names, losses)}
 
     def _micro_batch(self, view1, view2, labels, i, m):
@@ -492,7 +501,9 @@ class PretrainModel(nn.Module):
             parts = [z[k] for z in embeddings]
             if self.rule.views == 2:  # [view1 all; view2 all], as one full-batch step
                 parts = [z[:m] for z in parts] + [z[m:] for z in parts]
-            z = torch.cat(parts).requires_grad_()
+            # float32 (the loss computes in float32 anyway): a float16 gradient of the loss
+            # w.r.t. the embeddings could underflow before the loss scale applies.
+            z = torch.cat(parts).float().requires_grad_()
             loss = self._check_loss(k, self.rule.loss(z, labels))
             (grad,) = torch.autograd.grad(loss, z)
             losses.append(loss.detach())
@@ -540,14 +551,14 @@ class PretrainModel(nn.Module):
             if seg.members == (k,):
                 # The top segment is this unit's alone: one backward through decoder and it.
                 loss = self._loss(k, st.out[top], labels, None if cached is None else cached[k])
-                loss.backward()
+                self._backward(loss)
                 self._grads_ready(self.decoders[k].parameters())
                 g = st.inp[top].grad if seg.needs_input_grad else None
                 self._finish(st, top, x)
             else:
                 leaf = st.out[top].detach().requires_grad_()
                 loss = self._loss(k, leaf, labels, None if cached is None else cached[k])
-                loss.backward()
+                self._backward(loss)
                 self._grads_ready(self.decoders[k].parameters())
                 g = self._through(st, top, k, leaf.grad, x)
                 del leaf
@@ -678,7 +689,7 @@ def build_model(method, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_
     doc (rules without shared pieces ignore it); the default "fused_stem" is the schedule that
     meets the LoCo memory target (peak memory <= 0.80x e2e) and the time target (<= 1.15x
     e2e) only with `.grad` None before each step: the target is below its FLOP ratio (1.18x
-    e2e, 1.17x for "fused"; README, "Measured on this machine"). "supervised" needs
+    e2e, 1.17x for "fused"; docs/measurements.md). "supervised" needs
     num_classes and trains on both views (supervised_views=2) or view1 only (1); "loco_blocks"
     takes unit_length and overlap (in pieces).
     """

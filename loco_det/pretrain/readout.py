@@ -96,11 +96,24 @@ def train_transform(size):
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def inference_setup(encoder, device):
+    """The frozen encoder on `device` in eval mode; on CUDA laid out as pretraining runs it
+    (channels_last, RUN.CHANNELS_LAST's default) with cuDNN autotuning for the fixed size."""
+    encoder.to(device).eval()
+    if device.type == "cuda":
+        encoder.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    return encoder
+
+
 @torch.no_grad()
 def pooled_features(encoder, images):
     """Globally average-pooled output of each of the four stages, in float32. On CUDA the
     frozen encoder runs under bf16 autocast (as in pretraining): the paper protocol pushes
-    100 epochs of ImageNet through it."""
+    100 epochs of ImageNet through it. Images take the layout of the encoder's weights
+    (channels_last after `inference_setup` or in training)."""
+    if encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last):
+        images = images.contiguous(memory_format=torch.channels_last)
     feats, x = [], images
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if images.device.type == "cuda"
            else contextlib.nullcontext())
@@ -336,7 +349,7 @@ def run_readout(output_dir, checkpoint=None, arch=None, data_dir=None, protocol=
                         "use bn with augmentation")
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    encoder.to(device).eval()
+    inference_setup(encoder, device)
     for p in encoder.parameters():
         p.requires_grad_(False)
     val_set = LabeledImages(val_dir, eval_transform(size), classes)

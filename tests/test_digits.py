@@ -1,0 +1,62 @@
+"""The digits data source: scikit-learn's real scans, the documented split, atomic writes."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from loco_det import digits
+from loco_det.utils import LocoError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits") / "d16"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_digits.py"),
+                           "--output-dir", str(out), "--size", "16"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_images_are_scikit_learns_scans_in_the_documented_split(written):
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()   # an independent read of scikit-learn's copy
+    meta = json.loads((written / "meta.json").read_text())
+    assert meta["counts"] == {"train": 1437, "val": 360}
+    assert meta["sha256"] == hashlib.sha256(
+        ref.images.astype(np.uint8).tobytes() + ref.target.astype(np.int64).tobytes()).hexdigest()
+    for i in (0, 1, 1436, 1437, 1796):
+        split = "train" if i < 1437 else "val"
+        path = written / split / str(ref.target[i]) / f"{i:04d}.png"
+        img = np.asarray(Image.open(path))
+        assert img.shape == (16, 16, 3)
+        # downsampled back to 8x8, the image is the scan (ink 0..16 scaled to 0..255)
+        small = np.asarray(Image.fromarray(img[..., 0]).resize((8, 8), Image.BOX), np.float32)
+        corr = np.corrcoef(small.ravel(), ref.images[i].ravel())[0, 1]
+        assert corr > 0.95, (i, corr)
+    n = {s: sum(len(os.listdir(written / s / d)) for d in os.listdir(written / s))
+         for s in ("train", "val")}
+    assert n == {"train": 1437, "val": 360}
+    assert sorted(os.listdir(written / "train")) == [str(d) for d in range(10)]
+
+
+def test_rerun_reuses_and_foreign_folder_is_refused(written, tmp_path):
+    before = (written / "meta.json").stat().st_mtime_ns
+    assert digits.write(str(written), size=16)["size"] == 16
+    assert (written / "meta.json").stat().st_mtime_ns == before
+    with pytest.raises(LocoError, match="not a digits folder of size 32"):
+        digits.write(str(written), size=32)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(LocoError, match="not empty"):
+        digits.write(str(other))
+    assert os.listdir(other) == ["keep.txt"]
