@@ -238,7 +238,7 @@ def _output_option(arg):
     """The output option `arg` sets (itself, `opt=...` or an argparse prefix), or None."""
     flag = arg.split("=", 1)[0]
     for opt in _OUTPUT_OPTIONS:
-        if flag == opt or (opt.startswith("--") and len(flag) > 3 and flag.startswith("--")
+        if flag == opt or (opt.startswith("--") and len(flag) > 2 and flag.startswith("--")
                            and opt.startswith(flag)):
             return opt
     return None

@@ -283,6 +283,8 @@ def _grid_run(tmp_path, grid, *flags, dry=True):
                     "overrides": ["--output-dir=/tmp/elsewhere"]}]}, "set --output-dir again"),
     ({"readout": {"args": ["--output", "/tmp/elsewhere"], "random_init": {"arch": "resnet18"}}},
      "set --output-dir again"),   # argparse takes the unambiguous prefix
+    ({"pretrain": [{"methods": ["loco"], "recipe": "cpu_loco.yaml",
+                    "overrides": ["--o", "/tmp/elsewhere"]}]}, "set --output-dir again"),
     ({"data": [{"name": "../../x", "command": ["python", "tools/make_digits.py", "--output-dir",
                                                "{out}/d"], "creates": "{out}/d/meta.json"}]},
      "'..' path component"),
