@@ -275,7 +275,7 @@ def safety_check(grid, jobs, out, *, allow_commands=False, allow_env=False):
     grid imports). Also refuses links planted where the runner writes below `out`."""
     refusals, notices = [], []
     slurm = grid.get("slurm") or {}
-    extra = slurm.get("additional_parameters") or {} if isinstance(slurm, dict) else {}
+    extra = (slurm.get("additional_parameters") or {}) if isinstance(slurm, dict) else {}
     for key in sorted(set(slurm) - set(SLURM_KEYS)) + sorted(
             k for k in extra if k.replace("-", "_") not in SLURM_EXTRA_KEYS):
         if allow_commands:

@@ -56,7 +56,7 @@ def find_images(root, max_images=0):
     visited = {real_root}
 
     def enter(path):
-        """Whether to walk directory `path` (a class folder or a subfolder)."""
+        """Record directory `path` (a class folder or a subfolder) as walked, or refuse it."""
         real = os.path.realpath(path)
         if real in visited:
             raise LocoError(f"{root}: {path} leads back to {real}, which the walk already "
@@ -66,7 +66,6 @@ def find_images(root, max_images=0):
             raise LocoError(f"{root}: {path} is a link to {real}, outside the data root; set "
                             f"{FOLLOW_LINKS_ENV}=1 to follow links out of it")
         visited.add(real)
-        return True
 
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     samples = []
@@ -74,7 +73,9 @@ def find_images(root, max_images=0):
         top = os.path.join(root, cls)
         enter(top)
         for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if enter(os.path.join(dirpath, d)))
+            dirnames.sort()
+            for d in dirnames:
+                enter(os.path.join(dirpath, d))
             for name in sorted(filenames):
                 if name.lower().endswith(IMG_EXTENSIONS) and not name.startswith("."):
                     samples.append((os.path.join(dirpath, name), label))
