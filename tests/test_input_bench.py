@@ -30,9 +30,10 @@ def test_tool_prints_every_row_with_ratios(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env=dict(os.environ, PYTHONPATH=REPO))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for row in ("reference", "cpu (DATA.AUGMENT_DEVICE=cpu)", "cuda, CPU part", "decode only"):
+    for row in ("reference", "cpu (DATA.AUGMENT_DEVICE=cpu)", "cuda, CPU part",
+                "decode only (PIL, as the reference)", "decode only (as the fast paths)"):
         assert row in proc.stdout, row
     assert "vs reference" in proc.stdout and "cpu: jitter, grayscale, blur" in proc.stdout
     r = json.loads(out.read_text())
-    assert len(r["cpu_s_per_image"]) == 4 and all(v > 0 for v in r["cpu_s_per_image"].values())
+    assert len(r["cpu_s_per_image"]) == 5 and all(v > 0 for v in r["cpu_s_per_image"].values())
     assert r["device"]["images_per_s"] > 0

@@ -1,31 +1,36 @@
-"""SimCLR's two-view augmentation, fast: explicit per-view parameters, uint8 pixels, batched ops.
+"""SimCLR's two-view augmentation, fast: explicit per-view parameters, uint8 pixels, OpenCV ops.
 
 The augmentation is that of `data.simclr_transform` (torchvision's composition, kept as the
 reference): random resized crop (bicubic), horizontal flip, colour jitter in a random order with
 DATA.COLOR_JITTER_PROB, grayscale, Gaussian blur with a kernel of ~10% of the crop, normalise.
-What changes is how the pixels are computed:
+What changes is how the pixels are computed (docs/measurements.md has the costs):
 
-* `ViewSampler` draws every random parameter up front with torchvision's own `get_params`
-  functions, in the order the reference composition draws them, from torch's global generator
-  (which `TwoViewDataset` seeds per (seed, epoch, index)). The same seed gives the reference and
-  the fast path the same crop box, flip, jitter factors and order, grayscale and blur sigma.
-* The image is decoded once per pair and cropped as a uint8 tensor (torchvision's antialiased
-  bicubic resize, 4x faster than PIL's on this layout). Everything after the crop runs on float
-  (B, 3, H, W) batches with per-sample parameters (`color_and_blur`), so the same code serves
-  a loader worker (B = 1, rounded back to uint8 once) and a GPU batch (DATA.AUGMENT_DEVICE=cuda).
-* Two ops are our own because torchvision's were the bulk of the cost (docs/measurements.md):
-  the blur is separable (banded matrix products instead of a 23x23 convolution; the same
-  kernel, reflect padding included) and the hue rotation works on max/min/chroma directly
-  instead of an HSV image (PIL's uint8 HSV round trip is slower and quantises the hue).
+* `ViewSampler` draws every random parameter up front, with the same calls on torch's global
+  generator as torchvision's composition (which `TwoViewDataset` seeds per (seed, epoch,
+  index)): the same seed gives the reference and the fast paths the same crop box, flip, jitter
+  factors and order, grayscale and blur sigma.
+* `decode_uint8` decodes a JPEG with OpenCV straight into an RGB array (the pixels PIL gives,
+  in two thirds of PIL's time); the crop is torchvision's antialiased bicubic resize on a
+  channels-last uint8 tensor (a fifth of PIL's time).
+* On the CPU (`SimCLRView`, DATA.AUGMENT_DEVICE=cpu) the jitter, grayscale and blur run on the
+  view as one (H, W, 3) float32 array with OpenCV, one pass per op (`hwc_*`), rounded to uint8
+  once at the end. The blur is separable, with torchvision's kernel less its negligible tails.
+* With DATA.AUGMENT_DEVICE=cuda the workers stop after the crop (`SimCLRCrop`) and the training
+  device applies the rest to the whole batch, each sample with its own parameters
+  (`color_and_blur`, torch ops; its blur and hue rotation are our own, as fast batched ops).
 * Normalisation happens where the batch is used (`views_to_device`, on the training device):
   loader batches stay uint8, a quarter of float32's shared memory and host-to-device traffic.
 
-docs/pretraining-input.md states the tolerances the tests hold the fast path to.
+docs/pretraining-input.md states the tolerances the tests hold both paths to.
 """
+import io
+import math
+
+import cv2
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import transforms
-from torchvision.transforms.v2 import functional as TF2
 
 # torchvision's ImageNet normalisation (data.IMAGENET_MEAN/STD, which the readouts use too).
 MEAN = (0.485, 0.456, 0.406)
@@ -45,65 +50,276 @@ def blur_kernel_size(image_size):
 
 
 class ViewSampler:
-    """Draws one view's parameters the way `data.simclr_transform` does, from torch's global
+    """Draws one view's parameters exactly as `data.simclr_transform` does, from torch's global
     generator: crop box (i, j, h, w), flip, jitter on/off with factors (brightness, contrast,
-    saturation, hue) and order, grayscale, blur on/off and sigma."""
+    saturation, hue) and order, grayscale, blur on/off and sigma.
+
+    The draws are those of torchvision's RandomResizedCrop.get_params, RandomHorizontalFlip,
+    RandomApply, ColorJitter.get_params, RandomGrayscale and GaussianBlur.get_params, in that
+    order and with the same calls on the generator (one float32 uniform per draw, randint for
+    the crop offset, randperm for the jitter order), written out without their per-call
+    overhead: 0.03 ms per view here instead of 0.1-0.35 ms, a tenth of the CPU path's time. A
+    test checks the parameters against torchvision's functions, draw for draw."""
 
     def __init__(self, data_cfg):
         d = data_cfg
         s = d.COLOR_JITTER
         self.scale = tuple(d.CROP_SCALE)
-        self.jitter_prob = d.COLOR_JITTER_PROB
-        self.gray_prob = d.GRAYSCALE_PROB
-        self.blur_prob = d.BLUR_PROB
+        # torchvision compares a float32 draw with p as a float32 tensor op does
+        self.jitter_prob = _float32(d.COLOR_JITTER_PROB)
+        self.gray_prob = _float32(d.GRAYSCALE_PROB)
+        self.blur_prob = _float32(d.BLUR_PROB)
+        self.log_ratio = torch.log(torch.tensor(CROP_RATIO)).tolist()
         # torchvision's ColorJitter resolves strengths to ranges (None: the op is off).
         jitter = transforms.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
         self.ranges = (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
+        self._u = torch.empty(1)
+
+    def _uniform(self, lo=0.0, hi=1.0):
+        """torch.empty(1).uniform_(lo, hi).item() (torch.rand(1) for [0, 1))."""
+        return self._u.uniform_(lo, hi).item()
+
+    def crop_box(self, height, width):
+        """RandomResizedCrop.get_params for an image of height x width."""
+        area = height * width
+        for _ in range(10):
+            target_area = area * self._uniform(*self.scale)
+            aspect_ratio = self._u.uniform_(*self.log_ratio).exp_().item()
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                i = int(torch.randint(0, height - h + 1, size=(1,)))
+                j = int(torch.randint(0, width - w + 1, size=(1,)))
+                return i, j, h, w
+        # torchvision's fallback: the central crop of the nearest allowed aspect ratio
+        in_ratio = width / height
+        w, h = width, height
+        if in_ratio < min(CROP_RATIO):
+            h = int(round(w / min(CROP_RATIO)))
+        elif in_ratio > max(CROP_RATIO):
+            w = int(round(h * max(CROP_RATIO)))
+        return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, img):
-        """Parameters of one view of `img` (a (3, H, W) tensor or a PIL image): crop box and
-        flip (for the worker) and a dict of tensors for `color_and_blur`."""
-        box = transforms.RandomResizedCrop.get_params(img, self.scale, CROP_RATIO)
-        flip = bool(torch.rand(1) < 0.5)
-        # RandomApply: applied unless p < rand.
-        jitter_on = not self.jitter_prob < torch.rand(1)
+        """Parameters of one view of `img` (a (3, H, W) tensor): crop box and flip, and a dict
+        of plain Python values for the colour ops and the blur (jitter on/off, the four factors,
+        the order as a list of op indices, grayscale, blur on/off, sigma); `param_tensors` turns
+        it into what a loader batch collates."""
+        box = self.crop_box(*img.shape[-2:])
+        flip = self._uniform() < 0.5
+        jitter_on = not self.jitter_prob < self._uniform()  # RandomApply: on unless p < rand
         factors = [1.0, 1.0, 1.0, 0.0]
-        order = torch.arange(4)
+        order = [0, 1, 2, 3]
         if jitter_on:
-            order, *drawn = transforms.ColorJitter.get_params(*self.ranges)
-            factors = [f if f is not None else factors[k] for k, f in enumerate(drawn)]
-        gray = bool(torch.rand(1) < self.gray_prob)
-        blur_on = not self.blur_prob < torch.rand(1)
-        sigma = transforms.GaussianBlur.get_params(*BLUR_SIGMA) if blur_on else 1.0
-        params = {"jitter": torch.tensor(jitter_on), "factors": torch.tensor(factors),
-                  "order": order.clone(), "gray": torch.tensor(gray),
-                  "blur": torch.tensor(blur_on), "sigma": torch.tensor(sigma)}
+            order = torch.randperm(4).tolist()
+            factors = [factors[k] if r is None else self._uniform(*r)
+                       for k, r in enumerate(self.ranges)]
+        gray = self._uniform() < self.gray_prob
+        blur_on = not self.blur_prob < self._uniform()
+        sigma = self._uniform(*BLUR_SIGMA) if blur_on else 1.0
+        params = {"jitter": jitter_on, "factors": factors, "order": order, "gray": gray,
+                  "blur": blur_on, "sigma": sigma}
         return box, flip, params
 
 
+def _float32(p):
+    return float(torch.tensor(p, dtype=torch.float32))
+
+
+def param_tensors(params):
+    """`ViewSampler`'s parameters as tensors, which a loader batch collates into the (B, ...)
+    tensors `color_and_blur` takes: bool jitter/gray/blur, float32 factors (4) and sigma, int64
+    order (4). (Made through numpy: torch.tensor costs ten times as much per call.)"""
+    arrays = {"jitter": np.array(params["jitter"]),
+              "factors": np.array(params["factors"], np.float32),
+              "order": np.array(params["order"], np.int64), "gray": np.array(params["gray"]),
+              "blur": np.array(params["blur"]), "sigma": np.array(params["sigma"], np.float32)}
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+# JPEG frame types that OpenCV decodes here as PIL does: baseline, extended and progressive
+# Huffman-coded, 8-bit samples, one (gray) or three (YCbCr or RGB) components.
+_SOF_HUFFMAN = (0xC0, 0xC1, 0xC2)
+
+
+def _jpeg_frame(data):
+    """(precision, height, width, components) from a JPEG's frame header, or None where `data`
+    does not start with a JPEG start-of-image, does not end with an end-of-image marker (a
+    truncated file: PIL reports it) or has another frame type before any scan."""
+    if not (data[:2] == b"\xff\xd8" and data[-64:].rstrip(b"\x00").endswith(b"\xff\xd9")):
+        return None
+    pos = 2
+    while pos + 10 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header
+            if marker not in _SOF_HUFFMAN:
+                return None
+            return (data[pos + 4], data[pos + 5] << 8 | data[pos + 6],
+                    data[pos + 7] << 8 | data[pos + 8], data[pos + 9])
+        elif marker == 0x01 or 0xD0 <= marker <= 0xDA:  # no length, or a scan before a frame
+            return None
+        else:  # a segment with a length: skip it
+            pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
+    return None
+
+
+def decode_uint8(path):
+    """The RGB image at `path` as a uint8 (3, H, W) tensor, channels-last in memory: pixel for
+    pixel what PIL gives (`data.load_rgb`), a third faster for the usual JPEG.
+
+    JPEGs of the kinds `_jpeg_frame` accepts, with at most PIL's pixel limit, are decoded by
+    OpenCV (the same libjpeg-turbo decoder, called once on the whole file, straight into an RGB
+    array; EXIF orientation ignored as PIL does); everything else, and anything OpenCV cannot
+    decode, by PIL, which raises what `load_rgb` raises (CMYK JPEGs, PNGs, truncated files)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    frame = _jpeg_frame(data)
+    if (frame is not None and frame[0] == 8 and frame[3] in (1, 3)
+            and frame[1] * frame[2] <= (Image.MAX_IMAGE_PIXELS or float("inf"))):
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8),
+                           cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+        if arr is not None:
+            return torch.from_numpy(arr).permute(2, 0, 1)
+    with Image.open(io.BytesIO(data)) as img:
+        return to_uint8_tensor(img.convert("RGB"))
+
+
 def to_uint8_tensor(img):
-    """(3, H, W) uint8 tensor of an RGB PIL image, channels-last in memory: torch's antialiased
-    uint8 resize is fastest on that layout (0.5 ms against 1.3 ms for a contiguous tensor, for
-    a 400x380 crop to 224 px here)."""
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+    """(3, H, W) uint8 tensor of an RGB PIL image or (H, W, 3) uint8 array, channels-last in
+    memory (a view of the array): the layout torch's antialiased uint8 resize and OpenCV want."""
+    arr = img if isinstance(img, np.ndarray) else np.array(img)
+    return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def crop_flip(img, box, flip, size):
-    """Bicubic antialiased resized crop and flip of a uint8 (3, H, W) tensor -> contiguous
-    (3, size, size) uint8. torchvision's tensor resize; PIL's (the reference's) agrees to a mean
-    of 0.02 grey levels and is 4x slower."""
+    """Bicubic antialiased resized crop and flip of a uint8 (3, H, W) tensor -> (3, size, size)
+    uint8, channels-last in memory (`.permute(1, 2, 0)` is a contiguous (size, size, 3) array).
+
+    torchvision's resized_crop on a tensor, bit for bit (a test checks), with the crop copied
+    to a contiguous channels-last block first: torch's vectorised uint8 path needs that layout
+    (0.2-0.3 ms per 224 px view here, against 0.4-0.5 ms from a strided crop and about 1.5 ms
+    for PIL's resize, the reference's; PIL's and torch's agree to a mean of 0.02 grey levels)."""
     i, j, h, w = box
-    out = TF2.resized_crop(img, i, j, h, w, [size, size],
-                           interpolation=TF2.InterpolationMode.BICUBIC, antialias=True)
+    crop = img[:, i:i + h, j:j + w].unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    out = torch.nn.functional.interpolate(crop, size=(size, size), mode="bicubic",
+                                          antialias=True)[0]
     if flip:
-        out = TF2.horizontal_flip(out)
-    return out.contiguous()
+        out = torch.from_numpy(cv2.flip(np.ascontiguousarray(out.permute(1, 2, 0).numpy()), 1))
+        out = out.permute(2, 0, 1)
+    return out
 
 
-# The ops below take and return float (B, 3, H, W) in [0, 1] with per-sample factors (B,), and
-# clamp after each op like torchvision's float ops. A worker's uint8 view is converted once
-# before them and rounded once after (`color_and_blur`): rounding between ops, as PIL does,
-# would add passes and move the result away from the float reference.
+# The CPU path: one view as a contiguous (H, W, 3) float32 array in [0, 1], with OpenCV, one
+# pass per op. Brightness, contrast, saturation and grayscale are affine maps of a pixel's RGB
+# (one cv2.transform each), the hue rotation goes through float HSV, the blur is a separable
+# filter. Each op clamps to [0, 1] where torchvision's float op does.
+
+def _clamp(x):
+    flat = x.reshape(x.shape[0], -1)  # one channel: cv2's scalar thresholds then apply to all
+    cv2.threshold(flat, 1.0, 1.0, cv2.THRESH_TRUNC, dst=flat)
+    cv2.threshold(flat, 0.0, 0.0, cv2.THRESH_TOZERO, dst=flat)
+    return x
+
+
+def _affine(x, matrix):
+    """out[p] = matrix @ (r, g, b, 1)[p] for a 3x4 (or 3x3 linear) matrix."""
+    return cv2.transform(x, np.asarray(matrix, np.float32))
+
+
+def _blend_matrix(f, other):
+    """f rgb + (1 - f) other, with `other` a 3x4 affine map (torchvision's _blend)."""
+    return f * np.eye(3, 4) + (1 - f) * other
+
+
+_GRAY_ROWS = np.array([GRAY + (0.0,)] * 3)  # 3x4: (r, g, b, 1) -> luma in each channel
+
+
+def hwc_brightness(x, f):
+    return _clamp(_affine(x, f * np.eye(3, 4)))
+
+
+def hwc_contrast(x, f):
+    mean = sum(w * m for w, m in zip(GRAY, cv2.mean(x)))  # mean luma, accumulated in double
+    other = np.zeros((3, 4))
+    other[:, 3] = mean
+    return _clamp(_affine(x, _blend_matrix(f, other)))
+
+
+def hwc_saturation(x, f):
+    return _clamp(_affine(x, _blend_matrix(f, _GRAY_ROWS)))
+
+
+def hwc_hue(x, d):
+    """Rotate the hue by d turns through OpenCV's float HSV (hue in degrees, [0, 360)).
+
+    The rotation is applied as a shift of 360 (d mod 1) degrees, so hues land in [0, 720):
+    OpenCV's HSV-to-RGB reduces hues of 360 and more itself, but not negative ones (tests cover
+    rotations of -0.5 to 0.5 turn against torchvision's adjust_hue)."""
+    hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
+    hue = hsv[..., 0]
+    np.add(hue, np.float32(360.0 * (d % 1.0)), out=hue)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def hwc_grayscale(x):
+    return _affine(x, _GRAY_ROWS)
+
+
+def blur_taps(sigma, k):
+    """torchvision's k-tap Gaussian kernel for `sigma` (float32, normalised over all k taps),
+    without the outer taps whose total weight is below 2^-26: leaving them out moves no output
+    by more than 1.5e-8 (a quarter of float32's rounding step at 1), and most sigmas need far
+    fewer than k taps (sigma 1: 13 of 23, sigma 0.5: 7), which the blur's cost scales with."""
+    half = k // 2
+    x = torch.linspace(-half, half, k)
+    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+    taps = (pdf / pdf.sum()).numpy()
+    tail = np.cumsum(taps[:half])  # weight of the outermost n taps on one side, n = 1..half
+    drop = int(np.searchsorted(2 * tail, 2.0 ** -26, side="right"))
+    return taps[drop:k - drop]
+
+
+def hwc_blur(x, sigma, k):
+    """Separable Gaussian blur with reflect padding: torchvision's gaussian_blur (the k x k
+    convolution of the same kernel, reflect-padded) as a 1 x k then a k x 1 cv2.filter2D.
+    (cv2.sepFilter2D computes the same; its row pass is about twice as slow here.)"""
+    if k // 2 > min(x.shape[:2]) - 1:
+        raise ValueError(f"blur kernel of {k} taps is too wide for a {x.shape[0]}x{x.shape[1]} "
+                         "image")
+    taps = blur_taps(sigma, k).reshape(1, -1)
+    x = cv2.filter2D(x, cv2.CV_32F, taps, borderType=cv2.BORDER_REFLECT_101)
+    return cv2.filter2D(x, cv2.CV_32F, taps.T, borderType=cv2.BORDER_REFLECT_101)
+
+
+_HWC_JITTER = (hwc_brightness, hwc_contrast, hwc_saturation, hwc_hue)
+
+
+def hwc_color_and_blur(v, params, blur_size):
+    """Jitter (in the drawn order), grayscale and blur of one view, a (H, W, 3) uint8 array,
+    with `params` from `ViewSampler`; returns a new (H, W, 3) uint8 array. Float32 in [0, 1]
+    between the ops, rounded once at the end (rounding between ops, as PIL does, would move the
+    result away from the float reference)."""
+    jitter, gray, blur = params["jitter"], params["gray"], params["blur"]
+    if not (jitter or gray or blur):
+        return v.copy()
+    x = np.divide(v, np.float32(255.0), dtype=np.float32)
+    if jitter:
+        for op in params["order"]:
+            x = _HWC_JITTER[op](x, params["factors"][op])
+    if gray:
+        x = hwc_grayscale(x)
+    if blur:
+        x = hwc_blur(x, params["sigma"], blur_size)
+    return cv2.convertScaleAbs(x, alpha=255.0)  # rounds half to even, saturates to 0-255
+
+
+# The batched path (DATA.AUGMENT_DEVICE=cuda, on the training device): the ops below take and
+# return float (B, 3, H, W) in [0, 1] with per-sample factors (B,), and clamp after each op like
+# torchvision's float ops.
 
 def _gray(y):
     """Luma (B, 1, H, W)."""
@@ -213,13 +429,12 @@ _JITTER_FNS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue
 
 def color_and_blur(x, params, blur_size):
     """Jitter (per-sample order and factors), grayscale and blur of x (B, 3, H, W), uint8 or
-    float in [0, 1] (the result has x's dtype), with `params` as collated from `ViewSampler`
-    (each a (B, ...) tensor on x's device). Each op changes only the samples it applies to."""
+    float in [0, 1] (the result has x's dtype), with `params` as a loader batch collates them
+    from `param_tensors` (each a (B, ...) tensor on x's device). Each op changes only the
+    samples it applies to."""
     if x.dtype == torch.uint8:
         y = color_and_blur(x.float().div_(255.0), params, blur_size)
         return y.mul_(255.0).round_().to(torch.uint8)
-    if len(x) == 1 and x.device.type == "cpu":  # a loader worker's view: no masks
-        return _color_and_blur_one(x, params, blur_size)
     jitter = params["jitter"].bool()
     for step in range(4):
         for op, fn in enumerate(_JITTER_FNS):
@@ -228,17 +443,6 @@ def color_and_blur(x, params, blur_size):
     x = _apply(x, params["gray"].bool(), lambda v, _: to_grayscale(v), params["sigma"])
     return _apply(x, params["blur"].bool(), lambda v, s: gaussian_blur(v, s, blur_size),
                   params["sigma"])
-
-
-def _color_and_blur_one(x, params, blur_size):
-    if params["jitter"][0]:
-        for op in params["order"][0].tolist():
-            x = _JITTER_FNS[op](x, params["factors"][:, op])
-    if params["gray"][0]:
-        x = to_grayscale(x)
-    if params["blur"][0]:
-        x = gaussian_blur(x, params["sigma"], blur_size)
-    return x
 
 
 def _apply(x, mask, fn, arg):
@@ -258,9 +462,9 @@ def normalize(x):
 
 
 class SimCLRView:
-    """One view (call twice for a pair) of a uint8 (3, H, W) image (`to_uint8_tensor`) as a
-    uint8 (3, S, S) tensor, all augmentation on the CPU. Draws from torch's global generator
-    like `data.simclr_transform`."""
+    """One view (call twice for a pair) of a uint8 (3, H, W) image (`decode_uint8`) as a uint8
+    (3, S, S) tensor (channels-last in memory), all augmentation on the CPU. Draws from torch's
+    global generator like `data.simclr_transform`."""
 
     uint8_input = True
 
@@ -270,20 +474,22 @@ class SimCLRView:
         self.blur_size = blur_kernel_size(self.size)
 
     def __call__(self, img):
-        box, flip, params = self.sampler(img)
-        x = crop_flip(img, box, flip, self.size).unsqueeze(0)
-        # One intra-op thread, as in a loader worker: a reduction's float result (the contrast
-        # mean) depends on the thread count, and a last-bit difference can move a rounded
-        # pixel by one grey level; views must not depend on DATA.NUM_WORKERS or the machine.
-        threads = torch.get_num_threads()
+        return self.apply(img, *self.sampler(img))
+
+    def apply(self, img, box, flip, params):
+        """The view of `img` with the given parameters (`ViewSampler`'s)."""
+        v = np.ascontiguousarray(crop_flip(img, box, flip, self.size).permute(1, 2, 0).numpy())
+        # OpenCV on one thread, as in a loader worker (and with NUM_WORKERS=0 in the training
+        # process, whose own setting is restored): a small view gains nothing from more.
+        threads = cv2.getNumThreads()
         if threads != 1:
-            torch.set_num_threads(1)
+            cv2.setNumThreads(1)
         try:
-            return color_and_blur(x, {k: v.unsqueeze(0) for k, v in params.items()},
-                                  self.blur_size)[0]
+            v = hwc_color_and_blur(v, params, self.blur_size)
         finally:
             if threads != 1:
-                torch.set_num_threads(threads)
+                cv2.setNumThreads(threads)
+        return torch.from_numpy(v).permute(2, 0, 1)
 
 
 class SimCLRCrop:
@@ -298,7 +504,7 @@ class SimCLRCrop:
 
     def __call__(self, img):
         box, flip, params = self.sampler(img)
-        return {"image": crop_flip(img, box, flip, self.size), **params}
+        return {"image": crop_flip(img, box, flip, self.size), **param_tensors(params)}
 
 
 def views_to_device(views, device, memory_format=torch.contiguous_format):

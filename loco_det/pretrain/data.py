@@ -26,7 +26,7 @@ from PIL import Image
 from torchvision import transforms
 
 from ..utils import LocoError
-from .augment import MEAN, STD, SimCLRCrop, SimCLRView, blur_kernel_size, to_uint8_tensor
+from .augment import MEAN, STD, SimCLRCrop, SimCLRView, blur_kernel_size, decode_uint8
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # torchvision's ImageNet normalisation: the converted weights declare the same mean/std to
@@ -147,10 +147,12 @@ class TwoViewDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         bad = -1
+        # the fast paths decode to a uint8 tensor once for both views
+        load = decode_uint8 if getattr(self.transform, "uint8_input", False) else load_rgb
         for offset in range(len(self.samples)):
             i = (index + offset) % len(self.samples)
             try:
-                img = load_rgb(self.samples[i][0])
+                img = load(self.samples[i][0])
             except DECODE_ERRORS:
                 if bad < 0:
                     bad = i
@@ -158,8 +160,6 @@ class TwoViewDataset(torch.utils.data.Dataset):
             break
         else:
             raise LocoError(f"{self.root}: no image in the dataset can be read")
-        if getattr(self.transform, "uint8_input", False):
-            img = to_uint8_tensor(img)  # once for both views
         # fork_rng keeps the process-wide generator untouched (with NUM_WORKERS=0 it is the
         # training process's own).
         with torch.random.fork_rng(devices=[]):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import SimCLRCrop, SimCLRView, to_uint8_tensor
+from .augment import SimCLRCrop, SimCLRView, decode_uint8
 from .data import load_rgb, simclr_transform
 
 
@@ -88,11 +88,9 @@ def find_jpegs(folder, limit):
     return paths[:limit]
 
 
-def _two_views(transform, tensor_input):
+def _two_views(transform, load):
     def run(path):
-        img = load_rgb(path)
-        if tensor_input:
-            img = to_uint8_tensor(img)
+        img = load(path)
         transform(img)
         transform(img)
     return run
@@ -101,10 +99,11 @@ def _two_views(transform, tensor_input):
 def pipelines(cfg):
     """{row name: function(path) doing that row's work for one source image}."""
     return {
-        "reference (torchvision on PIL)": _two_views(simclr_transform(cfg), False),
-        "cpu (DATA.AUGMENT_DEVICE=cpu)": _two_views(SimCLRView(cfg.DATA), True),
-        "cuda, CPU part (decode+crop+flip)": _two_views(SimCLRCrop(cfg.DATA), True),
-        "decode only": load_rgb,
+        "reference (torchvision on PIL)": _two_views(simclr_transform(cfg), load_rgb),
+        "cpu (DATA.AUGMENT_DEVICE=cpu)": _two_views(SimCLRView(cfg.DATA), decode_uint8),
+        "cuda, CPU part (decode+crop+flip)": _two_views(SimCLRCrop(cfg.DATA), decode_uint8),
+        "decode only (PIL, as the reference)": load_rgb,
+        "decode only (as the fast paths)": decode_uint8,
     }
 
 
@@ -141,7 +140,7 @@ def device_augment_rate(cfg, paths, device, batch=128, reps=5, seed=0):
     views = []
     for k in range(batch):
         torch.default_generator.manual_seed(seed + k)
-        img = to_uint8_tensor(load_rgb(paths[k % len(paths)]))
+        img = decode_uint8(paths[k % len(paths)])
         views.append(crop(img))
     collated = torch.utils.data.default_collate(views)
     from .augment import views_to_device
