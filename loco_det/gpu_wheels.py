@@ -30,6 +30,7 @@ GPU_WHEELS = {
     "hydra-core": ("1.3.2", "binary"),
     "antlr4-python3-runtime": ("4.9.3", "build"),
     "shapely": ("2.1.2", "binary"),  # the embedded data's COCO polygons (loco_det.synthetic)
+    "simplejpeg": ("1.9.0", "binary"),  # JPEG decoding of the input pipeline (pretrain/augment.py)
 }
 
 # Python packages on the lent nvidia-h200 machine (/work/.library/device/KINDS.md, read there on

@@ -9,8 +9,8 @@ What changes is how the pixels are computed (docs/measurements.md has the costs)
   generator as torchvision's composition (which `TwoViewDataset` seeds per (seed, epoch,
   index)): the same seed gives the reference and the fast paths the same crop box, flip, jitter
   factors and order, grayscale and blur sigma.
-* `decode_uint8` decodes a JPEG with OpenCV straight into an RGB array (the pixels PIL gives,
-  in two thirds of PIL's time); the crop is torchvision's antialiased bicubic resize on a
+* `decode_uint8` decodes a JPEG with simplejpeg straight into an RGB array (the pixels PIL
+  gives, in two thirds of PIL's time); the crop is torchvision's antialiased bicubic resize on a
   channels-last uint8 tensor (a fifth of PIL's time).
 * On the CPU (`SimCLRView`, DATA.AUGMENT_DEVICE=cpu) the jitter, grayscale and blur run on the
   view as one (H, W, 3) float32 array with OpenCV, one pass per op (`hwc_*`), rounded to uint8
@@ -28,6 +28,7 @@ import math
 
 import cv2
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 from torchvision import transforms
@@ -137,53 +138,31 @@ def param_tensors(params):
     return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
-# JPEG frame types that OpenCV decodes here as PIL does: baseline, extended and progressive
-# Huffman-coded, 8-bit samples, one (gray) or three (YCbCr or RGB) components.
-_SOF_HUFFMAN = (0xC0, 0xC1, 0xC2)
-
-
-def _jpeg_frame(data):
-    """(precision, height, width, components) from a JPEG's frame header, or None where `data`
-    does not start with a JPEG start-of-image, does not end with an end-of-image marker (a
-    truncated file: PIL reports it) or has another frame type before any scan."""
-    if not (data[:2] == b"\xff\xd8" and data[-64:].rstrip(b"\x00").endswith(b"\xff\xd9")):
-        return None
-    pos = 2
-    while pos + 10 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header
-            if marker not in _SOF_HUFFMAN:
-                return None
-            return (data[pos + 4], data[pos + 5] << 8 | data[pos + 6],
-                    data[pos + 7] << 8 | data[pos + 8], data[pos + 9])
-        elif marker == 0x01 or 0xD0 <= marker <= 0xDA:  # no length, or a scan before a frame
-            return None
-        else:  # a segment with a length: skip it
-            pos += 2 + (data[pos + 2] << 8 | data[pos + 3])
-    return None
+# JPEG colour spaces simplejpeg (libjpeg-turbo, as PIL) decodes here to PIL's RGB pixels; CMYK
+# and YCCK JPEGs go to PIL, whose CMYK-to-RGB conversion is its own.
+_JPEG_COLORSPACES = ("YCbCr", "RGB", "Gray")
 
 
 def decode_uint8(path):
     """The RGB image at `path` as a uint8 (3, H, W) tensor, channels-last in memory: pixel for
-    pixel what PIL gives (`data.load_rgb`), a third faster for the usual JPEG.
+    pixel what PIL gives (`data.load_rgb`), in two thirds of PIL's time for the usual JPEG.
 
-    JPEGs of the kinds `_jpeg_frame` accepts, with at most PIL's pixel limit, are decoded by
-    OpenCV (the same libjpeg-turbo decoder, called once on the whole file, straight into an RGB
-    array; EXIF orientation ignored as PIL does); everything else, and anything OpenCV cannot
-    decode, by PIL, which raises what `load_rgb` raises (CMYK JPEGs, PNGs, truncated files)."""
+    JPEGs in `_JPEG_COLORSPACES` within PIL's pixel limit are decoded by simplejpeg: the same
+    libjpeg-turbo decoder with the same settings (accurate DCT, smooth upsampling, EXIF
+    orientation ignored as PIL does), called once on the whole file straight into an RGB array.
+    It is strict: a file with anything libjpeg-turbo warns about (truncated, corrupt data),
+    like every other file (PNGs, CMYK JPEGs, other formats), is left to PIL, which decodes it
+    or raises what `load_rgb` raises."""
     with open(path, "rb") as f:
         data = f.read()
-    frame = _jpeg_frame(data)
-    if (frame is not None and frame[0] == 8 and frame[3] in (1, 3)
-            and frame[1] * frame[2] <= (Image.MAX_IMAGE_PIXELS or float("inf"))):
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8),
-                           cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
-        if arr is not None:
-            return torch.from_numpy(arr).permute(2, 0, 1)
+    if data[:2] == b"\xff\xd8":
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            if (colorspace in _JPEG_COLORSPACES
+                    and height * width <= (Image.MAX_IMAGE_PIXELS or float("inf"))):
+                return torch.from_numpy(simplejpeg.decode_jpeg(data, "RGB")).permute(2, 0, 1)
+        except ValueError:  # libjpeg-turbo's error or warning: PIL decides below
+            pass
     with Image.open(io.BytesIO(data)) as img:
         return to_uint8_tensor(img.convert("RGB"))
 
