@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Measure the pretraining input pipeline, one thread, side by side in one run: the reference
 torchvision augmentation, the fast CPU path, the CPU part of the GPU-augmentation path and
-decoding alone; images/s per core, ratios, and cores per GPU.
+decoding alone (PIL's and the fast paths'); images/s per core, ratios, and cores per GPU.
 
 Examples:
   # the ImageNet recipe on scikit-learn's two photos if installed, else generated 500x375 JPEGs

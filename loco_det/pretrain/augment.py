@@ -10,8 +10,8 @@ What changes is how the pixels are computed (docs/measurements.md has the costs)
   index)): the same seed gives the reference and the fast paths the same crop box, flip, jitter
   factors and order, grayscale and blur sigma.
 * `decode_uint8` decodes a JPEG with simplejpeg straight into an RGB array (the pixels PIL
-  gives, in two thirds of PIL's time); the crop is torchvision's antialiased bicubic resize on a
-  channels-last uint8 tensor (a fifth of PIL's time).
+  gives, in about three quarters of PIL's time); the crop is torchvision's antialiased bicubic
+  resize on a channels-last uint8 tensor (a fifth of PIL's time).
 * On the CPU (`SimCLRView`, DATA.AUGMENT_DEVICE=cpu) the jitter, grayscale and blur run on the
   view as one (H, W, 3) float32 array with OpenCV, one pass per op (`hwc_*`), rounded to uint8
   once at the end. The blur is separable, with torchvision's kernel less its negligible tails.
@@ -145,7 +145,7 @@ _JPEG_COLORSPACES = ("YCbCr", "RGB", "Gray")
 
 def decode_uint8(path):
     """The RGB image at `path` as a uint8 (3, H, W) tensor, channels-last in memory: pixel for
-    pixel what PIL gives (`data.load_rgb`), in two thirds of PIL's time for the usual JPEG.
+    pixel what PIL gives (`data.load_rgb`), in about three quarters of PIL's time here.
 
     JPEGs in `_JPEG_COLORSPACES` within PIL's pixel limit are decoded by simplejpeg: the same
     libjpeg-turbo decoder with the same settings (accurate DCT, smooth upsampling, EXIF

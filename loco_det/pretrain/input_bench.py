@@ -8,7 +8,9 @@ busy machine slows every row alike:
 * cpu        - what a loader worker does with DATA.AUGMENT_DEVICE=cpu (`augment.SimCLRView`);
 * cuda (CPU part) - what a worker does with DATA.AUGMENT_DEVICE=cuda: decode, crop, flip
   (`augment.SimCLRCrop`); the rest runs on the GPU;
-* decode     - reading and decoding the file alone: the ceiling of any CPU pipeline.
+* decode     - reading and decoding the file alone, with PIL as the reference does and with
+  `augment.decode_uint8` as the fast paths do (the same pixels): the ceiling of any CPU
+  pipeline.
 
 Each row includes reading and decoding the file. The clock is the process's CPU time with one
 torch thread, so "images/s per core" is what one loader worker sustains, independent of other
