@@ -59,7 +59,7 @@ def _kept(output_dir):
 
 def _run(args):
     """Per-process entry point (module-level so that Detectron2's launcher can pickle it)."""
-    from loco_det.detection import compat, train
+    from loco_det.detection import train
 
     try:
         with interruptible():
@@ -74,7 +74,7 @@ def _run(args):
             print(interrupted_line(e, _kept(out), argv, insert_at=at, script=sys.argv[0]),
                   file=sys.stderr, flush=True)
         raise SystemExit(exit_code(e)) from None
-    except (LocoError, compat.CompiledOpsMissing) as e:
+    except LocoError as e:
         # In a spawned worker, re-raising would print a traceback per process; one line is the
         # contract, so print it here and leave with status 1.
         print(f"error: {e}", file=sys.stderr, flush=True)
