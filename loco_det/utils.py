@@ -22,6 +22,28 @@ class ConfigError(LocoError):
     pass
 
 
+def _leaf_keys(node, prefix=""):
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def did_you_mean(message, cfg):
+    """` (did you mean SOLVER.MAX_ITER?)` for the unknown key yacs names in `message` (its
+    "Non-existent key: X" / "Non-existent config key: X"), the nearest of `cfg`'s keys; ""
+    when nothing is near."""
+    import difflib
+    import re
+
+    m = re.search(r"Non-existent (?:config )?key: (\S+)", message)
+    if not m:
+        return ""
+    near = difflib.get_close_matches(m.group(1), list(_leaf_keys(cfg)), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
 def temp_prefix(path, pid=None):
     """`.tmp_<name>.<host>-<pid>.`: the writer's identity is in the name, so a later run can
     tell a file left by a killed process from one another live process is writing."""
@@ -272,13 +294,19 @@ def exit_code(exc):
     return 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
 
 
+# The words that start the running command when it came through `loco-det SUB` or
+# `python -m loco_det.cli SUB` (set by loco_det.cli); empty for `python tools/SCRIPT.py`.
+INVOCATION = []
+
+
 def resume_command(argv, flag="--resume", script=None, insert_at=None):
     """The command line that continues this run: the same arguments plus `flag` (once), at
     `insert_at` (default: the end; before trailing KEY VALUE overrides where those must end)."""
     args = list(argv)
     if flag and flag not in args:
         args.insert(len(args) if insert_at is None else insert_at, flag)
-    return " ".join(shlex.quote(a) for a in ["python", script or sys.argv[0]] + args)
+    start = ["python", script] if script else (INVOCATION or ["python", sys.argv[0]])
+    return " ".join(shlex.quote(a) for a in start + args)
 
 
 def run_tool(main):

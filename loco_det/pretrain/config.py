@@ -10,7 +10,7 @@ import os
 from fvcore.common.config import CfgNode as _FvCfgNode
 
 from ..safe_load import yaml_chain
-from ..utils import ConfigError
+from ..utils import ConfigError, did_you_mean
 from .model import DECODER_DEFAULTS, LOCO_SCHEDULES
 from .rules import RuleError, find_factory
 
@@ -190,7 +190,8 @@ def load_config(path=None, overrides=()):
         try:
             cfg.merge_from_file(path, allow_unsafe=False)
         except KeyError as e:
-            raise ConfigError(f"{path}: {e.args[0] if e.args else e}") from None
+            msg = str(e.args[0] if e.args else e)
+            raise ConfigError(f"{path}: {msg}{did_you_mean(msg, get_cfg())}") from None
     opts = []
     for item in overrides:
         if "=" not in item:
@@ -202,7 +203,8 @@ def load_config(path=None, overrides=()):
     try:
         cfg.merge_from_list(opts)
     except (KeyError, ValueError, AssertionError) as e:
-        raise ConfigError(f"command-line override: {e.args[0] if e.args else e}") from None
+        msg = str(e.args[0] if e.args else e)
+        raise ConfigError(f"command-line override: {msg}{did_you_mean(msg, cfg)}") from None
     validate(cfg)
     cfg.freeze()
     return cfg
