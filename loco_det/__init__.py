@@ -9,6 +9,10 @@ import importlib
 
 __version__ = "0.1.0"
 
+# The torchvision ResNets every tool supports: pretraining, both readouts, conversion (whose
+# layout table loco_det.detection.convert keeps in step with this list).
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
 
 def __getattr__(name):
     # PEP 562: `loco_det.detection` (and other subpackages) imported on first use, so tools that

@@ -199,6 +199,42 @@ def check_distinct(out, *inputs, what="--out"):
 
 
 # ----------------------------------------------------------------------------- interruptions
+@contextlib.contextmanager
+def run_lock(folder, what="--output-dir"):
+    """Hold `folder` for this process while it writes a run there: a second start into the same
+    folder fails at once with one line naming the holder. The lock is an flock on a file beside
+    the folder (`.NAME.lock`, so the run folder itself is not created early): the kernel drops
+    it when the holder exits, however it dies, so a lock left by a killed process is simply
+    taken over (and said so)."""
+    import fcntl
+
+    folder = os.path.abspath(folder)
+    parent, name = os.path.split(folder.rstrip(os.sep))
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, f".{name}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise LocoError(f"{what} {folder} is being written by another run ({holder}); wait "
+                            "for it to end or choose another folder") from None
+        before = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+        if before:
+            print(f"note: {folder}: taking over the lock of an ended run ({before})",
+                  file=sys.stderr)
+        record = f"pid {os.getpid()} on {socket.gethostname()}".encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)   # a clean end leaves nothing to take over
+    finally:
+        os.close(fd)   # releases the flock
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM (or SIGINT) received; raised in the main thread like Ctrl-C, so `finally` blocks
     and `atomic_write` clean up exactly as for Ctrl-C."""
@@ -332,7 +368,10 @@ def add_readout_source_args(parser):
     src.add_argument("--checkpoint", metavar="CKPT", help="a tools/pretrain.py checkpoint")
     src.add_argument("--random-init", action="store_true",
                      help="read out a randomly initialised encoder (needs --arch)")
-    parser.add_argument("--arch", help="resnet18/34/50/101 (with --random-init)")
+    from . import ARCHS
+
+    parser.add_argument("--arch", metavar="ARCH",
+                        help=f"{', '.join(ARCHS)} (with --random-init)")
     parser.add_argument("--output-dir", required=True, metavar="DIR",
                         help="folder the result file (readout.json, knn.json) is written to")
     parser.add_argument("--data", metavar="ROOT",

@@ -3,6 +3,7 @@
 Thin command line over `loco_det.pretrain.train`; see docs/formats.md, "Pretraining run".
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -10,22 +11,22 @@ import sys
 EXAMPLES = """\
 examples:
   # CPU-scale LoCo on the embedded data (python tools/make_synthetic_data.py first)
-  python tools/pretrain.py --config pretrain/cpu_loco.yaml --output-dir runs/cpu_loco
+  python tools/pretrain.py --config-file cpu_loco --output-dir runs/cpu_loco
 
   # override any key; batch sizes are global (over all processes)
-  python tools/pretrain.py --config pretrain/cpu_e2e.yaml OPTIM.EPOCHS=5 SEED=0 \\
+  python tools/pretrain.py --config-file cpu_e2e OPTIM.EPOCHS=5 SEED=0 \\
       --output-dir runs/cpu_e2e
 
   # continue a killed or preempted run exactly where its last checkpoint left off
-  python tools/pretrain.py --config pretrain/cpu_loco.yaml --output-dir runs/cpu_loco --resume
+  python tools/pretrain.py --config-file cpu_loco --output-dir runs/cpu_loco --resume
 
   # ImageNet, 8 GPUs on one node (nccl); on CPU the same command uses gloo
-  torchrun --nproc_per_node 8 tools/pretrain.py --config pretrain/loco_r50_100ep.yaml \\
+  torchrun --nproc_per_node 8 tools/pretrain.py --config-file loco_r50_100ep \\
       DATA.ROOT=/data/imagenet/train --output-dir runs/loco_r50_100ep
 
   # several nodes
   torchrun --nnodes 4 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-      tools/pretrain.py --config pretrain/loco_r50_800ep.yaml --output-dir runs/loco_r50_800ep
+      tools/pretrain.py --config-file loco_r50_800ep --output-dir runs/loco_r50_800ep
 
 then read out the frozen features:
   python tools/linear_readout.py --checkpoint runs/cpu_loco/checkpoint_last.pth \\
@@ -47,6 +48,8 @@ def build_parser():
     parser.add_argument("--output-dir", required=True, metavar="DIR",
                         help="run directory (refuses one holding another run's checkpoint "
                              "unless --resume)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (by default one bar for the whole run, with its ETA)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from DIR/checkpoint_last.pth (from scratch if absent)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -64,7 +67,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from loco_det.pretrain.config import load_config
     from loco_det.pretrain.engine import train
-    from loco_det.utils import LocoError, exit_code, interruptible, interrupted_line
+    from loco_det.utils import LocoError, exit_code, interruptible, interrupted_line, run_lock
 
     from loco_det.recipes import resolve
 
@@ -72,7 +75,11 @@ def main(argv=None):
         with interruptible():
             args.config = resolve(args.config, "pretrain")
             cfg = load_config(args.config, args.overrides)
-            train(cfg, args.output_dir, resume=args.resume, config_file=args.config)
+            # one writer per run folder (rank 0 of a torchrun job holds it for all ranks)
+            with (run_lock(args.output_dir) if os.environ.get("RANK", "0") == "0"
+                  else contextlib.nullcontext()):
+                train(cfg, args.output_dir, resume=args.resume, config_file=args.config,
+                      progress=not args.no_progress)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through `interruptible`
         if os.environ.get("RANK", "0") == "0":
             ckpt = os.path.join(args.output_dir, "checkpoint_last.pth")

@@ -6,12 +6,13 @@ written for Detectron2 work unchanged. Outputs (docs/formats.md, "Detection run"
 config.yaml, run_info.json, log.txt, metrics.json, model_final.pth and results.json.
 """
 import argparse
+import contextlib
 import os
 import re
 import sys
 
 
-from loco_det.utils import LocoError, interruptible, interrupted_line, exit_code
+from loco_det.utils import LocoError, interruptible, interrupted_line, exit_code, run_lock
 # Detectron2 is imported inside the functions, after `import loco_det.detection` (compat layer,
 # datasets and components first), so that a Ctrl-C during those imports is one line too.
 
@@ -119,7 +120,7 @@ def split_overrides(opts):
 
 def main(argv=None):
     import loco_det.detection  # noqa: F401  (compat layer, datasets and components first)
-    from detectron2.engine import default_argument_parser, launch
+    from detectron2.engine import default_argument_parser
 
     parser = default_argument_parser(epilog=EXAMPLES)
     parser.description = __doc__.split("\n\n")[0]
@@ -157,6 +158,20 @@ def main(argv=None):
     if args.num_gpus < 1 or args.num_machines < 1:
         print("error: --num-gpus and --num-machines must be at least 1", file=sys.stderr)
         return 1
+    # one writer per run folder (the first machine's main process holds it for the run)
+    out = _output_dir_of(args) if args.machine_rank == 0 else None
+    try:
+        lock = run_lock(out, what="OUTPUT_DIR") if out else contextlib.nullcontext()
+        with lock:
+            return _train(args, world)
+    except LocoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _train(args, world):
+    from detectron2.engine import launch
+
     if world > 1:
         import torch
 

@@ -11,7 +11,7 @@ from fvcore.common.config import CfgNode as _FvCfgNode
 
 from ..safe_load import yaml_chain
 from ..utils import ConfigError, did_you_mean
-from .model import DECODER_DEFAULTS, LOCO_SCHEDULES
+from .model import ARCHS, DECODER_DEFAULTS, LOCO_SCHEDULES
 from .rules import RuleError, find_factory
 
 
@@ -224,7 +224,7 @@ def _float_if_needed(cfg, key, value):
 
 def validate(cfg):
     choices = {
-        "MODEL.ARCH": ("resnet18", "resnet34", "resnet50", "resnet101"),
+        "MODEL.ARCH": ARCHS,
         "MODEL.DECODER.CONV_BLOCKS": (0, 1, 2),
         "MODEL.DECODER.MLP_LAYERS": (2, 4),
         "MODEL.LOCO_SCHEDULE": LOCO_SCHEDULES,
