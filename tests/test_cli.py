@@ -177,3 +177,26 @@ def test_run_folder_lock(tmp_path, capsys):
     with run_lock(folder):   # and a clean end leaves nothing to take over
         pass
     assert "taking over" not in capsys.readouterr().err
+
+
+def test_grid_data_jobs_may_run_loco_det_subcommands(tmp_path):
+    """The grid safety check takes `python -m loco_det.cli SUB` as one of loco_det's own tools
+    (as it takes `python tools/NAME.py`), and nothing else without --allow-commands."""
+    import yaml
+
+    from loco_det import benchmark
+
+    def refusals(command):
+        path = tmp_path / "g.yaml"
+        path.write_text(yaml.safe_dump({"name": "g", "data": [
+            {"name": "d", "command": command, "creates": "{out}/d/meta.json"}]}))
+        grid = benchmark.load_grid(str(path))
+        jobs, _, _ = benchmark.expand(grid, str(tmp_path / "out"))
+        return benchmark.safety_check(grid, jobs, str(tmp_path / "out"))[0]
+
+    assert refusals(["python", "-m", "loco_det.cli", "data", "--output-dir", "{out}/d"]) == []
+    assert refusals(["python", "tools/make_synthetic_data.py", "--out", "{out}/d"]) == []
+    for bad in (["python", "-m", "loco_det.cli", "nosuch"], ["python", "-m", "os", "data"],
+                ["python", "-c", "print(1)"]):
+        (line,) = refusals(bad)
+        assert "is not one of loco_det's tools" in line, line

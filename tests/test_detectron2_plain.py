@@ -179,6 +179,21 @@ def test_recorded_originals_are_what_the_pinned_sdist_ships(tmp_path):
             assert installer._state(text, entries) == "original", name
 
 
+def test_an_unpatched_detectron2_is_one_line_naming_the_fix(tmp_path):
+    """loco_det does not paper over an unpatched install: its tools say how to fix it."""
+    installer = _installer()
+    if not os.path.isfile(os.path.join(installer.CACHE, installer.sdist_name())):
+        pytest.skip("the pinned sdist is not in the download cache")
+    site = _unpatched_copy(tmp_path)   # the sdist's own sources
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}")
+    proc = subprocess.run([sys.executable, "-m", "loco_det.cli", "convert", str(tmp_path / "no.pth"),
+                           "--output", str(tmp_path / "x.pkl")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: Detectron2 does not import on this stack"), proc.stderr
+    assert "tools/install_detectron2.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_environment_detectron2_imports_as_itself():
     """The environment's own Detectron2 (what `make` installed and patched), no loco_det."""
     code = ("import sys, detectron2.engine, detectron2.evaluation\n"

@@ -83,7 +83,7 @@ def test_paper_grid_counts(paper):
         assert len(_with(cmds, f"det_configs/{config}.yaml")) == n
     for size, name in ((10000, "10k"), (1000, "1k")):
         for seed in range(1, 6):
-            assert _with(cmds, "tools/make_coco_subset.py", str(size), str(seed))
+            assert _with(cmds, "subset", str(size), str(seed))
             det = _with(cmds, f'["coco_2017_train_{name}_seed{seed}"]')
             assert len(det) == 10 and all(c[c.index("SEED") + 1] == str(seed) for c in det)
 

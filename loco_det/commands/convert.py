@@ -44,7 +44,10 @@ def build_parser():
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="checkpoint to convert (read with torch.load(weights_only=True); "
                                       "other objects in it are left unread, never unpickled)")
-    parser.add_argument("output", help="Detectron2 weights file to write (must end in .pkl)")
+    parser.add_argument("output", nargs="?",
+                        help="Detectron2 weights file to write (must end in .pkl); or --output")
+    parser.add_argument("--output", dest="output_option", metavar="FILE.pkl",
+                        help="the same as the positional output (the spelling of the other tools)")
     parser.add_argument("--verify", action="store_true",
                         help="before writing, load the weights into Detectron2's own ResNet and "
                              "check that res2..res5 equal torchvision's layer1..layer4 on random "
@@ -61,7 +64,11 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.output is None) == (args.output_option is None):
+        parser.error("give the output file once: positionally or as --output")
+    args.output = args.output or args.output_option
     # Detectron2 v0.6 calls torch.jit.script at import; newer torch warns about it on stderr,
     # which would bury the one-line result/error of this tool.
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",

@@ -23,6 +23,12 @@ import os
 import types
 import warnings
 
+from ..utils import LocoError
+
+
+class Detectron2NotReady(LocoError, ImportError):
+    """Detectron2 does not import here (tools print it as their one-line error)."""
+
 
 def _check_detectron2():
     """Detectron2 imports as itself, else one line on how to fix the install."""
@@ -30,7 +36,7 @@ def _check_detectron2():
         import detectron2.engine  # noqa: F401
         import detectron2.evaluation  # noqa: F401
     except (ImportError, AttributeError) as e:
-        raise ImportError(
+        raise Detectron2NotReady(
             f"Detectron2 does not import on this stack ({type(e).__name__}: {e}); "
             "`python tools/install_detectron2.py` installs the pinned v0.6 and applies its "
             "recorded patch for this stack (docs/troubleshooting.md)") from e
