@@ -22,8 +22,8 @@ Examples:
   # Readout (frozen backbone) on the embedded data, CPU scale:
   python tools/make_synthetic_data.py
   python tools/convert_to_detectron2.py ckpt/checkpoint_last.pth weights/loco_r18.pkl
-  python tools/train_net.py --config-file det_configs/cpu_synth_coco_R18_FPN_frozen.yaml \\
-      MODEL.WEIGHTS weights/loco_r18.pkl OUTPUT_DIR runs/det_loco_frozen
+  python tools/train_net.py --config-file cpu_synth_coco_R18_FPN_frozen \\
+      MODEL.WEIGHTS=weights/loco_r18.pkl OUTPUT_DIR=runs/det_loco_frozen
 
   # Random-initialisation baseline (no pretrained weights):
   python tools/train_net.py --config-file det_configs/cpu_synth_coco_R18_FPN_finetune.yaml \\
@@ -44,8 +44,8 @@ Examples:
   python tools/train_net.py --eval-only --config-file runs/det_loco_frozen/config.yaml \\
       MODEL.WEIGHTS runs/det_loco_frozen/model_final.pth OUTPUT_DIR runs/det_loco_frozen_eval
 
-Trailing KEY VALUE pairs override config keys (Detectron2's keys plus LOCO_DET.*: FROM_SCRATCH,
-LABEL, BENCHMARK, CONFIG_NAME). Errors print one line starting with 'error:' and exit 1.
+Trailing KEY=VALUE (or Detectron2's KEY VALUE) pairs override config keys (Detectron2's keys
+plus LOCO_DET.*: FROM_SCRATCH, LABEL, BENCHMARK, CONFIG_NAME). Errors print one line starting with 'error:' and exit 1.
 """
 
 
