@@ -203,36 +203,64 @@ def check_distinct(out, *inputs, what="--out"):
 def run_lock(folder, what="--output-dir"):
     """Hold `folder` for this process while it writes a run there: a second start into the same
     folder fails at once with one line naming the holder. The lock is an flock on a file beside
-    the folder (`.NAME.lock`, so the run folder itself is not created early): the kernel drops
-    it when the holder exits, however it dies, so a lock left by a killed process is simply
-    taken over (and said so)."""
+    the folder (`.NAME.lock`, so the run folder itself is not created early), removed again when
+    the holder ends; the kernel drops the flock however the holder dies, so the file a killed
+    process left is simply taken over (and said so). Folders made only to hold the lock file are
+    removed again if they stay empty, so a command that fails leaves nothing behind."""
     import fcntl
 
     folder = os.path.abspath(folder)
     parent, name = os.path.split(folder.rstrip(os.sep))
-    os.makedirs(parent, exist_ok=True)
     path = os.path.join(parent, f".{name}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    made = []
+    probe = parent
+    while probe and not os.path.lexists(probe):
+        made.append(probe)
+        probe = os.path.dirname(probe)
+    fd = None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
-            raise LocoError(f"{what} {folder} is being written by another run ({holder}); wait "
-                            "for it to end or choose another folder") from None
-        before = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
-        if before:
-            print(f"note: {folder}: taking over the lock of an ended run ({before})",
+            os.makedirs(parent, exist_ok=True)
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+                    os.close(fd)
+                    fd = None   # not ours: the holder's file stays
+                    raise LocoError(f"{what} {folder} is being written by another run "
+                                    f"({holder or 'starting'}); wait for it to end or choose "
+                                    "another folder") from None
+                try:
+                    if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                        break   # locked the file that is there now
+                except FileNotFoundError:
+                    pass        # its holder ended and removed it between our open and lock
+                os.close(fd)
+                fd = None
+        except (FileExistsError, NotADirectoryError):
+            fd = None   # a file where a folder must be: the command itself refuses the path
+        except PermissionError as e:
+            print(f"note: {folder} is not locked against a second run ({e.strerror})",
                   file=sys.stderr)
-        record = f"pid {os.getpid()} on {socket.gethostname()}".encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, record, 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)   # a clean end leaves nothing to take over
+            fd = None
+        if fd is not None:
+            before = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            if before:
+                print(f"note: {folder}: taking over the lock of an ended run ({before})",
+                      file=sys.stderr)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
     finally:
-        os.close(fd)   # releases the flock
+        if fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)   # while still holding it: the next start makes a new one
+            os.close(fd)
+        for d in made:   # deepest first; only while empty
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 class Interrupted(KeyboardInterrupt):

@@ -174,29 +174,26 @@ def test_run_folder_lock(tmp_path, capsys):
     with run_lock(folder):   # a killed holder's lock is taken over
         pass
     assert f"taking over the lock of an ended run (pid {holder.pid} on" in capsys.readouterr().err
+    assert not (tmp_path / ".run.lock").exists()   # an ended holder leaves no file
     with run_lock(folder):   # and a clean end leaves nothing to take over
-        pass
+        assert (tmp_path / ".run.lock").read_text().startswith(f"pid {os.getpid()} on ")
     assert "taking over" not in capsys.readouterr().err
+    # a start that holds the lock but never makes its folder leaves no folder made for the lock
+    deep = tmp_path / "new" / "er" / "run"
+    with run_lock(deep):
+        assert (tmp_path / "new" / "er" / ".run.lock").exists()
+    assert not (tmp_path / "new").exists()
 
 
-def test_grid_data_jobs_may_run_loco_det_subcommands(tmp_path):
-    """The grid safety check takes `python -m loco_det.cli SUB` as one of loco_det's own tools
-    (as it takes `python tools/NAME.py`), and nothing else without --allow-commands."""
-    import yaml
-
-    from loco_det import benchmark
-
-    def refusals(command):
-        path = tmp_path / "g.yaml"
-        path.write_text(yaml.safe_dump({"name": "g", "data": [
-            {"name": "d", "command": command, "creates": "{out}/d/meta.json"}]}))
-        grid = benchmark.load_grid(str(path))
-        jobs, _, _ = benchmark.expand(grid, str(tmp_path / "out"))
-        return benchmark.safety_check(grid, jobs, str(tmp_path / "out"))[0]
-
-    assert refusals(["python", "-m", "loco_det.cli", "data", "--output-dir", "{out}/d"]) == []
-    assert refusals(["python", "tools/make_synthetic_data.py", "--out", "{out}/d"]) == []
-    for bad in (["python", "-m", "loco_det.cli", "nosuch"], ["python", "-m", "os", "data"],
-                ["python", "-c", "print(1)"]):
-        (line,) = refusals(bad)
-        assert "is not one of loco_det's tools" in line, line
+def test_a_refused_start_leaves_the_holders_lock(tmp_path):
+    folder = tmp_path / "run"
+    holder = _holder(folder)
+    try:
+        for _ in range(2):
+            with pytest.raises(LocoError, match=f"pid {holder.pid} on "):
+                with run_lock(folder):
+                    pass
+        assert (tmp_path / ".run.lock").read_text().startswith(f"pid {holder.pid} on ")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
