@@ -52,7 +52,11 @@ def run_command(sub, argv, script=False):
         words = invocation(sub)
         utils.INVOCATION[:] = words
         sys.argv[0] = " ".join(words)   # argparse's prog (and Detectron2's examples)
-    return utils.run_tool(lambda: module.main(list(argv)))
+    try:
+        return utils.run_tool(lambda: module.main(list(argv)))
+    except utils.LocoError as e:   # one line, for the commands that leave it to us
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv=None):

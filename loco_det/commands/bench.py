@@ -29,10 +29,6 @@ Examples:
   python tools/bench_pretrain.py --analyze --arch resnet50 --image-size 224
 """
 import argparse
-import json
-import os
-import sys
-
 
 from loco_det.pretrain import bench
 from loco_det.pretrain.model import ARCHS, LOCO_SCHEDULES

@@ -17,23 +17,22 @@ Examples:
 """
 import argparse
 import os
-import sys
 import tempfile
-
 
 from loco_det.pretrain import input_bench
 from loco_det.pretrain.config import load_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from loco_det.recipes import ROOT as REPO  # the checkout: recipes live there
+from loco_det.recipes import resolve
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(REPO, "pretrain", "loco_r50_800ep.yaml"),
-                        help="recipe whose DATA settings are measured (default: the ImageNet "
-                             "LoCo recipe)")
+    parser.add_argument("--config-file", "--config", dest="config",
+                        default=os.path.join(REPO, "pretrain", "loco_r50_800ep.yaml"),
+                        help="recipe whose DATA settings are measured, a path or a shipped name "
+                             "(default: the ImageNet LoCo recipe)")
     parser.add_argument("--images", metavar="DIR", help="measure these JPEGs (recursive)")
     parser.add_argument("--limit", type=int, default=50, help="at most this many of --images")
     parser.add_argument("--synthetic", type=int, default=0, metavar="N",
@@ -62,6 +61,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.config = resolve(args.config, "pretrain")
     cfg = load_config(args.config)
     with tempfile.TemporaryDirectory() as tmp:
         if args.images:

@@ -4,7 +4,6 @@ Thin command line over `loco_det.detection.convert`; see docs/formats.md, "Conve
 and "Accepted checkpoint layouts".
 """
 import argparse
-import os
 import sys
 import warnings
 

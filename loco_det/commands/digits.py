@@ -13,7 +13,6 @@ then:
       --data datasets/digits --image-size 32 --output-dir runs/digits_loco/readout
 """
 import argparse
-import os
 import sys
 
 

@@ -22,7 +22,6 @@ Examples:
   python tools/report.py runs/exp1 runs/exp2/pretrain/loco --out /tmp/report
 """
 import argparse
-import os
 import sys
 
 
