@@ -19,7 +19,7 @@ TEST_WORKERS ?= 2
 
 setup: $(STAMP)
 
-$(STAMP): requirements/cpu.txt pyproject.toml tools/install_detectron2.py
+$(STAMP): requirements/cpu.txt pyproject.toml tools/install_detectron2.py tools/detectron2_v0.6.patch.json
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/cpu.txt
 	$(PY) tools/install_detectron2.py

@@ -2,9 +2,9 @@
 SLURM, then write the report.
 
 Why it is built this way:
-- Every job is a plain subprocess command of the project's own tools (tools/pretrain.py under
-  torchrun, tools/linear_readout.py, tools/convert_to_detectron2.py --verify, tools/train_net.py),
-  so what the grid runs is exactly what a user would type, and `--dry-run` can print it.
+- Every job is a plain subprocess command of the installed package's own commands (`python -m
+  loco_det.cli pretrain` under torchrun, `readout`, `convert --verify`, `train`), so what the
+  grid runs is exactly what a user would type, and `--dry-run` can print it.
 - A job is skipped when its result file exists (pretraining summary.json, readout.json, the
   converted .pkl, detection results.json) and resumed when its checkpoint exists, so rerunning
   a grid after an interruption or a failure only does the work that is left.
@@ -30,7 +30,7 @@ Grid format (see det_configs/grids/demo.yaml and paper.yaml for complete, commen
                 "{recipe}"), seeds: [0],
                 overrides: [KEY=VALUE, ...], resources: {...}}]
     readout: {args: [...], random_init: {arch: resnet18, seeds: [0]}, resources: {...}}
-    knn: {args: [...], resources: {...}}  # tools/knn_readout.py per readout, into the same
+    knn: {args: [...], resources: {...}}  # `loco-det knn` per readout, into the same
                                           # folder (knn.json beside readout.json); optional
     convert: {resources: {...}}
     detection: {supervised_weights: PATH or null, overrides: {KEY: VALUE},
@@ -244,6 +244,11 @@ def _output_option(arg):
     return None
 
 
+# How every job starts a loco_det command: the installed package (`python -m loco_det.cli SUB`),
+# not a script path of the checkout.
+CLI = ("-m", "loco_det.cli")
+
+
 def own_tools():
     """The command-line tools loco_det ships (tools/*.py), as `tools/NAME.py`."""
     folder = os.path.join(REPO, "tools")
@@ -252,6 +257,11 @@ def own_tools():
 
 
 def _is_own_tool(argv):
+    """`python tools/NAME.py ...` or `python -m loco_det.cli SUB ...` (a loco_det command)."""
+    from .cli import COMMANDS
+
+    if len(argv) >= 4 and argv[0] == sys.executable and tuple(argv[1:3]) == CLI:
+        return argv[3] in COMMANDS
     return (len(argv) >= 2 and argv[0] == sys.executable
             and os.path.normpath(argv[1]) == argv[1] and argv[1] in own_tools())
 
@@ -310,7 +320,8 @@ def safety_check(grid, jobs, out, *, allow_commands=False, allow_env=False):
                                    f"(allowed by --allow-commands): {what}")
                 else:
                     refusals.append(f"{job.id}: command {what} is not one of loco_det's tools "
-                                    "(python tools/NAME.py); pass --allow-commands to run it")
+                                    "(python -m loco_det.cli SUB, or python tools/NAME.py); pass "
+                                    "--allow-commands to run it")
             continue
         if job.stage == "report":
             continue
@@ -463,7 +474,7 @@ def expand(grid, out):
         """kNN readout job (id knn/...) writing knn.json into readout job `ro_id`'s folder."""
         if knn is None:
             return
-        argv = ["python", "tools/knn_readout.py", *source, "--output-dir", ro_dir]
+        argv = ["python", *CLI, "knn", *source, "--output-dir", ro_dir]
         add(Job("knn/" + ro_id.split("/", 1)[1], "knn",
                 _python(argv + tpl(knn.get("args", []), **local)), ro_dir,
                 done_file=os.path.join(ro_dir, "knn.json"), deps=deps,
@@ -485,7 +496,7 @@ def expand(grid, out):
                 local = dict(method=method, recipe=_stem(recipe), label=label, seed=seed)
                 job_id, run_dir = path("pretrain", label, f"seed{seed}")
                 argv = _pretrain_launcher(res) + [
-                    "tools/pretrain.py", "--config", recipe_path, f"SEED={seed}"] + [
+                    *CLI, "pretrain", "--config-file", recipe_path, f"SEED={seed}"] + [
                     tpl(o, **local) for o in block.get("overrides", [])] + [
                     "--output-dir", run_dir]
                 pre = add(Job(job_id, "pretrain", argv, run_dir,
@@ -497,7 +508,7 @@ def expand(grid, out):
                 if readout is not None:
                     job_id, ro_dir = path("readout", label, f"seed{seed}")
                     add(Job(job_id, "readout", _python(
-                        ["python", "tools/linear_readout.py", "--checkpoint", ckpt,
+                        ["python", *CLI, "readout", "--checkpoint", ckpt,
                          "--output-dir", ro_dir] + tpl(readout.get("args", []), **local)),
                         ro_dir, done_file=os.path.join(ro_dir, "readout.json"),
                         deps=[pre.id], resources=_resources(readout.get("resources")),
@@ -505,7 +516,7 @@ def expand(grid, out):
                     add_knn(["--checkpoint", ckpt], job_id, ro_dir, [pre.id], **local)
                 job_id, pkl = path("weights", f"{label.replace('/', '_')}_seed{seed}.pkl")
                 conv = add(Job(job_id, "convert", _python(
-                    ["python", "tools/convert_to_detectron2.py", ckpt, pkl, "--verify"]), pkl,
+                    ["python", *CLI, "convert", ckpt, pkl, "--verify"]), pkl,
                     done_file=pkl, deps=[pre.id], resources=convert_res, label=label,
                     seed=seed))
                 sources.append((f"{label}_seed{seed}", label, pkl, conv.id, seed))
@@ -520,7 +531,7 @@ def expand(grid, out):
         for seed in random_init.get("seeds", [0]):   # seed S: the initial encoder of SEED=S
             job_id, ro_dir = path("readout", "random", f"seed{seed}")
             add(Job(job_id, "readout", _python(
-                ["python", "tools/linear_readout.py", "--random-init", "--arch", arch,
+                ["python", *CLI, "readout", "--random-init", "--arch", arch,
                  "--output-dir", ro_dir] + tpl(readout.get("args", []), label="random",
                                                seed=seed)),
                 ro_dir, done_file=os.path.join(ro_dir, "readout.json"), deps=list(data_ids),
@@ -541,7 +552,7 @@ def expand(grid, out):
         else:
             job_id, pkl = path("weights", PUBLISHED_NAME + ".pkl")
             conv = add(Job(job_id, "convert", _python(
-                ["python", "tools/convert_to_detectron2.py", weights, pkl, "--verify"]), pkl,
+                ["python", *CLI, "convert", weights, pkl, "--verify"]), pkl,
                 done_file=pkl, resources=convert_res, label=PUBLISHED_LABEL,
                 requires=[weights]))
             sources.append((PUBLISHED_NAME, PUBLISHED_LABEL, pkl, conv.id, None))
@@ -582,7 +593,7 @@ def expand(grid, out):
                     opts += ["LOCO_DET.FROM_SCRATCH", "True"] + random_init_opts(config,
                                                                                   overrides)
                 opts += ["OUTPUT_DIR", run_dir, "MODEL.WEIGHTS", weights or ""]
-                head = _python(["python", "tools/train_net.py", "--config-file", config,
+                head = _python(["python", *CLI, "train", "--config-file", config,
                                 "--num-gpus", str(max(int(res["gpus_per_node"]), 1))])
                 if int(res["nodes"]) > 1:
                     head += ["--num-machines", str(res["nodes"]), "--machine-rank", "$NODE_RANK",
@@ -598,7 +609,7 @@ def expand(grid, out):
                                     output=path("det", _stem(config), PUBLISHED_NAME,
                                                 f"seed{seed}")[0]))
 
-    add(Job("report", "report", _python(["python", "tools/report.py", out_rel, "--out", out_rel]),
+    add(Job("report", "report", _python(["python", *CLI, "report", out_rel, "--output-dir", out_rel]),
             os.path.join(out_rel, "report.md"), deps=[j.id for j in jobs]))
     return jobs, notes, missing
 

@@ -523,8 +523,9 @@ def plain_trainer_main(argv):
 # ----------------------------------------------------------------------------- install
 
 def install_wheels(wheel_dir, site):
-    """Install the carried wheels and the Detectron2 sdist (without its C++ extension, as
-    tools/install_detectron2.py does) into `site` with this interpreter; nothing is fetched."""
+    """Install the carried wheels and the Detectron2 sdist (without its C++ extension, and
+    patched, as tools/install_detectron2.py does) into `site` with this interpreter; nothing is
+    fetched."""
     from . import gpu_wheels
 
     d2 = _install_detectron2_module()
@@ -547,6 +548,10 @@ def install_wheels(wheel_dir, site):
         with open(os.path.join(src, "setup.py"), "w") as f:
             f.write(d2.SETUP_PY)
         subprocess.run(pip[:-3] + ["--no-build-isolation", "--target", site, src], check=True)
+    try:  # the recorded patch for this stack, as tools/install_detectron2.py applies it
+        d2.patch_detectron2(os.path.join(site, "detectron2"))
+    except d2.PatchError as e:
+        raise PartFailed(str(e)) from None
 
 
 def _install_detectron2_module():

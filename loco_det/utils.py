@@ -22,6 +22,28 @@ class ConfigError(LocoError):
     pass
 
 
+def _leaf_keys(node, prefix=""):
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def did_you_mean(message, cfg):
+    """` (did you mean SOLVER.MAX_ITER?)` for the unknown key yacs names in `message` (its
+    "Non-existent key: X" / "Non-existent config key: X"), the nearest of `cfg`'s keys; ""
+    when nothing is near."""
+    import difflib
+    import re
+
+    m = re.search(r"Non-existent (?:config )?key: (\S+)", message)
+    if not m:
+        return ""
+    near = difflib.get_close_matches(m.group(1), list(_leaf_keys(cfg)), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
 def temp_prefix(path, pid=None):
     """`.tmp_<name>.<host>-<pid>.`: the writer's identity is in the name, so a later run can
     tell a file left by a killed process from one another live process is writing."""
@@ -177,6 +199,70 @@ def check_distinct(out, *inputs, what="--out"):
 
 
 # ----------------------------------------------------------------------------- interruptions
+@contextlib.contextmanager
+def run_lock(folder, what="--output-dir"):
+    """Hold `folder` for this process while it writes a run there: a second start into the same
+    folder fails at once with one line naming the holder. The lock is an flock on a file beside
+    the folder (`.NAME.lock`, so the run folder itself is not created early), removed again when
+    the holder ends; the kernel drops the flock however the holder dies, so the file a killed
+    process left is simply taken over (and said so). Folders made only to hold the lock file are
+    removed again if they stay empty, so a command that fails leaves nothing behind."""
+    import fcntl
+
+    folder = os.path.abspath(folder)
+    parent, name = os.path.split(folder.rstrip(os.sep))
+    path = os.path.join(parent, f".{name}.lock")
+    made = []
+    probe = parent
+    while probe and not os.path.lexists(probe):
+        made.append(probe)
+        probe = os.path.dirname(probe)
+    fd = None
+    try:
+        try:
+            os.makedirs(parent, exist_ok=True)
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+                    os.close(fd)
+                    fd = None   # not ours: the holder's file stays
+                    raise LocoError(f"{what} {folder} is being written by another run "
+                                    f"({holder or 'starting'}); wait for it to end or choose "
+                                    "another folder") from None
+                try:
+                    if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                        break   # locked the file that is there now
+                except FileNotFoundError:
+                    pass        # its holder ended and removed it between our open and lock
+                os.close(fd)
+                fd = None
+        except (FileExistsError, NotADirectoryError):
+            fd = None   # a file where a folder must be: the command itself refuses the path
+        except PermissionError as e:
+            print(f"note: {folder} is not locked against a second run ({e.strerror})",
+                  file=sys.stderr)
+            fd = None
+        if fd is not None:
+            before = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            if before:
+                print(f"note: {folder}: taking over the lock of an ended run ({before})",
+                      file=sys.stderr)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)   # while still holding it: the next start makes a new one
+            os.close(fd)
+        for d in made:   # deepest first; only while empty
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM (or SIGINT) received; raised in the main thread like Ctrl-C, so `finally` blocks
     and `atomic_write` clean up exactly as for Ctrl-C."""
@@ -272,13 +358,19 @@ def exit_code(exc):
     return 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
 
 
+# The words that start the running command when it came through `loco-det SUB` or
+# `python -m loco_det.cli SUB` (set by loco_det.cli); empty for `python tools/SCRIPT.py`.
+INVOCATION = []
+
+
 def resume_command(argv, flag="--resume", script=None, insert_at=None):
     """The command line that continues this run: the same arguments plus `flag` (once), at
     `insert_at` (default: the end; before trailing KEY VALUE overrides where those must end)."""
     args = list(argv)
     if flag and flag not in args:
         args.insert(len(args) if insert_at is None else insert_at, flag)
-    return " ".join(shlex.quote(a) for a in ["python", script or sys.argv[0]] + args)
+    start = ["python", script] if script else (INVOCATION or ["python", sys.argv[0]])
+    return " ".join(shlex.quote(a) for a in start + args)
 
 
 def run_tool(main):
@@ -304,7 +396,10 @@ def add_readout_source_args(parser):
     src.add_argument("--checkpoint", metavar="CKPT", help="a tools/pretrain.py checkpoint")
     src.add_argument("--random-init", action="store_true",
                      help="read out a randomly initialised encoder (needs --arch)")
-    parser.add_argument("--arch", help="resnet18/34/50/101 (with --random-init)")
+    from . import ARCHS
+
+    parser.add_argument("--arch", metavar="ARCH",
+                        help=f"{', '.join(ARCHS)} (with --random-init)")
     parser.add_argument("--output-dir", required=True, metavar="DIR",
                         help="folder the result file (readout.json, knn.json) is written to")
     parser.add_argument("--data", metavar="ROOT",

@@ -2,7 +2,7 @@
 existing script does: configs from the model zoo, `default_setup`, `DefaultTrainer`,
 `COCOEvaluator` with its defaults, `inference_on_dataset`, `DefaultPredictor` and Detectron2's
 own `DetectionCheckpointer` loading converted weights. The script imports nothing of loco_det
-but `loco_det.detection` (which applies the compatibility layer), and runs in a fresh process.
+but `loco_det.detection` (which registers its components), and runs in a fresh process.
 """
 import json
 import os

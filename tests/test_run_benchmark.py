@@ -75,7 +75,7 @@ def test_paper_grid_counts(paper):
                                   "9 convert, 240 detection, 1 report")
     assert len(paper["commands"]) == 286
     cmds = paper["commands"]
-    assert len(_with(cmds, "tools/train_net.py")) == 240
+    assert len(_with(cmds, "train")) == 240
     assert len(_with(cmds, "LOCO_DET.FROM_SCRATCH", "True")) == 24   # random init everywhere
     assert len(_with(cmds, "LOCO_DET.LABEL", "supervised (published weights)")) == 24
     for config, n in (("coco_R50_FPN_1x_frozen", 10), ("cityscapes_R50_FPN_frozen", 10),
@@ -83,7 +83,7 @@ def test_paper_grid_counts(paper):
         assert len(_with(cmds, f"det_configs/{config}.yaml")) == n
     for size, name in ((10000, "10k"), (1000, "1k")):
         for seed in range(1, 6):
-            assert _with(cmds, "tools/make_coco_subset.py", str(size), str(seed))
+            assert _with(cmds, "subset", str(size), str(seed))
             det = _with(cmds, f'["coco_2017_train_{name}_seed{seed}"]')
             assert len(det) == 10 and all(c[c.index("SEED") + 1] == str(seed) for c in det)
 
@@ -96,15 +96,15 @@ def test_paper_grid_runs_the_fair_end_to_end_baseline(paper):
     cmds = paper["commands"]
     for ep in (100, 800):
         recipe = f"pretrain/simclr_r50_{ep}ep_deepdecoder.yaml"
-        (pre,) = _with(cmds, "tools/pretrain.py", recipe)
+        (pre,) = _with(cmds, "pretrain", recipe)
         cfg = load_config(os.path.join(ROOT, recipe))
         loco = load_config(os.path.join(ROOT, f"pretrain/loco_r50_{ep}ep.yaml"))
         assert cfg.MODEL.METHOD == "e2e" and cfg.OPTIM.EPOCHS == ep
         assert cfg.MODEL.DECODER == loco.MODEL.DECODER and cfg.MODEL.DECODER.CONV_BLOCKS == 1
         run = f"runs/paper/pretrain/simclr_r50_{ep}ep_deepdecoder/seed0"
         assert pre[-2:] == ["--output-dir", run]
-        assert _with(cmds, "tools/linear_readout.py", f"{run}/checkpoint_last.pth")
-        assert len(_with(cmds, "tools/train_net.py",
+        assert _with(cmds, "readout", f"{run}/checkpoint_last.pth")
+        assert len(_with(cmds, "train",
                          f"runs/paper/weights/simclr_r50_{ep}ep_deepdecoder_seed0.pkl")) == 24
 
 
@@ -149,15 +149,15 @@ def test_ablation_decoder_grid_lists_the_six_settings(tmp_path):
     want = {"e2e": ("e2e", 0, 2), "gim": ("gim", 0, 2), "gim_conv1": ("gim", 1, 2),
             "e2e_mlp4": ("e2e", 0, 4), "loco": ("loco", 1, 2), "loco_mlp4": ("loco", 1, 4)}
     for label, (method, conv, mlp) in want.items():
-        (pre,) = _with(cmds, "tools/pretrain.py",
+        (pre,) = _with(cmds, "pretrain",
                        f"runs/ablation_decoder/pretrain/{label}/seed0")
-        recipe = pre[pre.index("--config") + 1]
+        recipe = pre[pre.index("--config-file") + 1]
         overrides = [a for a in pre[pre.index(recipe) + 1:pre.index("--output-dir")]
                      if "=" in a and not a.startswith(("SEED=", "DATA.ROOT="))]
         cfg = load_config(os.path.join(ROOT, recipe), overrides)
         assert (cfg.MODEL.METHOD, cfg.MODEL.DECODER.CONV_BLOCKS,
                 cfg.MODEL.DECODER.MLP_LAYERS, cfg.OPTIM.EPOCHS) == (method, conv, mlp, 100)
-        assert _with(cmds, "tools/linear_readout.py",
+        assert _with(cmds, "readout",
                      f"runs/ablation_decoder/pretrain/{label}/seed0/checkpoint_last.pth")
     from loco_det.report import PAPER_TABLES
     (table,) = [t for t in PAPER_TABLES if "decoder-depth" in t["title"].lower()]
@@ -168,28 +168,29 @@ def test_paper_grid_commands(paper):
     cmds = paper["commands"]
     for method in ("simclr", "gim", "loco"):
         for ep in (100, 800):
-            (pre,) = _with(cmds, "tools/pretrain.py", f"pretrain/{method}_r50_{ep}ep.yaml")
+            (pre,) = _with(cmds, "pretrain", f"pretrain/{method}_r50_{ep}ep.yaml")
             assert os.path.basename(pre[0]) == "torchrun"
             assert pre[pre.index("--nnodes") + 1] == "4"
             assert pre[pre.index("--nproc_per_node") + 1] == "8"
             assert "SEED=0" in pre and "DATA.ROOT=datasets/imagenet/train" in pre
             run = f"runs/paper/pretrain/{method}_r50_{ep}ep/seed0"
             assert pre[-2:] == ["--output-dir", run]
-            (conv,) = _with(cmds, "tools/convert_to_detectron2.py", f"{run}/checkpoint_last.pth")
+            (conv,) = _with(cmds, "convert", f"{run}/checkpoint_last.pth")
             assert conv[-2:] == [f"runs/paper/weights/{method}_r50_{ep}ep_seed0.pkl", "--verify"]
-            assert _with(cmds, "tools/linear_readout.py", f"{run}/checkpoint_last.pth")
-            det = _with(cmds, "tools/train_net.py",
+            assert _with(cmds, "readout", f"{run}/checkpoint_last.pth")
+            det = _with(cmds, "train",
                         f"runs/paper/weights/{method}_r50_{ep}ep_seed0.pkl")
             assert len(det) == 24
             assert all(c[c.index("LOCO_DET.LABEL") + 1] == f"{method}_r50_{ep}ep" for c in det)
             assert all(c[c.index("--num-gpus") + 1] == "8" for c in det)
-    (sup,) = _with(cmds, "tools/convert_to_detectron2.py", "weights/resnet50-0676ba61.pth")
+    (sup,) = _with(cmds, "convert", "weights/resnet50-0676ba61.pth")
     assert sup[-2:] == ["runs/paper/weights/supervised_published.pkl", "--verify"]
-    assert _with(cmds, "tools/linear_readout.py", "--random-init", "resnet50")
+    assert _with(cmds, "readout", "--random-init", "resnet50")
     (frozen,) = _with(cmds, "det_configs/coco_R50_FPN_1x_frozen.yaml", "random")
     assert frozen[-4:] == ["OUTPUT_DIR", "runs/paper/det/coco_R50_FPN_1x_frozen/random/seed0",
                            "MODEL.WEIGHTS", ""]
-    assert cmds[-1][1:] == ["tools/report.py", "runs/paper", "--out", "runs/paper"]
+    assert cmds[-1][1:] == ["-m", "loco_det.cli", "report", "runs/paper", "--output-dir",
+                           "runs/paper"]
 
 
 def test_dry_run_writes_nothing(tmp_path):
@@ -211,9 +212,9 @@ def test_demo_grid_and_reduced_profile(tmp_path):
     assert ids(full) == ids(reduced)   # the same jobs, the same code path
     cmds = [shlex.split(l) for l in reduced.stdout.splitlines() if not l.startswith("#")]
     for method in ("e2e", "gim", "loco", "supervised"):
-        (pre,) = _with(cmds, "tools/pretrain.py", f"pretrain/cpu_{method}.yaml")
+        (pre,) = _with(cmds, "pretrain", f"pretrain/cpu_{method}.yaml")
         assert "OPTIM.EPOCHS=1" in pre
-    det = _with(cmds, "tools/train_net.py")
+    det = _with(cmds, "train")
     assert {c[c.index("LOCO_DET.LABEL") + 1] for c in det} == {"e2e", "gim", "loco", "supervised",
                                                               "random"}
     assert all(c[c.index("SOLVER.MAX_ITER") + 1] == "2" for c in det)
@@ -221,14 +222,14 @@ def test_demo_grid_and_reduced_profile(tmp_path):
     with open(os.path.join(ROOT, "det_configs", "grids", "demo.yaml")) as f:
         demo_iters = str(yaml.safe_load(f)["detection"]["overrides"]["SOLVER.MAX_ITER"])
     full_det = _with([shlex.split(l) for l in full.stdout.splitlines() if not l.startswith("#")],
-                     "tools/train_net.py")
+                     "train")
     assert len(full_det) == 10 and demo_iters != "2"
     assert all(c[c.index("SOLVER.MAX_ITER") + 1] == demo_iters for c in full_det)
     # --set reaches into mappings whose keys contain dots (Detectron2 keys)
     res = cli("det_configs/grids/demo.yaml", "--dry-run", "--out", str(tmp_path / "d"),
               "--set", "detection.overrides.SOLVER.MAX_ITER=7", "--set", "vars.data=/x")
     cmds = [shlex.split(l) for l in res.stdout.splitlines() if not l.startswith("#")]
-    det = _with(cmds, "tools/train_net.py")
+    det = _with(cmds, "train")
     assert len(det) == 10 and all(c[c.index("SOLVER.MAX_ITER") + 1] == "7" for c in det)
     assert _with(cmds, "tools/make_synthetic_data.py", "/x")
 
@@ -239,6 +240,10 @@ FAKE_TOOL = r'''
 import json, os, sys
 name = os.path.basename(sys.argv[0])[:-3]
 args = sys.argv[1:]
+if name == "cli":   # python -m loco_det.cli SUB ...: the name of the tool SUB stands for
+    name = {"pretrain": "pretrain", "readout": "linear_readout", "knn": "knn_readout",
+            "convert": "convert_to_detectron2", "train": "train_net"}[args[0]]
+    args = args[1:]
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps([name] + args) + "\n")
 if os.environ.get("FAKE_TIMES"):   # how long each job ran, and with how many threads
@@ -262,10 +267,10 @@ if name == "make_synthetic_data":
     dump(os.path.join(arg("--out"), "meta.json"), {"seed": 0})
 elif name == "pretrain":
     out = arg("--output-dir")
-    method = os.path.basename(arg("--config"))[4:-5]
+    method = os.path.basename(arg("--config-file"))[4:-5]
     seed = int([a for a in args if a.startswith("SEED=")][0][5:])
     dump(f"{out}/run_info.json", {"kind": "pretrain", "method": method, "arch": "resnet18",
-         "world_size": 1, "global_batch": 8, "epochs": 1, "config_file": arg("--config")})
+         "world_size": 1, "global_batch": 8, "epochs": 1, "config_file": arg("--config-file")})
     with open(f"{out}/config.yaml", "w") as f:
         f.write(f"SEED: {seed}\n")
     with open(f"{out}/metrics.jsonl", "w") as f:
@@ -321,9 +326,12 @@ GRID = {
 
 @pytest.fixture
 def fake_repo(tmp_path, monkeypatch):
-    """A repository root whose tools/ are the fake tools; jobs run there."""
+    """A repository root whose tools/ and loco_det.cli are the fake tools; jobs run there."""
     repo = tmp_path / "repo"
     (repo / "tools").mkdir(parents=True)
+    (repo / "loco_det").mkdir()
+    (repo / "loco_det" / "__init__.py").write_text("")
+    (repo / "loco_det" / "cli.py").write_text(FAKE_TOOL)
     for name in ("make_synthetic_data", "pretrain", "linear_readout", "convert_to_detectron2",
                  "train_net"):
         (repo / "tools" / f"{name}.py").write_text(FAKE_TOOL)
@@ -425,14 +433,14 @@ def test_paired_seeds_and_random_init_seeds(fake_repo, capsys):
     assert tool.main([str(path), "--out", str(fake_repo["out"]), "--dry-run"]) == 0
     cmds = [shlex.split(l) for l in capsys.readouterr().out.splitlines()
             if not l.startswith("#")]
-    det = _with(cmds, "tools/train_net.py")
+    det = _with(cmds, "train")
     # e2e and loco: seed s with pretraining seed s only; random and published: both seeds
     runs = sorted(c[c.index("OUTPUT_DIR") + 1].split("/det/")[1] for c in det)
     assert runs == [f"cpu_synth_coco_R18_FPN_frozen/{name}/seed{s}" for name, s in [
         ("e2e_seed0", 0), ("e2e_seed1", 1), ("loco_seed0", 0), ("loco_seed1", 1),
         ("random", 0), ("random", 1), ("supervised_published", 0),
         ("supervised_published", 1)]]
-    random_ro = _with(cmds, "tools/linear_readout.py", "--random-init")
+    random_ro = _with(cmds, "readout", "--random-init")
     assert [(c[c.index("--output-dir") + 1].split("/readout/")[1], c[c.index("--seed") + 1])
             for c in random_ro] == [("random/seed0", "0"), ("random/seed1", "1")]
 

@@ -1,24 +1,10 @@
-"""Make the pure-Python Detectron2 v0.6 work on this stack, for loco_det and for any plain
-Detectron2 code run after `import loco_det.detection`, and say clearly what it cannot do.
+"""loco_det's own adjustments to Detectron2 and fvcore, applied when `loco_det.detection` is imported.
 
-Each fix applies only where the installed stack actually lacks the thing (with an upstream
-source install, real `_C`, an old numpy or a setuptools with pkg_resources, it is a no-op):
+Detectron2 itself needs none of this to work: `tools/install_detectron2.py` (run by `make`)
+patches the installed v0.6 for Pillow >= 10, numpy >= 1.24, setuptools without pkg_resources and
+missing compiled ops, with the replacements recorded in tools/detectron2_v0.6.patch.json. If
+Detectron2 does not import, importing this module fails with one line saying how to fix it.
 
-- `detectron2._C` (compiled ops) missing: a stand-in module whose every op fails with one line
-  (`CompiledOpsMissing`); deformable conv and rotated boxes need the real thing. The build
-  queries of `collect_env_info` (hence `default_setup`) answer "none" instead of failing.
-- COCO evaluation: `COCOEvaluator(use_fast_impl=True)` (its default) and
-  `evaluate_predictions_on_coco` use the C++ `COCOeval_opt`; without compiled ops that name
-  becomes pycocotools' own `COCOeval` (the official Python path), with a one-time notice.
-- numpy >= 1.24 removed `np.bool`, `np.int`, `np.float`, `np.object`, `np.str`, which Detectron2
-  v0.6 uses on its training path (`PolygonMasks.nonempty`, the class histogram). They were
-  always the builtins, so the aliases change nothing else.
-- Pillow >= 10 removed `Image.LINEAR` (an import-time default in Detectron2's transforms); it
-  was always `Image.BILINEAR`.
-- setuptools >= 81 has no `pkg_resources`, which `detectron2.model_zoo` imports for
-  `resource_filename` only; a minimal module providing that (from `importlib.resources`, plus a
-  no-op `fixup_namespace_packages` for tools such as pytest) is registered when the real one is
-  absent.
 - Checkpoints: fvcore's `Checkpointer.save` / `tag_last_checkpoint` write the real file name
   directly, so a kill leaves a truncated `model_XXXXXXX.pth` or `last_checkpoint`; on local
   paths they now go through a temporary file and a rename (`loco_det.utils.atomic_write`).
@@ -29,110 +15,32 @@ source install, real `_C`, an old numpy or a setuptools with pkg_resources, it i
 - Warnings about Detectron2's own code (torch.jit.script deprecation, torch.meshgrid indexing)
   that say nothing about the user's run are silenced.
 
-This module must be imported before anything from detectron2; `loco_det.detection` does so.
+This module must be imported before the rest of loco_det's detection code; `loco_det.detection`
+does so.
 """
-import importlib
-import logging
+import importlib.util
 import os
-import sys
 import types
 import warnings
 
-from PIL import Image
+from ..utils import LocoError
 
 
-class CompiledOpsMissing(RuntimeError):
-    pass
+class Detectron2NotReady(LocoError, ImportError):
+    """Detectron2 does not import here (tools print it as their one-line error)."""
 
 
-def _patch_pillow():
-    if not hasattr(Image, "LINEAR"):
-        Image.LINEAR = Image.BILINEAR
-
-
-def _patch_numpy():
-    import numpy as np
-
-    for name, value in (("bool", bool), ("int", int), ("float", float), ("object", object),
-                        ("str", str)):
-        if name not in np.__dict__:
-            setattr(np, name, value)
-
-
-def _resource_filename(package, resource):
-    """pkg_resources.resource_filename for a package installed as plain files."""
-    from importlib.resources import files
-
-    return os.fspath(files(package).joinpath(resource))
-
-
-def _patch_pkg_resources():
+def _check_detectron2():
+    """Detectron2 imports as itself, else one line on how to fix the install."""
     try:
-        importlib.import_module("pkg_resources")
-    except ImportError:
-        stub = types.ModuleType("pkg_resources")
-        stub.__doc__ = ("loco_det's stand-in for setuptools' removed pkg_resources: only "
-                        "resource_filename (what detectron2.model_zoo needs)")
-        stub.resource_filename = _resource_filename
-        # Tools that see a pkg_resources module call this (pytest's monkeypatch.syspath_prepend
-        # does); without setuptools, namespace packages are native (PEP 420): nothing to fix up.
-        stub.fixup_namespace_packages = lambda path_item, parent=None: None
-        stub.LOCO_DET_STUB = True
-        sys.modules["pkg_resources"] = stub
-
-
-class _MissingCompiledOps(types.ModuleType):
-    """Stands in for detectron2._C: importing works, using any op fails with one clear line."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        raise CompiledOpsMissing(
-            f"detectron2._C.{name} is a compiled Detectron2 op, and this Detectron2 install has no "
-            "compiled ops (deformable conv and rotated boxes need them); "
-            "install Detectron2 from source to use it")
-
-
-def _install_c_stub():
-    try:
-        importlib.import_module("detectron2._C")
-        return True
-    except ImportError:
-        stub = _MissingCompiledOps("detectron2._C")
-        stub.__file__ = None
-        stub.LOCO_DET_STUB = True
-        # What `collect_env_info` (called by `default_setup`) asks the build about.
-        stub.get_compiler_version = lambda: "none (Detectron2 installed without compiled ops)"
-        stub.get_cuda_version = lambda: "none (Detectron2 installed without compiled ops)"
-        stub.has_cuda = lambda: False
-        sys.modules["detectron2._C"] = stub
-        import detectron2
-
-        detectron2._C = stub
-        return False
-
-
-_notice_given = []
-
-
-def _patch_coco_eval():
-    """Without compiled ops, Detectron2's fast COCOeval becomes pycocotools' COCOeval."""
-    from pycocotools.cocoeval import COCOeval
-
-    from detectron2.evaluation import coco_evaluation
-
-    class PythonCOCOeval(COCOeval):
-        """pycocotools' COCOeval, standing in for Detectron2's C++ COCOeval_opt."""
-
-        def __init__(self, *args, **kwargs):
-            if not _notice_given:
-                _notice_given.append(True)
-                logging.getLogger("loco_det.detection").warning(
-                    "COCO evaluation uses pycocotools' Python COCOeval (the official one): this "
-                    "Detectron2 has no compiled ops for its fast C++ version (use_fast_impl)")
-            super().__init__(*args, **kwargs)
-
-    coco_evaluation.COCOeval_opt = PythonCOCOeval
+        import detectron2.engine  # noqa: F401
+        import detectron2.evaluation  # noqa: F401
+    except (ImportError, AttributeError) as e:
+        raise Detectron2NotReady(
+            f"Detectron2 does not import on this stack ({type(e).__name__}: {e}); "
+            "`python tools/install_detectron2.py` installs the pinned v0.6 and applies its "
+            "recorded patch for this stack (docs/troubleshooting.md)") from e
+    return importlib.util.find_spec("detectron2._C") is not None
 
 
 def _patch_checkpointer():
@@ -211,16 +119,13 @@ def _quiet_warnings():
                             category=DeprecationWarning)
 
 
-_patch_pillow()
-_patch_numpy()
-_patch_pkg_resources()
 _quiet_warnings()
-HAS_COMPILED_OPS = _install_c_stub()
-if not HAS_COMPILED_OPS:
-    _patch_coco_eval()
+HAS_COMPILED_OPS = _check_detectron2()
 _patch_checkpointer()
 _patch_cityscapes_pool()
 
 
 def has_compiled_ops():
+    """Whether this Detectron2 has its compiled ops (deformable conv, rotated boxes, fast
+    COCOeval); the pure-Python install has none."""
     return HAS_COMPILED_OPS

@@ -650,7 +650,7 @@ def main(args):
     try:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
-    except (LocoError, compat.CompiledOpsMissing):
+    except LocoError:
         _remove_unstarted_run(cfg.OUTPUT_DIR, getattr(args, "loco_det_created_output_dir", False))
         raise
     trainer.train()

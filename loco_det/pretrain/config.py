@@ -10,8 +10,8 @@ import os
 from fvcore.common.config import CfgNode as _FvCfgNode
 
 from ..safe_load import yaml_chain
-from ..utils import ConfigError
-from .model import DECODER_DEFAULTS, LOCO_SCHEDULES
+from ..utils import ConfigError, did_you_mean
+from .model import ARCHS, DECODER_DEFAULTS, LOCO_SCHEDULES
 from .rules import RuleError, find_factory
 
 
@@ -190,7 +190,8 @@ def load_config(path=None, overrides=()):
         try:
             cfg.merge_from_file(path, allow_unsafe=False)
         except KeyError as e:
-            raise ConfigError(f"{path}: {e.args[0] if e.args else e}") from None
+            msg = str(e.args[0] if e.args else e)
+            raise ConfigError(f"{path}: {msg}{did_you_mean(msg, get_cfg())}") from None
     opts = []
     for item in overrides:
         if "=" not in item:
@@ -202,7 +203,8 @@ def load_config(path=None, overrides=()):
     try:
         cfg.merge_from_list(opts)
     except (KeyError, ValueError, AssertionError) as e:
-        raise ConfigError(f"command-line override: {e.args[0] if e.args else e}") from None
+        msg = str(e.args[0] if e.args else e)
+        raise ConfigError(f"command-line override: {msg}{did_you_mean(msg, cfg)}") from None
     validate(cfg)
     cfg.freeze()
     return cfg
@@ -222,7 +224,7 @@ def _float_if_needed(cfg, key, value):
 
 def validate(cfg):
     choices = {
-        "MODEL.ARCH": ("resnet18", "resnet34", "resnet50", "resnet101"),
+        "MODEL.ARCH": ARCHS,
         "MODEL.DECODER.CONV_BLOCKS": (0, 1, 2),
         "MODEL.DECODER.MLP_LAYERS": (2, 4),
         "MODEL.LOCO_SCHEDULE": LOCO_SCHEDULES,

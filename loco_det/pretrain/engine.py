@@ -483,12 +483,13 @@ def record_resume(output_dir, env, step):
 
 
 # ----------------------------------------------------------------------------- train
-def train(cfg, output_dir, resume=False, stop_after_steps=None, config_file=None):
+def train(cfg, output_dir, resume=False, stop_after_steps=None, config_file=None, progress=True):
     """Pretrain `cfg.MODEL.ARCH` with `cfg.MODEL.METHOD`; write everything to `output_dir`.
 
     resume: continue from output_dir/checkpoint_last.pth (a fresh start if there is none).
     stop_after_steps: return after this many optimizer steps of this call, exactly as if the
       process were killed there (nothing extra is written); for tests and time-limited jobs.
+    progress: draw the run's progress bar (rank 0).
     Returns the summary dict on rank 0 when the run has finished, else None.
     """
     env = DistEnv(cfg.RUN.DIST_BACKEND, cfg.RUN.DIST_TIMEOUT_MIN)
@@ -504,12 +505,12 @@ def train(cfg, output_dir, resume=False, stop_after_steps=None, config_file=None
                           f"{cfg.OPTIM.BATCH_SIZE} on {env.world_size} processes)")
     env.init()
     try:
-        return _train(cfg, output_dir, resume, stop_after_steps, config_file, env)
+        return _train(cfg, output_dir, resume, stop_after_steps, config_file, env, progress)
     finally:
         env.close()
 
 
-def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
+def _train(cfg, output_dir, resume, stop_after_steps, config_file, env, progress=True):
     t_start = time.time()
     # ---- validate everything before touching output_dir
     ckpt_path = os.path.join(output_dir, CHECKPOINT)
@@ -582,14 +583,14 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
     try:
         return _loop(cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler,
                      loader, logger, start_step, steps_per_epoch, total_steps, bad, wall_before,
-                     t_start, stop_after_steps, knn, last_logged, reducer)
+                     t_start, stop_after_steps, knn, last_logged, reducer, progress)
     finally:
         logger.close()
 
 
 def _loop(cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler, loader,
           logger, start_step, steps_per_epoch, total_steps, bad, wall_before, t_start,
-          stop_after_steps, knn=None, last_logged=None, reducer=None):
+          stop_after_steps, knn=None, last_logged=None, reducer=None, progress=True):
     epochs = cfg.OPTIM.EPOCHS
     ckpt_path = os.path.join(output_dir, CHECKPOINT)
     units = list(model.unit_names)
@@ -697,14 +698,15 @@ def _loop(cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler, l
         with open(summary_path) as f:
             return json.load(f) if env.main else None
 
-    for epoch in range(start_step // steps_per_epoch, epochs):
-        first_batch = step - epoch * steps_per_epoch
-        sampler.set_epoch(epoch, first_batch)
-        model.train()
-        bar = tqdm(total=steps_per_epoch, initial=first_batch, desc=f"epoch {epoch + 1}/{epochs}",
-                   disable=not env.main, dynamic_ncols=True,
-                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        try:  # the bar is closed before an error propagates: its line starts clean
+    # One bar for the whole run (its ETA is the run's), titled with the current epoch.
+    bar = tqdm(total=total_steps, initial=step, disable=not (env.main and progress),
+               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    try:  # the bar is closed before an error propagates: its line starts clean
+        for epoch in range(start_step // steps_per_epoch, epochs):
+            first_batch = step - epoch * steps_per_epoch
+            sampler.set_epoch(epoch, first_batch)
+            model.train()
+            bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
             for batch_idx, (view1, view2, labels, bad_idx) in enumerate(loader,
                                                                         start=first_batch):
                 note_bad(bad_idx.tolist())
@@ -728,8 +730,8 @@ def _loop(cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler, l
                     checkpoint(epoch)
                 if stop_after_steps is not None and step - start_step >= stop_after_steps:
                     return None
-        finally:
-            bar.close()
+    finally:
+        bar.close()
 
     # Ranks must end with identical weights; record each rank's hash so that it can be checked.
     hashes = env.all_gather_object(model_params_sha256(model))

@@ -74,7 +74,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .rules import RULES, RuleError
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+from .. import ARCHS  # noqa: F401  (one list for every tool; re-exported)
 METHODS = tuple(RULES)  # the registered rules; others come by import path or entry point
 LOCO_SCHEDULES = ("fused", "recompute", "hybrid", "fused_stem", "hybrid_stem")
 NUM_STAGES = 4
