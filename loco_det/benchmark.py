@@ -45,6 +45,7 @@ Jobs run in the repository root, so relative paths in a grid are relative to it;
 output folder (--out, relative to the current directory) as seen from there.
 """
 import copy
+import difflib
 import json
 import os
 import re
@@ -119,36 +120,114 @@ class Job:
 
 # ----------------------------------------------------------------------------- grid loading
 
-def _set_path(tree, dotted, value):
-    """Set `dotted` in the grid. At each level the whole remaining path is tried as a key
-    first, so Detectron2 keys with dots (SOLVER.MAX_ITER) work inside override mappings."""
+# What a grid may hold, for the dotted paths of --set and profiles and for each section's keys.
+# A dict lists the keys of a mapping, [spec] a list of items, None a value (a string, a number or
+# a plain list), ANY a mapping whose keys are data (Detectron2 keys, sbatch options, variables of
+# the environment) and OWN a mapping whose keys the grid itself defines (vars).
+ANY, OWN = "any key", "the grid's own keys"
+_RES = dict.fromkeys(DEFAULT_RESOURCES)
+SCHEMA = {
+    "name": None, "description": None, "out": None, "vars": OWN, "env": ANY,
+    "slurm": None,   # slurm_schema(): submitit's parameters
+    "data": [{"name": None, "command": None, "creates": None, "seeds": None, "resources": _RES}],
+    "pretrain": [{"methods": None, "recipe": None, "label": None, "seeds": None,
+                  "overrides": None, "resources": _RES}],
+    "readout": {"args": None, "random_init": {"arch": None, "seeds": None}, "resources": _RES},
+    "knn": {"args": None, "resources": _RES},
+    "convert": {"resources": _RES},
+    "detection": {"supervised_weights": None, "overrides": ANY, "resources": _RES,
+                  "configs": [{"config": None, "seeds": None, "pair_seeds": None,
+                               "overrides": ANY, "resources": _RES}]},
+    # checkpoints from elsewhere, through readout, kNN, conversion and detection
+    "external": [{"label": None, "path": None, "layout": None, "take": None, "prefix": None}],
+    "profiles": ANY,
+}
+
+
+def slurm_parameters():
+    """The parameters submitit's SlurmExecutor takes (its own list when submitit is installed,
+    else the keys loco_det allows without --allow-commands)."""
+    try:
+        from submitit.slurm import slurm
+        return sorted(set(slurm._get_default_parameters()) | {"max_num_timeout"})
+    except (ImportError, AttributeError):
+        return sorted(SLURM_KEYS)
+
+
+def grid_schema():
+    return dict(SCHEMA, slurm=dict(dict.fromkeys(slurm_parameters()), additional_parameters=ANY))
+
+
+def did_you_mean(word, options, prefix=""):
+    """' (did you mean PREFIX.BEST?)' for the closest of `options`, or ''."""
+    best = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{best[0]}?" if best else ""
+
+
+def _schema_problem(tree, dotted, schema):
+    """Why the dotted path names nothing the grid can hold, or None."""
+    node, spec, done = tree, schema, []
     parts = dotted.split(".")
-    node = tree
-    while True:
-        rest = ".".join(parts)
-        if isinstance(node, dict) and (rest in node or len(parts) == 1):
-            node[rest] = value
-            return
-        head = parts[0]
-        if isinstance(node, list):
-            if not head.isdigit() or int(head) >= len(node):
-                raise LocoError(f"--set/profile {dotted}: no list item {head}")
-            if len(parts) == 1:
-                node[int(head)] = value
-                return
+    while parts:
+        head, where = parts[0], ".".join(done)
+        here = f"{where}." if where else ""
+        if spec is ANY:
+            return None
+        if spec is OWN:
+            known = sorted(node) if isinstance(node, dict) else []
+            if head in known and len(parts) == 1:
+                return None
+            if head in known:
+                return f"{here}{head} is a value, not a mapping"
+            return (f"the grid defines no {where} entry {head!r} ({where}: "
+                    f"{', '.join(known) or 'none'}){did_you_mean(head, known, here)}")
+        if isinstance(spec, list):
+            if not head.isdigit() or not isinstance(node, list) or int(head) >= len(node):
+                return (f"{where} has no item {head} (it has "
+                        f"{len(node) if isinstance(node, list) else 0})")
+            node, spec = node[int(head)], spec[0]
+        elif isinstance(spec, dict):
+            if head not in spec:
+                return (f"{where or 'a grid'} has no key {head!r} (known: {', '.join(spec)})"
+                        + did_you_mean(head, spec, here))
+            node, spec = node.get(head) if isinstance(node, dict) else None, spec[head]
+        elif isinstance(node, list) and head.isdigit() and int(head) < len(node):
             node = node[int(head)]
-        elif isinstance(node, dict) and isinstance(node.get(head), (dict, list)):
-            node = node[head]
-        elif isinstance(node, dict):
-            node[rest] = value
-            return
         else:
-            raise LocoError(f"--set/profile {dotted}: {head} is not a mapping or list")
+            return f"{where} is a value, not a mapping or list"
+        done.append(head)
+        parts = parts[1:]
+    return None
+
+
+def _set_path(tree, dotted, value, schema):
+    """Set `dotted` in the grid, walking the schema: keys of data mappings (ANY) may contain
+    dots (Detectron2's SOLVER.MAX_ITER), sections missing from the grid are created."""
+    problem = _schema_problem(tree, dotted, schema)
+    if problem:
+        raise LocoError(problem)
+    node, spec, parts = tree, schema, dotted.split(".")
+    while True:
+        head = parts[0]
+        if spec in (ANY, OWN):
+            node[".".join(parts)] = value
+            return
+        if len(parts) == 1:
+            node[int(head) if isinstance(node, list) else head] = value
+            return
+        if isinstance(node, list):
+            node, spec = node[int(head)], spec[0] if isinstance(spec, list) else None
+        else:
+            if not isinstance(node.get(head), (dict, list)):
+                node[head] = {}
+            node, spec = node[head], spec[head]
         parts = parts[1:]
 
 
-def load_grid(path, profile=None, sets=()):
-    """The grid mapping with the profile's and then --set's dotted-path overrides applied."""
+def load_grid(path, profile=None, sets=(), problems=None):
+    """The grid mapping with the profile's and then --set's dotted-path overrides applied.
+    A path that names nothing in the grid's schema (vars.imagenett, slurm.partiton) is an error;
+    with a `problems` list each one is appended there as one line (and not applied) instead."""
     if not os.path.isfile(path):
         raise LocoError(f"{path}: grid file not found")
     try:
@@ -158,25 +237,32 @@ def load_grid(path, profile=None, sets=()):
         raise LocoError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(grid, dict):
         raise LocoError(f"{path}: a grid is a mapping (name, vars, pretrain, detection, ...)")
-    unknown = set(grid) - {"name", "out", "vars", "env", "slurm", "data", "pretrain", "readout",
-                           "knn", "convert", "detection", "profiles", "description"}
+    unknown = set(grid) - set(SCHEMA)
     if unknown:
-        raise LocoError(f"{path}: unknown grid key(s): {', '.join(sorted(unknown))}")
+        raise LocoError(f"{path}: unknown grid key(s): {', '.join(sorted(unknown))}"
+                        + did_you_mean(sorted(unknown)[0], SCHEMA))
     overrides = []
     if profile:
         profiles = grid.get("profiles") or {}
         if profile not in profiles:
             raise LocoError(f"{path}: no profile '{profile}' (have: "
                             f"{', '.join(profiles) or 'none'})")
-        overrides += list((profiles[profile] or {}).items())
+        overrides += [(f"profile {profile}: {key}", key, value)
+                      for key, value in (profiles[profile] or {}).items()]
     for item in sets:
         if "=" not in item:
             raise LocoError(f"--set {item}: expected KEY=VALUE")
         key, value = item.split("=", 1)
-        overrides.append((key, yaml.safe_load(value) if value else ""))
+        overrides.append((f"--set {key}", key, yaml.safe_load(value) if value else ""))
     grid = copy.deepcopy(grid)
-    for key, value in overrides:
-        _set_path(grid, key, value)
+    schema = grid_schema()
+    for where, key, value in overrides:
+        try:
+            _set_path(grid, key, value, schema)
+        except LocoError as e:
+            if problems is None:
+                raise LocoError(f"{where}: {e}") from None
+            problems.append(f"{where}: {e}")
     return grid
 
 
@@ -276,9 +362,13 @@ def safety_check(grid, jobs, out, *, allow_commands=False, allow_env=False):
     refusals, notices = [], []
     slurm = grid.get("slurm") or {}
     extra = (slurm.get("additional_parameters") or {}) if isinstance(slurm, dict) else {}
+    known = slurm_parameters()
     for key in sorted(set(slurm) - set(SLURM_KEYS)) + sorted(
             k for k in extra if k.replace("-", "_") not in SLURM_EXTRA_KEYS):
-        if allow_commands:
+        if key in slurm and key not in known:
+            refusals.append(f"slurm: {key} is not a parameter of submitit's SlurmExecutor"
+                            + (did_you_mean(key, known, "slurm.") or f" (known: {', '.join(known)})"))
+        elif allow_commands:
             notices.append(f"slurm: {key} is passed to the scheduler (allowed by "
                            "--allow-commands)")
         else:
@@ -376,7 +466,7 @@ def _check_keys(mapping, allowed, where):
     unknown = sorted(set(mapping) - set(allowed))
     if unknown:
         raise LocoError(f"grid: {where}: unknown key(s) {', '.join(unknown)} "
-                        f"(known: {', '.join(allowed)})")
+                        f"(known: {', '.join(allowed)}){did_you_mean(unknown[0], allowed)}")
 
 
 def _resources(*specs):
@@ -404,6 +494,16 @@ def _python(argv):
 def _torchrun():
     local = os.path.join(os.path.dirname(sys.executable), "torchrun")
     return local if os.path.exists(local) else "torchrun"
+
+
+def _recipe_path(recipe):
+    """A recipe named without a folder is one of pretrain/."""
+    return recipe if os.path.dirname(recipe) else os.path.join("pretrain", recipe)
+
+
+def _det_config_path(config):
+    """A detection config named without a folder is one of det_configs/."""
+    return config if os.path.dirname(config) else os.path.join("det_configs", config)
 
 
 def _stem(name):
@@ -434,7 +534,7 @@ def expand(grid, out):
     # data
     data_ids = []
     for i, spec in enumerate(grid.get("data") or []):
-        _check_keys(spec, ("name", "command", "creates", "seeds", "resources"), f"data[{i}]")
+        _check_keys(spec, SCHEMA["data"][0], f"data[{i}]")
         if "command" not in spec:
             raise LocoError(f"grid: data[{i}] needs a command")
         for seed in spec.get("seeds", [None]):
@@ -452,10 +552,10 @@ def expand(grid, out):
     readout = grid.get("readout")
     convert_res = _resources((grid.get("convert") or {}).get("resources"))
     if readout is not None:
-        _check_keys(readout, ("args", "random_init", "resources"), "readout")
-    _check_keys(grid.get("convert"), ("resources",), "convert")
+        _check_keys(readout, SCHEMA["readout"], "readout")
+    _check_keys(grid.get("convert"), SCHEMA["convert"], "convert")
     knn = grid.get("knn")
-    _check_keys(knn, ("args", "resources"), "knn")
+    _check_keys(knn, SCHEMA["knn"], "knn")
     if knn is not None and readout is None:
         raise LocoError("grid: knn needs a readout section (knn.json goes beside readout.json)")
 
@@ -471,14 +571,13 @@ def expand(grid, out):
                 seed=local.get("seed")))
 
     for i, block in enumerate(grid.get("pretrain") or []):
-        _check_keys(block, ("methods", "recipe", "label", "seeds", "overrides", "resources"),
-                    f"pretrain[{i}]")
+        _check_keys(block, SCHEMA["pretrain"][0], f"pretrain[{i}]")
         if "recipe" not in block or "methods" not in block:
             raise LocoError(f"grid: pretrain[{i}] needs methods and recipe")
         res = _resources(block.get("resources"))
         for method in block["methods"]:
             recipe = tpl(block["recipe"], method=method)
-            recipe_path = recipe if os.path.dirname(recipe) else os.path.join("pretrain", recipe)
+            recipe_path = _recipe_path(recipe)
             label = tpl(block.get("label", "{recipe}"), method=method,
                         recipe=_stem(recipe))
             for seed in block.get("seeds", [0]):
@@ -512,7 +611,7 @@ def expand(grid, out):
 
     if readout is not None:
         random_init = readout.get("random_init") or {}
-        _check_keys(random_init, ("arch", "seeds"), "readout.random_init")
+        _check_keys(random_init, SCHEMA["readout"]["random_init"], "readout.random_init")
         arch = random_init.get("arch")
         if not arch:
             raise LocoError("grid: readout.random_init.arch is required (the random-init "
@@ -530,7 +629,7 @@ def expand(grid, out):
 
     # baselines: random init always; supervised from a path (converted here unless a .pkl)
     det = grid.get("detection") or {}
-    _check_keys(det, ("supervised_weights", "overrides", "resources", "configs"), "detection")
+    _check_keys(det, SCHEMA["detection"], "detection")
     sources.append(("random", "random", None, None, None))
     supervised = det.get("supervised_weights")
     supervised_missing = None
@@ -552,12 +651,10 @@ def expand(grid, out):
 
     det_res = det.get("resources")
     for i, spec in enumerate(det.get("configs") or []):
-        _check_keys(spec, ("config", "seeds", "pair_seeds", "overrides", "resources"),
-                    f"detection.configs[{i}]")
+        _check_keys(spec, SCHEMA["detection"]["configs"][0], f"detection.configs[{i}]")
         if "config" not in spec:
             raise LocoError(f"grid: detection.configs[{i}] needs a config")
-        config = spec["config"] if os.path.dirname(spec["config"]) else \
-            os.path.join("det_configs", spec["config"])
+        config = _det_config_path(spec["config"])
         res = _resources(det_res, spec.get("resources"))
         unpaired = sorted({str(src[4]) for src in sources if src[4] is not None}
                           - {str(x) for x in spec.get("seeds", [0])})
