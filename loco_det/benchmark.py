@@ -188,8 +188,8 @@ def _schema_problem(tree, dotted, schema):
             node, spec = node[int(head)], spec[0]
         elif isinstance(spec, dict):
             if head not in spec:
-                return (f"{where or 'a grid'} has no key {head!r} (known: {', '.join(spec)})"
-                        + did_you_mean(head, spec, here))
+                return (f"{where or 'a grid'} has no key {head!r}"
+                        + (did_you_mean(head, spec, here) or f" (known: {', '.join(spec)})"))
             node, spec = node.get(head) if isinstance(node, dict) else None, spec[head]
         elif isinstance(node, list) and head.isdigit() and int(head) < len(node):
             node = node[int(head)]
@@ -457,6 +457,228 @@ def plugin_modules(grid, jobs):
     return found
 
 
+# ----------------------------------------------------------------------------- preflight
+# What a grid's jobs would fail on, found before any of them runs: a dry run (or --check) lists
+# every such problem, one line each, and a launch refuses to start with any.
+
+def preflight(grid, jobs, out):
+    """(problems, blocked): every problem the grid's jobs would meet that can be found without
+    running them, one line each, in grid order, without repeats: recipes and learning rules,
+    override keys (after _BASE_) and values of the pretraining and Detectron2 configs, external
+    checkpoints, and input paths that neither exist nor are made by an earlier job; `blocked`
+    maps the ids of jobs lacking an input to that input."""
+    tpl = _Templates(dict(grid.get("vars") or {}, out=_rel(out)))
+    problems, inputs = _check_pretraining(grid, tpl)
+    problems += _check_detection(grid, tpl)
+    problems += _check_external(grid, tpl)
+    absent = missing_inputs(jobs, inputs)
+    problems += [f"input {p} does not exist and no earlier job makes it (needed by {ids[0]}"
+                 + (f" and {len(ids) - 1} more job(s)" if len(ids) > 1 else "") + ")"
+                 for p, ids in absent.items()]
+    blocked = {job_id: p for p, ids in absent.items() for job_id in ids}
+    return list(dict.fromkeys(problems)), blocked
+
+
+def _first(values, default=0):
+    return (values or [default])[0]
+
+
+def _one_line(e):
+    return " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+
+
+def _pretrain_methods():
+    """Learning rules a recipe may name without an import path: registered, or installed as a
+    `loco_det.rules` entry point (listed, not imported)."""
+    import importlib.metadata
+
+    from .pretrain.rules import ENTRY_POINT_GROUP, RULES
+
+    return list(RULES) + sorted(ep.name for ep in importlib.metadata.entry_points(
+        group=ENTRY_POINT_GROUP) if ep.name not in RULES)
+
+
+def _recipe_hint(template, method, recipe):
+    """' (did you mean ...)' among the recipes the block's template can name."""
+    folder = os.path.join(REPO, os.path.dirname(_recipe_path(recipe)))
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".yaml")) \
+        if os.path.isdir(folder) else []
+    base = os.path.basename(template)
+    if base.count("{") == 1 and "{method}" in base:
+        pattern = re.compile(re.escape(base).replace(re.escape("{method}"), "(.+)") + "$")
+        methods = [m.group(1) for m in map(pattern.match, names) if m]
+        hint = did_you_mean(method, methods)
+        if hint:
+            return f" (method {method!r}:{hint[1:]})"
+    return did_you_mean(os.path.basename(recipe), names)
+
+
+def _check_pretraining(grid, tpl):
+    """(problems, inputs): each block's recipes exist and load, its overrides name keys of the
+    recipe (after _BASE_) and have valid values, the resolved MODEL.METHOD is a rule; inputs are
+    (job id prefix, DATA.ROOT) for the input check."""
+    from .fingerprint import flatten
+    from .pretrain import config as pcfg
+
+    problems, inputs = [], []
+    methods = None
+    for i, block in enumerate(grid.get("pretrain") or []):
+        for method in block.get("methods") or []:
+            recipe = tpl(block["recipe"], method=method)
+            recipe_path = _recipe_path(recipe)
+            where = f"pretrain[{i}] {method}"
+            if not os.path.isfile(Job._abs(recipe_path)):
+                problems.append(f"{where}: no recipe {recipe_path}"
+                                + _recipe_hint(block["recipe"], method, recipe))
+                continue
+            label = tpl(block.get("label", "{recipe}"), method=method, recipe=_stem(recipe))
+            local = dict(method=method, recipe=_stem(recipe), label=label,
+                         seed=_first(block.get("seeds")))
+            overrides = [tpl(o, **local) for o in block.get("overrides") or []]
+            cfg = pcfg.get_cfg()
+            try:
+                yaml_chain(Job._abs(recipe_path))
+                cfg.merge_from_file(Job._abs(recipe_path), allow_unsafe=False)
+            except (LocoError, KeyError, ValueError, AssertionError, TypeError,
+                    yaml.YAMLError) as e:
+                problems.append(f"{where}: {recipe_path}: {_one_line(e)}")
+                continue
+            keys = flatten(cfg)
+            bad = []
+            for item in overrides:
+                key = str(item).split("=", 1)[0]
+                if "=" not in str(item):
+                    bad.append(f"{where}: override {item!r} is not KEY=VALUE")
+                elif key not in keys:
+                    bad.append(f"{where}: override {key}: not a pretraining config key (after "
+                               f"{recipe_path}'s _BASE_ chain){did_you_mean(key, keys)}")
+            problems += bad
+            given = dict(str(o).split("=", 1) for o in overrides if "=" in str(o))
+            inputs.append((f"pretrain/{label}/", given.get("DATA.ROOT", cfg.DATA.ROOT)))
+            if bad:
+                continue
+            rule = given.get("MODEL.METHOD", cfg.MODEL.METHOD)
+            if ":" in rule:
+                continue   # a plug-in rule: imported only when pretraining starts
+            methods = methods if methods is not None else _pretrain_methods()
+            if rule not in methods:
+                problems.append(f"{where}: MODEL.METHOD {rule!r} is not a registered rule (rules: "
+                                f"{', '.join(methods)}){did_you_mean(rule, methods)}")
+                continue
+            from .pretrain.rules import RULES
+
+            if rule in RULES:   # an entry point's code is not run by a preflight
+                try:
+                    pcfg.load_config(Job._abs(recipe_path), overrides)
+                except LocoError as e:
+                    problems.append(f"{where}: {e}")
+    return problems, inputs
+
+
+def _check_detection(grid, tpl):
+    """Each detection config loads with Detectron2's own loader (after _BASE_), and every override
+    key of the grid is one of its keys, with a value Detectron2 accepts."""
+    det = grid.get("detection") or {}
+    configs = det.get("configs") or []
+    if not configs:
+        return []
+    from .detection.config import setup_cfg
+    from .fingerprint import flatten
+
+    problems = []
+    folder = os.path.join(REPO, "det_configs")
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".yaml")) \
+        if os.path.isdir(folder) else []
+    for i, spec in enumerate(configs):
+        config = _det_config_path(spec["config"])
+        if not os.path.isfile(Job._abs(config)):
+            problems.append(f"detection.configs[{i}]: no config {config}"
+                            + did_you_mean(os.path.basename(config), names))
+            continue
+        try:
+            cfg = setup_cfg(Job._abs(config))
+        except LocoError as e:
+            problems.append(f"detection.configs[{i}]: {e}")
+            continue
+        keys = flatten(cfg)
+        seed = _first(spec.get("seeds"))
+        for where, overrides in (("detection.overrides", det.get("overrides")),
+                                 (f"detection.configs[{i}].overrides", spec.get("overrides"))):
+            chain = "" if where == "detection.overrides" else f" (after {config}'s _BASE_ chain)"
+            for key, value in (overrides or {}).items():
+                if key not in keys:
+                    problems.append(f"{where}: {key} is not a key of Detectron2's config"
+                                    f"{chain}{did_you_mean(key, keys)}")
+                    continue
+                trial = cfg.clone()
+                try:
+                    trial.merge_from_list([key, str(tpl(str(value), label="x", seed=seed))])
+                except (KeyError, ValueError, AssertionError, TypeError) as e:
+                    problems.append(f"{where}: {key} {value!r}: {_one_line(e)} ({config})")
+    return problems
+
+
+def _check_external(grid, tpl):
+    """Each external checkpoint exists, holds one ResNet the converter finds (with the entry's
+    take / prefix) and is of the layout the entry names, if it names one."""
+    problems = []
+    for i, spec in enumerate(grid.get("external") or []):
+        if not isinstance(spec, dict) or not spec.get("path"):
+            continue   # expand() names the missing key
+        where = f"external[{i}] {spec.get('label')}"
+        ckpt = tpl(str(spec["path"]))
+        if not os.path.isfile(Job._abs(ckpt)):
+            continue   # the input check names it
+        from .detection import convert
+
+        try:
+            obj, _ = convert.load_checkpoint(Job._abs(ckpt))
+            state, _, info = convert.extract_encoder(obj, ckpt, spec.get("prefix"),
+                                                     spec.get("take"))
+            convert.infer_resnet(state, ckpt, info["arch_hint"])
+        except LocoError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        want = spec.get("layout")
+        if want and str(want).lower() not in info["layout"].lower():
+            problems.append(f"{where}: {ckpt} is a {info['layout']!r} checkpoint; the grid says "
+                            f"layout {want!r}")
+    return problems
+
+
+def _made_by(path, made):
+    """Whether `path` is made by one of `made` (outputs of earlier jobs): the same path, a path
+    inside one (a data job's folder, a pretraining run), or a folder holding one."""
+    path = os.path.normpath(path)
+    return any(path == m or path.startswith(m + os.sep) or m.startswith(path + os.sep)
+               for m in made)
+
+
+def missing_inputs(jobs, pretrain_inputs):
+    """{path: [job ids]}: input paths (pretraining DATA.ROOT, readout and kNN --data and
+    --checkpoint, conversion inputs, Detectron2's dataset root) that neither exist nor are made
+    by an earlier job."""
+    made, missing = [], {}
+    for job in jobs:
+        need = list(job.requires)
+        if job.stage == "pretrain":
+            need += [p for prefix, p in pretrain_inputs if job.id.startswith(prefix)][:1]
+        elif job.stage in ("readout", "knn"):
+            need += [job.argv[i + 1] for i, a in enumerate(job.argv[:-1])
+                     if a in ("--data", "--checkpoint")]
+        elif job.stage == "detection":
+            need.append(job.env.get("DETECTRON2_DATASETS")
+                        or os.environ.get("DETECTRON2_DATASETS", "datasets"))
+        for p in need:
+            if p and not os.path.exists(Job._abs(p)) and not _made_by(p, made):
+                missing.setdefault(p, []).append(job.id)
+        if job.stage == "data" and job.output:
+            made.append(os.path.normpath(os.path.dirname(job.output) or job.output))
+        elif job.output:
+            made.append(os.path.normpath(job.output))
+    return missing
+
+
 def _check_keys(mapping, allowed, where):
     """A misspelt key (seed: instead of seeds:) would silently change the grid: refuse it."""
     if mapping is None:
@@ -494,6 +716,18 @@ def _python(argv):
 def _torchrun():
     local = os.path.join(os.path.dirname(sys.executable), "torchrun")
     return local if os.path.exists(local) else "torchrun"
+
+
+EXTERNAL_SUFFIX = "(external)"   # after an external entry's label, in the report too
+
+
+def external_options(spec, tpl=lambda v: v):
+    """The converter's options (--take, --prefix) an `external` entry gives, for every tool."""
+    opts = []
+    for key in ("take", "prefix"):
+        if spec.get(key) not in (None, ""):
+            opts += [f"--{key}", str(tpl(str(spec[key])))]
+    return opts
 
 
 def _recipe_path(recipe):
@@ -608,6 +842,30 @@ def expand(grid, out):
                     done_file=pkl, deps=[pre.id], resources=convert_res, label=label,
                     seed=seed))
                 sources.append((f"{label}_seed{seed}", label, pkl, conv.id, seed))
+
+    # checkpoints from elsewhere: the same readout, kNN, conversion and detection as a
+    # pretrained row, from the file as it is (no pretraining seed: every detection seed runs)
+    for i, spec in enumerate(grid.get("external") or []):
+        _check_keys(spec, SCHEMA["external"][0], f"external[{i}]")
+        if not spec.get("label") or not spec.get("path"):
+            raise LocoError(f"grid: external[{i}] needs a label and a path")
+        name, ckpt = str(tpl(str(spec["label"]))), tpl(str(spec["path"]))
+        label = f"{name} {EXTERNAL_SUFFIX}"
+        pick = external_options(spec, tpl)
+        if readout is not None:
+            local = dict(label=label, seed=0)
+            job_id, ro_dir = path("readout", "external", name)
+            add(Job(job_id, "readout", _python(
+                ["python", "tools/linear_readout.py", "--checkpoint", ckpt, *pick,
+                 "--output-dir", ro_dir] + tpl(readout.get("args", []), **local)),
+                ro_dir, done_file=os.path.join(ro_dir, "readout.json"), deps=list(data_ids),
+                resources=_resources(readout.get("resources")), label=label, requires=[ckpt]))
+            add_knn(["--checkpoint", ckpt, *pick], job_id, ro_dir, list(data_ids), **local)
+        job_id, pkl = path("weights", f"external_{name.replace('/', '_')}.pkl")
+        conv = add(Job(job_id, "convert", _python(
+            ["python", "tools/convert_to_detectron2.py", ckpt, pkl, "--verify", *pick]), pkl,
+            done_file=pkl, resources=convert_res, label=label, requires=[ckpt]))
+        sources.append((f"external_{name.replace('/', '_')}", label, pkl, conv.id, None))
 
     if readout is not None:
         random_init = readout.get("random_init") or {}
@@ -779,11 +1037,14 @@ def _res_text(res):
     return f"{where}, {res['cpus_per_task']} CPUs, {res['time_min']} min"
 
 
-def dry_run(jobs, notes, missing, notices=()):
-    """Print every command (with --resume where a checkpoint exists) and what would be skipped."""
+def dry_run(jobs, notes, missing, notices=(), blocked=None):
+    """Print every command (with --resume where a checkpoint exists) and what would be skipped;
+    `blocked` ({job id: input}) marks jobs whose input is missing."""
     w = sys.stdout.write
+    blocked = blocked or {}
     for i, job in enumerate(jobs, 1):
         state = "skip: results exist" if job.is_done() else (
+            f"cannot run: {blocked[job.id]} missing" if job.id in blocked else
             "resume" if job.resuming() else "run")
         w(f"# [{i}/{len(jobs)}] {job.stage} {job.id} ({state}; {_res_text(job.resources)})\n")
         w(shlex.join(job.command()) + "\n")
@@ -1055,6 +1316,63 @@ def run_slurm(jobs, notes, out, slurm_options):
     for note in notes:
         print(f"note: {note}")
     submitted = {}
+    # A submission that fails leaves nothing behind: jobs already queued are cancelled, and
+    # what this call wrote (submitit's files below OUT/slurm/) is removed.
+    before = _existing(out)
+    try:
+        _submit_all(jobs, out, slurm_options, submitted, submitit)
+    except BaseException as e:
+        cancelled = _cancel(submitted)
+        _remove_new(out, before)
+        if isinstance(e, Exception):
+            raise LocoError(f"SLURM submission failed: {_one_line(e)}; {cancelled}nothing was "
+                            "written") from None
+        raise
+    write_json(os.path.join(out, "slurm_jobs.json"), submitted)
+    print(f"summary: {len(submitted)} jobs submitted, {len(jobs) - len(submitted)} skipped; "
+          f"report after all: {_rel(os.path.join(out, 'report.md'))}")
+    return 0
+
+
+def _existing(out):
+    """(whether `out` exists, the entries of OUT/slurm or None): what `_remove_new` keeps."""
+    folder = os.path.join(out, "slurm")
+    return os.path.isdir(out), (set(os.listdir(folder)) if os.path.isdir(folder) else None)
+
+
+def _remove_new(out, before):
+    """Remove what a failed submission wrote: submitit's files and job folders below OUT/slurm
+    (new entries only: earlier jobs' folders stay), and OUT/slurm and OUT if they are new."""
+    out_existed, entries = before
+    folder = os.path.join(out, "slurm")
+    if not out_existed:
+        shutil.rmtree(out, ignore_errors=True)
+    elif entries is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    elif os.path.isdir(folder):
+        for name in set(os.listdir(folder)) - entries:
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+
+
+def _cancel(submitted):
+    """scancel the jobs already queued; what the message says about them."""
+    if not submitted:
+        return ""
+    ids = list(submitted.values())
+    try:
+        rc = subprocess.run(["scancel", *ids], capture_output=True).returncode
+    except OSError:
+        rc = None
+    if rc == 0:
+        return f"the {len(ids)} job(s) already queued were cancelled ({', '.join(ids)}); "
+    return f"cancel the {len(ids)} job(s) already queued: scancel {' '.join(ids)}; "
+
+
+def _submit_all(jobs, out, slurm_options, submitted, submitit):
     options = {k: v for k, v in (slurm_options or {}).items() if v is not None}
     additional = dict(options.pop("additional_parameters", None) or {})
     for job in jobs:
@@ -1086,7 +1404,3 @@ def run_slurm(jobs, notes, out, slurm_options):
         submitted[job.id] = str(executor.submit(SlurmCommand(job)).job_id)
         print(f"submitted {job.id}  (job {submitted[job.id]}; {_res_text(res)}"
               + (f"; after {', '.join(deps)}" if deps else "") + ")")
-    write_json(os.path.join(out, "slurm_jobs.json"), submitted)
-    print(f"summary: {len(submitted)} jobs submitted, {len(jobs) - len(submitted)} skipped; "
-          f"report after all: {_rel(os.path.join(out, 'report.md'))}")
-    return 0
