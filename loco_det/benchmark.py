@@ -933,9 +933,9 @@ def expand(grid, out):
                 for key, value in overrides.items():
                     opts += [key, str(tpl(str(value), **local))]
                 opts += ["LOCO_DET.LABEL", label]
-                if weights is None:
-                    opts += ["LOCO_DET.FROM_SCRATCH", "True"] + random_init_opts(config,
-                                                                                  overrides)
+                if weights is None:   # (a missing config: named by the preflight)
+                    opts += ["LOCO_DET.FROM_SCRATCH", "True"] + (random_init_opts(
+                        config, overrides) if os.path.isfile(Job._abs(config)) else [])
                 opts += ["OUTPUT_DIR", run_dir, "MODEL.WEIGHTS", weights or ""]
                 head = _python(["python", "tools/train_net.py", "--config-file", config,
                                 "--num-gpus", str(max(int(res["gpus_per_node"]), 1))])

@@ -226,8 +226,10 @@ def test_grid_runs_an_external_checkpoint_end_to_end(checkpoints, tmp_path):
     report = (out / "report.md").read_text()
     assert report.count("r18_timm (external)") >= 2   # its readout and its detection rows
     manifest = json.loads((out / "benchmark.json").read_text())
-    assert {j["label"] for j in manifest["jobs"] if j["id"].startswith(
-        ("readout/external/", "det/"))} >= {"r18_timm (external)"}
+    labels = {j["id"]: j["label"] for j in manifest["jobs"] if j.get("id")}
+    assert labels["readout/external/r18_timm"] == "r18_timm (external)"
+    assert labels["det/cpu_synth_coco_R18_FPN_frozen/external_r18_timm/seed0"] == \
+        "r18_timm (external)"
 
 
 def test_external_entries_are_checked_before_anything_runs(checkpoints, tmp_path):
