@@ -33,11 +33,17 @@ Grid format (see det_configs/grids/demo.yaml and paper.yaml for complete, commen
     knn: {args: [...], resources: {...}}  # tools/knn_readout.py per readout, into the same
                                           # folder (knn.json beside readout.json); optional
     convert: {resources: {...}}
+    external: [{label, path, take, prefix, layout}]  # checkpoints from elsewhere: readout, kNN,
+                                      # conversion and detection like a pretrained row
     detection: {supervised_weights: PATH or null, overrides: {KEY: VALUE},
                 resources: {...}, configs: [{config, seeds, pair_seeds, overrides, resources}]}
                                       # pair_seeds: true runs each pretrained backbone only
                                       # with its own pretraining seed (baselines: every seed)
     profiles: {reduced: {dotted.path: value, ...}}   # selected with --profile
+
+Before anything runs, `preflight` checks what it can without running a job (recipes, rules,
+override keys after _BASE_, --set paths, input paths, external checkpoints) and `safety_check`
+what a grid handed over as data may not do; both list every problem, one line each.
 
 Resources: nodes, gpus_per_node (0 = CPU), cpus_per_task, mem_gb, time_min. Runtime
 placeholders in commands ($MASTER_ADDR, $NODE_RANK, $JOB_ID) are filled in on the SLURM node.
@@ -128,7 +134,7 @@ ANY, OWN = "any key", "the grid's own keys"
 _RES = dict.fromkeys(DEFAULT_RESOURCES)
 SCHEMA = {
     "name": None, "description": None, "out": None, "vars": OWN, "env": ANY,
-    "slurm": None,   # slurm_schema(): submitit's parameters
+    "slurm": None,   # grid_schema(): the parameters of submitit's SlurmExecutor
     "data": [{"name": None, "command": None, "creates": None, "seeds": None, "resources": _RES}],
     "pretrain": [{"methods": None, "recipe": None, "label": None, "seeds": None,
                   "overrides": None, "resources": _RES}],
@@ -159,7 +165,7 @@ def grid_schema():
 
 
 def did_you_mean(word, options, prefix=""):
-    """' (did you mean PREFIX.BEST?)' for the closest of `options`, or ''."""
+    """'; did you mean PREFIX BEST?' for the closest of `options`, or ''."""
     best = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
     return f"; did you mean {prefix}{best[0]}?" if best else ""
 
