@@ -52,6 +52,7 @@ output folder (--out, relative to the current directory) as seen from there.
 """
 import copy
 import difflib
+import functools
 import json
 import os
 import re
@@ -964,28 +965,29 @@ def expand(grid, out):
     return jobs, notes, missing
 
 
-# Detectron2's defaults for the two keys below (detectron2/config/defaults.py).
-_D2_DEFAULTS = {"MODEL.BACKBONE.FREEZE_AT": 2, "MODEL.RESNETS.NORM": "FrozenBN"}
 TRAINABLE_NORMS = ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "GN")
 
 
+@functools.lru_cache(maxsize=None)
+def _det_cfg(path, mtime_ns):   # one load per file version: random_init_opts asks per job
+    from .detection.config import setup_cfg
+
+    return setup_cfg(path)
+
+
 def config_value(config, dotted, overrides=None):
-    """`dotted` as the Detectron2 config file `config` (with its _BASE_ chain) and the grid's
-    overrides resolve it, without importing Detectron2 (dry runs stay fast)."""
+    """`dotted` as the grid's overrides, else the Detectron2 config file `config` (loaded by
+    Detectron2's own loader: its _BASE_ chain over Detectron2's defaults) resolve it."""
     if overrides and dotted in overrides:
         return yaml.safe_load(str(overrides[dotted]))
     path = config if os.path.isabs(config) else os.path.join(REPO, config)
     try:
-        chain = yaml_chain(path)
+        node = _det_cfg(path, os.stat(path).st_mtime_ns if os.path.exists(path) else 0)
     except LocoError as e:
         raise LocoError(f"grid: detection config {config}: {e}") from None
-    for _, data in chain:
-        node = data
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            return node
-    return _D2_DEFAULTS[dotted]
+    for part in dotted.split("."):
+        node = node[part]
+    return node
 
 
 def random_init_opts(config, overrides=None):
