@@ -33,11 +33,17 @@ Grid format (see det_configs/grids/demo.yaml and paper.yaml for complete, commen
     knn: {args: [...], resources: {...}}  # `loco-det knn` per readout, into the same
                                           # folder (knn.json beside readout.json); optional
     convert: {resources: {...}}
+    external: [{label, path, take, prefix, layout}]  # checkpoints from elsewhere: readout, kNN,
+                                      # conversion and detection like a pretrained row
     detection: {supervised_weights: PATH or null, overrides: {KEY: VALUE},
                 resources: {...}, configs: [{config, seeds, pair_seeds, overrides, resources}]}
                                       # pair_seeds: true runs each pretrained backbone only
                                       # with its own pretraining seed (baselines: every seed)
     profiles: {reduced: {dotted.path: value, ...}}   # selected with --profile
+
+Before anything runs, `preflight` checks what it can without running a job (recipes, rules,
+override keys after _BASE_, --set paths, input paths, external checkpoints) and `safety_check`
+what a grid handed over as data may not do; both list every problem, one line each.
 
 Resources: nodes, gpus_per_node (0 = CPU), cpus_per_task, mem_gb, time_min. Runtime
 placeholders in commands ($MASTER_ADDR, $NODE_RANK, $JOB_ID) are filled in on the SLURM node.
@@ -45,6 +51,8 @@ Jobs run in the repository root, so relative paths in a grid are relative to it;
 output folder (--out, relative to the current directory) as seen from there.
 """
 import copy
+import difflib
+import functools
 import json
 import os
 import re
@@ -119,36 +127,114 @@ class Job:
 
 # ----------------------------------------------------------------------------- grid loading
 
-def _set_path(tree, dotted, value):
-    """Set `dotted` in the grid. At each level the whole remaining path is tried as a key
-    first, so Detectron2 keys with dots (SOLVER.MAX_ITER) work inside override mappings."""
+# What a grid may hold, for the dotted paths of --set and profiles and for each section's keys.
+# A dict lists the keys of a mapping, [spec] a list of items, None a value (a string, a number or
+# a plain list), ANY a mapping whose keys are data (Detectron2 keys, sbatch options, variables of
+# the environment) and OWN a mapping whose keys the grid itself defines (vars).
+ANY, OWN = "any key", "the grid's own keys"
+_RES = dict.fromkeys(DEFAULT_RESOURCES)
+SCHEMA = {
+    "name": None, "description": None, "out": None, "vars": OWN, "env": ANY,
+    "slurm": None,   # grid_schema(): the parameters of submitit's SlurmExecutor
+    "data": [{"name": None, "command": None, "creates": None, "seeds": None, "resources": _RES}],
+    "pretrain": [{"methods": None, "recipe": None, "label": None, "seeds": None,
+                  "overrides": None, "resources": _RES}],
+    "readout": {"args": None, "random_init": {"arch": None, "seeds": None}, "resources": _RES},
+    "knn": {"args": None, "resources": _RES},
+    "convert": {"resources": _RES},
+    "detection": {"supervised_weights": None, "overrides": ANY, "resources": _RES,
+                  "configs": [{"config": None, "seeds": None, "pair_seeds": None,
+                               "overrides": ANY, "resources": _RES}]},
+    # checkpoints from elsewhere, through readout, kNN, conversion and detection
+    "external": [{"label": None, "path": None, "layout": None, "take": None, "prefix": None}],
+    "profiles": ANY,
+}
+
+
+def slurm_parameters():
+    """The parameters submitit's SlurmExecutor takes (its own list when submitit is installed,
+    else the keys loco_det allows without --allow-commands)."""
+    try:
+        from submitit.slurm import slurm
+        return sorted(set(slurm._get_default_parameters()) | {"max_num_timeout"})
+    except (ImportError, AttributeError):
+        return sorted(SLURM_KEYS)
+
+
+def grid_schema():
+    return dict(SCHEMA, slurm=dict(dict.fromkeys(slurm_parameters()), additional_parameters=ANY))
+
+
+def did_you_mean(word, options, prefix=""):
+    """'; did you mean PREFIX BEST?' for the closest of `options`, or ''."""
+    best = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{best[0]}?" if best else ""
+
+
+def _schema_problem(tree, dotted, schema):
+    """Why the dotted path names nothing the grid can hold, or None."""
+    node, spec, done = tree, schema, []
     parts = dotted.split(".")
-    node = tree
-    while True:
-        rest = ".".join(parts)
-        if isinstance(node, dict) and (rest in node or len(parts) == 1):
-            node[rest] = value
-            return
-        head = parts[0]
-        if isinstance(node, list):
-            if not head.isdigit() or int(head) >= len(node):
-                raise LocoError(f"--set/profile {dotted}: no list item {head}")
-            if len(parts) == 1:
-                node[int(head)] = value
-                return
+    while parts:
+        head, where = parts[0], ".".join(done)
+        here = f"{where}." if where else ""
+        if spec is ANY:
+            return None
+        if spec is OWN:
+            known = sorted(node) if isinstance(node, dict) else []
+            if head in known and len(parts) == 1:
+                return None
+            if head in known:
+                return f"{here}{head} is a value, not a mapping"
+            return (f"the grid defines no {where} entry {head!r} ({where}: "
+                    f"{', '.join(known) or 'none'}){did_you_mean(head, known, here)}")
+        if isinstance(spec, list):
+            if not head.isdigit() or not isinstance(node, list) or int(head) >= len(node):
+                return (f"{where} has no item {head} (it has "
+                        f"{len(node) if isinstance(node, list) else 0})")
+            node, spec = node[int(head)], spec[0]
+        elif isinstance(spec, dict):
+            if head not in spec:
+                return (f"{where or 'a grid'} has no key {head!r}"
+                        + (did_you_mean(head, spec, here) or f" (known: {', '.join(spec)})"))
+            node, spec = node.get(head) if isinstance(node, dict) else None, spec[head]
+        elif isinstance(node, list) and head.isdigit() and int(head) < len(node):
             node = node[int(head)]
-        elif isinstance(node, dict) and isinstance(node.get(head), (dict, list)):
-            node = node[head]
-        elif isinstance(node, dict):
-            node[rest] = value
-            return
         else:
-            raise LocoError(f"--set/profile {dotted}: {head} is not a mapping or list")
+            return f"{where} is a value, not a mapping or list"
+        done.append(head)
+        parts = parts[1:]
+    return None
+
+
+def _set_path(tree, dotted, value, schema):
+    """Set `dotted` in the grid, walking the schema: keys of data mappings (ANY) may contain
+    dots (Detectron2's SOLVER.MAX_ITER), sections missing from the grid are created."""
+    problem = _schema_problem(tree, dotted, schema)
+    if problem:
+        raise LocoError(problem)
+    node, spec, parts = tree, schema, dotted.split(".")
+    while True:
+        head = parts[0]
+        if spec in (ANY, OWN):
+            node[".".join(parts)] = value
+            return
+        if len(parts) == 1:
+            node[int(head) if isinstance(node, list) else head] = value
+            return
+        if isinstance(node, list):
+            node, spec = node[int(head)], spec[0] if isinstance(spec, list) else None
+        else:
+            if not isinstance(node.get(head), (dict, list)):
+                node[head] = {}
+            node, spec = node[head], spec[head]
         parts = parts[1:]
 
 
-def load_grid(path, profile=None, sets=()):
-    """The grid mapping with the profile's and then --set's dotted-path overrides applied."""
+def load_grid(path, profile=None, sets=(), problems=None):
+    """The grid mapping with the profile's and then --set's dotted-path overrides applied.
+    A path that names nothing in the grid's schema (vars.imagenett, slurm.partiton) is an error;
+    with a `problems` list each one is appended there as one line (and not applied) instead."""
     if not os.path.isfile(path):
         raise LocoError(f"{path}: grid file not found")
     try:
@@ -158,25 +244,32 @@ def load_grid(path, profile=None, sets=()):
         raise LocoError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(grid, dict):
         raise LocoError(f"{path}: a grid is a mapping (name, vars, pretrain, detection, ...)")
-    unknown = set(grid) - {"name", "out", "vars", "env", "slurm", "data", "pretrain", "readout",
-                           "knn", "convert", "detection", "profiles", "description"}
+    unknown = set(grid) - set(SCHEMA)
     if unknown:
-        raise LocoError(f"{path}: unknown grid key(s): {', '.join(sorted(unknown))}")
+        raise LocoError(f"{path}: unknown grid key(s): {', '.join(sorted(unknown))}"
+                        + did_you_mean(sorted(unknown)[0], SCHEMA))
     overrides = []
     if profile:
         profiles = grid.get("profiles") or {}
         if profile not in profiles:
             raise LocoError(f"{path}: no profile '{profile}' (have: "
                             f"{', '.join(profiles) or 'none'})")
-        overrides += list((profiles[profile] or {}).items())
+        overrides += [(f"profile {profile}: {key}", key, value)
+                      for key, value in (profiles[profile] or {}).items()]
     for item in sets:
         if "=" not in item:
             raise LocoError(f"--set {item}: expected KEY=VALUE")
         key, value = item.split("=", 1)
-        overrides.append((key, yaml.safe_load(value) if value else ""))
+        overrides.append((f"--set {key}", key, yaml.safe_load(value) if value else ""))
     grid = copy.deepcopy(grid)
-    for key, value in overrides:
-        _set_path(grid, key, value)
+    schema = grid_schema()
+    for where, key, value in overrides:
+        try:
+            _set_path(grid, key, value, schema)
+        except LocoError as e:
+            if problems is None:
+                raise LocoError(f"{where}: {e}") from None
+            problems.append(f"{where}: {e}")
     return grid
 
 
@@ -286,9 +379,13 @@ def safety_check(grid, jobs, out, *, allow_commands=False, allow_env=False):
     refusals, notices = [], []
     slurm = grid.get("slurm") or {}
     extra = (slurm.get("additional_parameters") or {}) if isinstance(slurm, dict) else {}
+    known = slurm_parameters()
     for key in sorted(set(slurm) - set(SLURM_KEYS)) + sorted(
             k for k in extra if k.replace("-", "_") not in SLURM_EXTRA_KEYS):
-        if allow_commands:
+        if key in slurm and key not in known:
+            refusals.append(f"slurm: {key} is not a parameter of submitit's SlurmExecutor"
+                            + (did_you_mean(key, known, "slurm.") or f" (known: {', '.join(known)})"))
+        elif allow_commands:
             notices.append(f"slurm: {key} is passed to the scheduler (allowed by "
                            "--allow-commands)")
         else:
@@ -378,6 +475,228 @@ def plugin_modules(grid, jobs):
     return found
 
 
+# ----------------------------------------------------------------------------- preflight
+# What a grid's jobs would fail on, found before any of them runs: a dry run (or --check) lists
+# every such problem, one line each, and a launch refuses to start with any.
+
+def preflight(grid, jobs, out):
+    """(problems, blocked): every problem the grid's jobs would meet that can be found without
+    running them, one line each, in grid order, without repeats: recipes and learning rules,
+    override keys (after _BASE_) and values of the pretraining and Detectron2 configs, external
+    checkpoints, and input paths that neither exist nor are made by an earlier job; `blocked`
+    maps the ids of jobs lacking an input to that input."""
+    tpl = _Templates(dict(grid.get("vars") or {}, out=_rel(out)))
+    problems, inputs = _check_pretraining(grid, tpl)
+    problems += _check_detection(grid, tpl)
+    problems += _check_external(grid, tpl)
+    absent = missing_inputs(jobs, inputs)
+    problems += [f"input {p} does not exist and no earlier job makes it (needed by {ids[0]}"
+                 + (f" and {len(ids) - 1} more job(s)" if len(ids) > 1 else "") + ")"
+                 for p, ids in absent.items()]
+    blocked = {job_id: p for p, ids in absent.items() for job_id in ids}
+    return list(dict.fromkeys(problems)), blocked
+
+
+def _first(values, default=0):
+    return (values or [default])[0]
+
+
+def _one_line(e):
+    return " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+
+
+def _pretrain_methods():
+    """Learning rules a recipe may name without an import path: registered, or installed as a
+    `loco_det.rules` entry point (listed, not imported)."""
+    import importlib.metadata
+
+    from .pretrain.rules import ENTRY_POINT_GROUP, RULES
+
+    return list(RULES) + sorted(ep.name for ep in importlib.metadata.entry_points(
+        group=ENTRY_POINT_GROUP) if ep.name not in RULES)
+
+
+def _recipe_hint(template, method, recipe):
+    """' (did you mean ...)' among the recipes the block's template can name."""
+    folder = os.path.join(REPO, os.path.dirname(_recipe_path(recipe)))
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".yaml")) \
+        if os.path.isdir(folder) else []
+    base = os.path.basename(template)
+    if base.count("{") == 1 and "{method}" in base:
+        pattern = re.compile(re.escape(base).replace(re.escape("{method}"), "(.+)") + "$")
+        methods = [m.group(1) for m in map(pattern.match, names) if m]
+        hint = did_you_mean(method, methods)
+        if hint:
+            return f" (method {method!r}:{hint[1:]})"
+    return did_you_mean(os.path.basename(recipe), names)
+
+
+def _check_pretraining(grid, tpl):
+    """(problems, inputs): each block's recipes exist and load, its overrides name keys of the
+    recipe (after _BASE_) and have valid values, the resolved MODEL.METHOD is a rule; inputs are
+    (job id prefix, DATA.ROOT) for the input check."""
+    from .fingerprint import flatten
+    from .pretrain import config as pcfg
+
+    problems, inputs = [], []
+    methods = None
+    for i, block in enumerate(grid.get("pretrain") or []):
+        for method in block.get("methods") or []:
+            recipe = tpl(block["recipe"], method=method)
+            recipe_path = _recipe_path(recipe)
+            where = f"pretrain[{i}] {method}"
+            if not os.path.isfile(Job._abs(recipe_path)):
+                problems.append(f"{where}: no recipe {recipe_path}"
+                                + _recipe_hint(block["recipe"], method, recipe))
+                continue
+            label = tpl(block.get("label", "{recipe}"), method=method, recipe=_stem(recipe))
+            local = dict(method=method, recipe=_stem(recipe), label=label,
+                         seed=_first(block.get("seeds")))
+            overrides = [tpl(o, **local) for o in block.get("overrides") or []]
+            cfg = pcfg.get_cfg()
+            try:
+                yaml_chain(Job._abs(recipe_path))
+                cfg.merge_from_file(Job._abs(recipe_path), allow_unsafe=False)
+            except (LocoError, KeyError, ValueError, AssertionError, TypeError,
+                    yaml.YAMLError) as e:
+                problems.append(f"{where}: {recipe_path}: {_one_line(e)}")
+                continue
+            keys = flatten(cfg)
+            bad = []
+            for item in overrides:
+                key = str(item).split("=", 1)[0]
+                if "=" not in str(item):
+                    bad.append(f"{where}: override {item!r} is not KEY=VALUE")
+                elif key not in keys:
+                    bad.append(f"{where}: override {key}: not a pretraining config key (after "
+                               f"{recipe_path}'s _BASE_ chain){did_you_mean(key, keys)}")
+            problems += bad
+            given = dict(str(o).split("=", 1) for o in overrides if "=" in str(o))
+            inputs.append((f"pretrain/{label}/", given.get("DATA.ROOT", cfg.DATA.ROOT)))
+            if bad:
+                continue
+            rule = given.get("MODEL.METHOD", cfg.MODEL.METHOD)
+            if ":" in rule:
+                continue   # a plug-in rule: imported only when pretraining starts
+            methods = methods if methods is not None else _pretrain_methods()
+            if rule not in methods:
+                problems.append(f"{where}: MODEL.METHOD {rule!r} is not a registered rule (rules: "
+                                f"{', '.join(methods)}){did_you_mean(rule, methods)}")
+                continue
+            from .pretrain.rules import RULES
+
+            if rule in RULES:   # an entry point's code is not run by a preflight
+                try:
+                    pcfg.load_config(Job._abs(recipe_path), overrides)
+                except LocoError as e:
+                    problems.append(f"{where}: {e}")
+    return problems, inputs
+
+
+def _check_detection(grid, tpl):
+    """Each detection config loads with Detectron2's own loader (after _BASE_), and every override
+    key of the grid is one of its keys, with a value Detectron2 accepts."""
+    det = grid.get("detection") or {}
+    configs = det.get("configs") or []
+    if not configs:
+        return []
+    from .detection.config import setup_cfg
+    from .fingerprint import flatten
+
+    problems = []
+    folder = os.path.join(REPO, "det_configs")
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".yaml")) \
+        if os.path.isdir(folder) else []
+    for i, spec in enumerate(configs):
+        config = _det_config_path(spec["config"])
+        if not os.path.isfile(Job._abs(config)):
+            problems.append(f"detection.configs[{i}]: no config {config}"
+                            + did_you_mean(os.path.basename(config), names))
+            continue
+        try:
+            cfg = setup_cfg(Job._abs(config))
+        except LocoError as e:
+            problems.append(f"detection.configs[{i}]: {e}")
+            continue
+        keys = flatten(cfg)
+        seed = _first(spec.get("seeds"))
+        for where, overrides in (("detection.overrides", det.get("overrides")),
+                                 (f"detection.configs[{i}].overrides", spec.get("overrides"))):
+            chain = "" if where == "detection.overrides" else f" (after {config}'s _BASE_ chain)"
+            for key, value in (overrides or {}).items():
+                if key not in keys:
+                    problems.append(f"{where}: {key} is not a key of Detectron2's config"
+                                    f"{chain}{did_you_mean(key, keys)}")
+                    continue
+                trial = cfg.clone()
+                try:
+                    trial.merge_from_list([key, str(tpl(str(value), label="x", seed=seed))])
+                except (KeyError, ValueError, AssertionError, TypeError) as e:
+                    problems.append(f"{where}: {key} {value!r}: {_one_line(e)} ({config})")
+    return problems
+
+
+def _check_external(grid, tpl):
+    """Each external checkpoint exists, holds one ResNet the converter finds (with the entry's
+    take / prefix) and is of the layout the entry names, if it names one."""
+    problems = []
+    for i, spec in enumerate(grid.get("external") or []):
+        if not isinstance(spec, dict) or not spec.get("path"):
+            continue   # expand() names the missing key
+        where = f"external[{i}] {spec.get('label')}"
+        ckpt = tpl(str(spec["path"]))
+        if not os.path.isfile(Job._abs(ckpt)):
+            continue   # the input check names it
+        from .detection import convert
+
+        try:
+            obj, _ = convert.load_checkpoint(Job._abs(ckpt))
+            state, _, info = convert.extract_encoder(obj, ckpt, spec.get("prefix"),
+                                                     spec.get("take"))
+            convert.infer_resnet(state, ckpt, info["arch_hint"])
+        except LocoError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        want = spec.get("layout")
+        if want and str(want).lower() not in info["layout"].lower():
+            problems.append(f"{where}: {ckpt} is a {info['layout']!r} checkpoint; the grid says "
+                            f"layout {want!r}")
+    return problems
+
+
+def _made_by(path, made):
+    """Whether `path` is made by one of `made` (outputs of earlier jobs): the same path, a path
+    inside one (a data job's folder, a pretraining run), or a folder holding one."""
+    path = os.path.normpath(path)
+    return any(path == m or path.startswith(m + os.sep) or m.startswith(path + os.sep)
+               for m in made)
+
+
+def missing_inputs(jobs, pretrain_inputs):
+    """{path: [job ids]}: input paths (pretraining DATA.ROOT, readout and kNN --data and
+    --checkpoint, conversion inputs, Detectron2's dataset root) that neither exist nor are made
+    by an earlier job."""
+    made, missing = [], {}
+    for job in jobs:
+        need = list(job.requires)
+        if job.stage == "pretrain":
+            need += [p for prefix, p in pretrain_inputs if job.id.startswith(prefix)][:1]
+        elif job.stage in ("readout", "knn"):
+            need += [job.argv[i + 1] for i, a in enumerate(job.argv[:-1])
+                     if a in ("--data", "--checkpoint")]
+        elif job.stage == "detection":
+            need.append(job.env.get("DETECTRON2_DATASETS")
+                        or os.environ.get("DETECTRON2_DATASETS", "datasets"))
+        for p in need:
+            if p and not os.path.exists(Job._abs(p)) and not _made_by(p, made):
+                missing.setdefault(p, []).append(job.id)
+        if job.stage == "data" and job.output:
+            made.append(os.path.normpath(os.path.dirname(job.output) or job.output))
+        elif job.output:
+            made.append(os.path.normpath(job.output))
+    return missing
+
+
 def _check_keys(mapping, allowed, where):
     """A misspelt key (seed: instead of seeds:) would silently change the grid: refuse it."""
     if mapping is None:
@@ -387,7 +706,7 @@ def _check_keys(mapping, allowed, where):
     unknown = sorted(set(mapping) - set(allowed))
     if unknown:
         raise LocoError(f"grid: {where}: unknown key(s) {', '.join(unknown)} "
-                        f"(known: {', '.join(allowed)})")
+                        f"(known: {', '.join(allowed)}){did_you_mean(unknown[0], allowed)}")
 
 
 def _resources(*specs):
@@ -415,6 +734,28 @@ def _python(argv):
 def _torchrun():
     local = os.path.join(os.path.dirname(sys.executable), "torchrun")
     return local if os.path.exists(local) else "torchrun"
+
+
+EXTERNAL_SUFFIX = "(external)"   # after an external entry's label, in the report too
+
+
+def external_options(spec, tpl=lambda v: v):
+    """The converter's options (--take, --prefix) an `external` entry gives, for every tool."""
+    opts = []
+    for key in ("take", "prefix"):
+        if spec.get(key) not in (None, ""):
+            opts += [f"--{key}", str(tpl(str(spec[key])))]
+    return opts
+
+
+def _recipe_path(recipe):
+    """A recipe named without a folder is one of pretrain/."""
+    return recipe if os.path.dirname(recipe) else os.path.join("pretrain", recipe)
+
+
+def _det_config_path(config):
+    """A detection config named without a folder is one of det_configs/."""
+    return config if os.path.dirname(config) else os.path.join("det_configs", config)
 
 
 def _stem(name):
@@ -445,7 +786,7 @@ def expand(grid, out):
     # data
     data_ids = []
     for i, spec in enumerate(grid.get("data") or []):
-        _check_keys(spec, ("name", "command", "creates", "seeds", "resources"), f"data[{i}]")
+        _check_keys(spec, SCHEMA["data"][0], f"data[{i}]")
         if "command" not in spec:
             raise LocoError(f"grid: data[{i}] needs a command")
         for seed in spec.get("seeds", [None]):
@@ -463,10 +804,10 @@ def expand(grid, out):
     readout = grid.get("readout")
     convert_res = _resources((grid.get("convert") or {}).get("resources"))
     if readout is not None:
-        _check_keys(readout, ("args", "random_init", "resources"), "readout")
-    _check_keys(grid.get("convert"), ("resources",), "convert")
+        _check_keys(readout, SCHEMA["readout"], "readout")
+    _check_keys(grid.get("convert"), SCHEMA["convert"], "convert")
     knn = grid.get("knn")
-    _check_keys(knn, ("args", "resources"), "knn")
+    _check_keys(knn, SCHEMA["knn"], "knn")
     if knn is not None and readout is None:
         raise LocoError("grid: knn needs a readout section (knn.json goes beside readout.json)")
 
@@ -482,14 +823,13 @@ def expand(grid, out):
                 seed=local.get("seed")))
 
     for i, block in enumerate(grid.get("pretrain") or []):
-        _check_keys(block, ("methods", "recipe", "label", "seeds", "overrides", "resources"),
-                    f"pretrain[{i}]")
+        _check_keys(block, SCHEMA["pretrain"][0], f"pretrain[{i}]")
         if "recipe" not in block or "methods" not in block:
             raise LocoError(f"grid: pretrain[{i}] needs methods and recipe")
         res = _resources(block.get("resources"))
         for method in block["methods"]:
             recipe = tpl(block["recipe"], method=method)
-            recipe_path = recipe if os.path.dirname(recipe) else os.path.join("pretrain", recipe)
+            recipe_path = _recipe_path(recipe)
             label = tpl(block.get("label", "{recipe}"), method=method,
                         recipe=_stem(recipe))
             for seed in block.get("seeds", [0]):
@@ -521,9 +861,33 @@ def expand(grid, out):
                     seed=seed))
                 sources.append((f"{label}_seed{seed}", label, pkl, conv.id, seed))
 
+    # checkpoints from elsewhere: the same readout, kNN, conversion and detection as a
+    # pretrained row, from the file as it is (no pretraining seed: every detection seed runs)
+    for i, spec in enumerate(grid.get("external") or []):
+        _check_keys(spec, SCHEMA["external"][0], f"external[{i}]")
+        if not spec.get("label") or not spec.get("path"):
+            raise LocoError(f"grid: external[{i}] needs a label and a path")
+        name, ckpt = str(tpl(str(spec["label"]))), tpl(str(spec["path"]))
+        label = f"{name} {EXTERNAL_SUFFIX}"
+        pick = external_options(spec, tpl)
+        if readout is not None:
+            local = dict(label=label, seed=0)
+            job_id, ro_dir = path("readout", "external", name)
+            add(Job(job_id, "readout", _python(
+                ["python", *CLI, "readout", "--checkpoint", ckpt, *pick,
+                 "--output-dir", ro_dir] + tpl(readout.get("args", []), **local)),
+                ro_dir, done_file=os.path.join(ro_dir, "readout.json"), deps=list(data_ids),
+                resources=_resources(readout.get("resources")), label=label, requires=[ckpt]))
+            add_knn(["--checkpoint", ckpt, *pick], job_id, ro_dir, list(data_ids), **local)
+        job_id, pkl = path("weights", f"external_{name.replace('/', '_')}.pkl")
+        conv = add(Job(job_id, "convert", _python(
+            ["python", *CLI, "convert", ckpt, pkl, "--verify", *pick]), pkl,
+            done_file=pkl, resources=convert_res, label=label, requires=[ckpt]))
+        sources.append((f"external_{name.replace('/', '_')}", label, pkl, conv.id, None))
+
     if readout is not None:
         random_init = readout.get("random_init") or {}
-        _check_keys(random_init, ("arch", "seeds"), "readout.random_init")
+        _check_keys(random_init, SCHEMA["readout"]["random_init"], "readout.random_init")
         arch = random_init.get("arch")
         if not arch:
             raise LocoError("grid: readout.random_init.arch is required (the random-init "
@@ -541,7 +905,7 @@ def expand(grid, out):
 
     # baselines: random init always; supervised from a path (converted here unless a .pkl)
     det = grid.get("detection") or {}
-    _check_keys(det, ("supervised_weights", "overrides", "resources", "configs"), "detection")
+    _check_keys(det, SCHEMA["detection"], "detection")
     sources.append(("random", "random", None, None, None))
     supervised = det.get("supervised_weights")
     supervised_missing = None
@@ -563,12 +927,10 @@ def expand(grid, out):
 
     det_res = det.get("resources")
     for i, spec in enumerate(det.get("configs") or []):
-        _check_keys(spec, ("config", "seeds", "pair_seeds", "overrides", "resources"),
-                    f"detection.configs[{i}]")
+        _check_keys(spec, SCHEMA["detection"]["configs"][0], f"detection.configs[{i}]")
         if "config" not in spec:
             raise LocoError(f"grid: detection.configs[{i}] needs a config")
-        config = spec["config"] if os.path.dirname(spec["config"]) else \
-            os.path.join("det_configs", spec["config"])
+        config = _det_config_path(spec["config"])
         res = _resources(det_res, spec.get("resources"))
         unpaired = sorted({str(src[4]) for src in sources if src[4] is not None}
                           - {str(x) for x in spec.get("seeds", [0])})
@@ -589,9 +951,9 @@ def expand(grid, out):
                 for key, value in overrides.items():
                     opts += [key, str(tpl(str(value), **local))]
                 opts += ["LOCO_DET.LABEL", label]
-                if weights is None:
-                    opts += ["LOCO_DET.FROM_SCRATCH", "True"] + random_init_opts(config,
-                                                                                  overrides)
+                if weights is None:   # (a missing config: named by the preflight)
+                    opts += ["LOCO_DET.FROM_SCRATCH", "True"] + (random_init_opts(
+                        config, overrides) if os.path.isfile(Job._abs(config)) else [])
                 opts += ["OUTPUT_DIR", run_dir, "MODEL.WEIGHTS", weights or ""]
                 head = _python(["python", *CLI, "train", "--config-file", config,
                                 "--num-gpus", str(max(int(res["gpus_per_node"]), 1))])
@@ -614,28 +976,29 @@ def expand(grid, out):
     return jobs, notes, missing
 
 
-# Detectron2's defaults for the two keys below (detectron2/config/defaults.py).
-_D2_DEFAULTS = {"MODEL.BACKBONE.FREEZE_AT": 2, "MODEL.RESNETS.NORM": "FrozenBN"}
 TRAINABLE_NORMS = ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "GN")
 
 
+@functools.lru_cache(maxsize=None)
+def _det_cfg(path, mtime_ns):   # one load per file version: random_init_opts asks per job
+    from .detection.config import setup_cfg
+
+    return setup_cfg(path)
+
+
 def config_value(config, dotted, overrides=None):
-    """`dotted` as the Detectron2 config file `config` (with its _BASE_ chain) and the grid's
-    overrides resolve it, without importing Detectron2 (dry runs stay fast)."""
+    """`dotted` as the grid's overrides, else the Detectron2 config file `config` (loaded by
+    Detectron2's own loader: its _BASE_ chain over Detectron2's defaults) resolve it."""
     if overrides and dotted in overrides:
         return yaml.safe_load(str(overrides[dotted]))
     path = config if os.path.isabs(config) else os.path.join(REPO, config)
     try:
-        chain = yaml_chain(path)
+        node = _det_cfg(path, os.stat(path).st_mtime_ns if os.path.exists(path) else 0)
     except LocoError as e:
         raise LocoError(f"grid: detection config {config}: {e}") from None
-    for _, data in chain:
-        node = data
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            return node
-    return _D2_DEFAULTS[dotted]
+    for part in dotted.split("."):
+        node = node[part]
+    return node
 
 
 def random_init_opts(config, overrides=None):
@@ -693,11 +1056,14 @@ def _res_text(res):
     return f"{where}, {res['cpus_per_task']} CPUs, {res['time_min']} min"
 
 
-def dry_run(jobs, notes, missing, notices=()):
-    """Print every command (with --resume where a checkpoint exists) and what would be skipped."""
+def dry_run(jobs, notes, missing, notices=(), blocked=None):
+    """Print every command (with --resume where a checkpoint exists) and what would be skipped;
+    `blocked` ({job id: input}) marks jobs whose input is missing."""
     w = sys.stdout.write
+    blocked = blocked or {}
     for i, job in enumerate(jobs, 1):
         state = "skip: results exist" if job.is_done() else (
+            f"cannot run: {blocked[job.id]} missing" if job.id in blocked else
             "resume" if job.resuming() else "run")
         w(f"# [{i}/{len(jobs)}] {job.stage} {job.id} ({state}; {_res_text(job.resources)})\n")
         w(shlex.join(job.command()) + "\n")
@@ -969,6 +1335,63 @@ def run_slurm(jobs, notes, out, slurm_options):
     for note in notes:
         print(f"note: {note}")
     submitted = {}
+    # A submission that fails leaves nothing behind: jobs already queued are cancelled, and
+    # what this call wrote (submitit's files below OUT/slurm/) is removed.
+    before = _existing(out)
+    try:
+        _submit_all(jobs, out, slurm_options, submitted, submitit)
+    except BaseException as e:
+        cancelled = _cancel(submitted)
+        _remove_new(out, before)
+        if isinstance(e, Exception):
+            raise LocoError(f"SLURM submission failed: {_one_line(e)}; {cancelled}nothing was "
+                            "written") from None
+        raise
+    write_json(os.path.join(out, "slurm_jobs.json"), submitted)
+    print(f"summary: {len(submitted)} jobs submitted, {len(jobs) - len(submitted)} skipped; "
+          f"report after all: {_rel(os.path.join(out, 'report.md'))}")
+    return 0
+
+
+def _existing(out):
+    """(whether `out` exists, the entries of OUT/slurm or None): what `_remove_new` keeps."""
+    folder = os.path.join(out, "slurm")
+    return os.path.isdir(out), (set(os.listdir(folder)) if os.path.isdir(folder) else None)
+
+
+def _remove_new(out, before):
+    """Remove what a failed submission wrote: submitit's files and job folders below OUT/slurm
+    (new entries only: earlier jobs' folders stay), and OUT/slurm and OUT if they are new."""
+    out_existed, entries = before
+    folder = os.path.join(out, "slurm")
+    if not out_existed:
+        shutil.rmtree(out, ignore_errors=True)
+    elif entries is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    elif os.path.isdir(folder):
+        for name in set(os.listdir(folder)) - entries:
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+
+
+def _cancel(submitted):
+    """scancel the jobs already queued; what the message says about them."""
+    if not submitted:
+        return ""
+    ids = list(submitted.values())
+    try:
+        rc = subprocess.run(["scancel", *ids], capture_output=True).returncode
+    except OSError:
+        rc = None
+    if rc == 0:
+        return f"the {len(ids)} job(s) already queued were cancelled ({', '.join(ids)}); "
+    return f"cancel the {len(ids)} job(s) already queued: scancel {' '.join(ids)}; "
+
+
+def _submit_all(jobs, out, slurm_options, submitted, submitit):
     options = {k: v for k, v in (slurm_options or {}).items() if v is not None}
     additional = dict(options.pop("additional_parameters", None) or {})
     for job in jobs:
@@ -1000,7 +1423,3 @@ def run_slurm(jobs, notes, out, slurm_options):
         submitted[job.id] = str(executor.submit(SlurmCommand(job)).job_id)
         print(f"submitted {job.id}  (job {submitted[job.id]}; {_res_text(res)}"
               + (f"; after {', '.join(deps)}" if deps else "") + ")")
-    write_json(os.path.join(out, "slurm_jobs.json"), submitted)
-    print(f"summary: {len(submitted)} jobs submitted, {len(jobs) - len(submitted)} skipped; "
-          f"report after all: {_rel(os.path.join(out, 'report.md'))}")
-    return 0

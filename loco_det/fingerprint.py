@@ -156,8 +156,15 @@ def weights_fingerprint(metadata, from_scratch=False, sha256=None):
     if metadata.get("fingerprint"):
         return str(metadata["fingerprint"])
     if metadata.get("source_sha256"):
-        return "sha256:" + str(metadata["source_sha256"])[:16]
+        return file_fingerprint(metadata["source_sha256"], metadata.get("prefix") or "")
     return "sha256:" + str(sha256 or "unknown")[:16]
+
+
+def file_fingerprint(sha256, prefix=""):
+    """Identity of weights from a file loco_det did not write: its content hash, and where in
+    it the encoder sits unless that is the top level (a DINO file holds a teacher and a student,
+    different weights under one hash)."""
+    return f"sha256:{str(sha256)[:16]}" + (f"@{prefix.rstrip('.')}" if prefix else "")
 
 
 def changed_keys(old, new, run_only):

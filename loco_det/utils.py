@@ -393,9 +393,19 @@ def interrupted_line(exc, kept, argv, flag="--resume", script=None, insert_at=No
 def add_readout_source_args(parser):
     """The encoder and data arguments every readout tool shares (linear, kNN)."""
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", metavar="CKPT", help="a tools/pretrain.py checkpoint")
+    src.add_argument("--checkpoint", metavar="CKPT",
+                     help="a tools/pretrain.py checkpoint, or any checkpoint the converter "
+                          "accepts (torchvision, timm, Lightning, solo-learn, DINO, ...; "
+                          "docs/checkpoints.md)")
     src.add_argument("--random-init", action="store_true",
                      help="read out a randomly initialised encoder (needs --arch)")
+    parser.add_argument("--take", metavar="NAME",
+                        help="the encoder under this path component of a checkpoint holding "
+                             "several (teacher, student, state_dict_ema, ...), as in "
+                             "tools/convert_to_detectron2.py")
+    parser.add_argument("--prefix", metavar="PREFIX",
+                        help="the encoder's dotted key prefix in the checkpoint (full, or its "
+                             "tail), as in tools/convert_to_detectron2.py")
     from . import ARCHS
 
     parser.add_argument("--arch", metavar="ARCH",
@@ -411,3 +421,5 @@ def add_readout_source_args(parser):
 def check_readout_source(parser, args):
     if args.random_init and not args.arch:
         parser.error("--random-init needs --arch (e.g. --arch resnet18)")
+    if args.random_init and (args.take or args.prefix):
+        parser.error("--take / --prefix pick the encoder in a --checkpoint, not a random init")

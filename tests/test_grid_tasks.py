@@ -8,9 +8,13 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_paper_grid_lists_voc_sem_seg_and_knn_jobs():
+def test_paper_grid_lists_voc_sem_seg_and_knn_jobs(tmp_path):
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)   # inputs must exist (preflight)
+    (tmp_path / "r50.pth").touch()
     res = subprocess.run([sys.executable, "tools/run_benchmark.py", "det_configs/grids/paper.yaml",
-                          "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          "--dry-run", "--set", f"vars.imagenet={tmp_path / 'imagenet'}", "--set",
+                          f"detection.supervised_weights={tmp_path / 'r50.pth'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     cmds = [shlex.split(line) for line in res.stdout.splitlines() if not line.startswith("#")]
     det = [c for c in cmds if "tools/train_net.py" in c]
@@ -42,4 +46,4 @@ def test_paper_grid_lists_voc_sem_seg_and_knn_jobs():
     (random,) = [c for c in knn if "--random-init" in c]
     assert random[random.index("--arch") + 1] == "resnet50"
     for c in knn:
-        assert c[c.index("--data") + 1] == "datasets/imagenet"
+        assert c[c.index("--data") + 1] == str(tmp_path / "imagenet")

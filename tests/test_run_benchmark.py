@@ -52,13 +52,23 @@ def cli(*args):
 
 # ----------------------------------------------------------------------------- grid expansion
 
+def paper_inputs(folder):
+    """--set options giving the paper grid inputs that exist (its preflight refuses a grid whose
+    data or weights are missing): an ImageNet folder and supervised weights."""
+    (folder / "imagenet" / "train").mkdir(parents=True, exist_ok=True)
+    (folder / "resnet50-0676ba61.pth").touch()
+    return ["--set", f"vars.imagenet={folder / 'imagenet'}",
+            "--set", f"detection.supervised_weights={folder / 'resnet50-0676ba61.pth'}"]
+
+
 @pytest.fixture(scope="module")
 def paper(tmp_path_factory):
-    res = cli("det_configs/grids/paper.yaml", "--dry-run")
+    inputs = tmp_path_factory.mktemp("paper_inputs")
+    res = cli("det_configs/grids/paper.yaml", "--dry-run", *paper_inputs(inputs))
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     commands = [shlex.split(l) for l in lines if not l.startswith("#")]
-    return {"out": res.stdout, "lines": lines, "commands": commands}
+    return {"out": res.stdout, "lines": lines, "commands": commands, "inputs": inputs}
 
 
 def _with(commands, *tokens):
@@ -141,7 +151,9 @@ def test_random_init_trains_from_scratch_on_fine_tuning_configs(paper):
 def test_ablation_decoder_grid_lists_the_six_settings(tmp_path):
     from loco_det.pretrain.config import load_config
 
-    res = cli("det_configs/grids/ablation_decoder.yaml", "--dry-run")
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    res = cli("det_configs/grids/ablation_decoder.yaml", "--dry-run",
+              "--set", f"vars.imagenet={tmp_path / 'imagenet'}")
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[-1] == ("# 20 jobs: 6 pretrain, 7 readout, 6 convert, "
                                            "1 report")
@@ -172,7 +184,7 @@ def test_paper_grid_commands(paper):
             assert os.path.basename(pre[0]) == "torchrun"
             assert pre[pre.index("--nnodes") + 1] == "4"
             assert pre[pre.index("--nproc_per_node") + 1] == "8"
-            assert "SEED=0" in pre and "DATA.ROOT=datasets/imagenet/train" in pre
+            assert "SEED=0" in pre and f"DATA.ROOT={paper['inputs']}/imagenet/train" in pre
             run = f"runs/paper/pretrain/{method}_r50_{ep}ep/seed0"
             assert pre[-2:] == ["--output-dir", run]
             (conv,) = _with(cmds, "convert", f"{run}/checkpoint_last.pth")
@@ -183,7 +195,7 @@ def test_paper_grid_commands(paper):
             assert len(det) == 24
             assert all(c[c.index("LOCO_DET.LABEL") + 1] == f"{method}_r50_{ep}ep" for c in det)
             assert all(c[c.index("--num-gpus") + 1] == "8" for c in det)
-    (sup,) = _with(cmds, "convert", "weights/resnet50-0676ba61.pth")
+    (sup,) = _with(cmds, "convert", str(paper["inputs"] / "resnet50-0676ba61.pth"))
     assert sup[-2:] == ["runs/paper/weights/supervised_published.pkl", "--verify"]
     assert _with(cmds, "readout", "--random-init", "resnet50")
     (frozen,) = _with(cmds, "det_configs/coco_R50_FPN_1x_frozen.yaml", "random")
@@ -195,7 +207,8 @@ def test_paper_grid_commands(paper):
 
 def test_dry_run_writes_nothing(tmp_path):
     out = tmp_path / "paper"
-    res = cli("det_configs/grids/paper.yaml", "--dry-run", "--out", str(out))
+    res = cli("det_configs/grids/paper.yaml", "--dry-run", "--out", str(out),
+              *paper_inputs(tmp_path))
     assert res.returncode == 0 and not out.exists()
 
 
@@ -335,6 +348,7 @@ def fake_repo(tmp_path, monkeypatch):
     for name in ("make_synthetic_data", "pretrain", "linear_readout", "convert_to_detectron2",
                  "train_net"):
         (repo / "tools" / f"{name}.py").write_text(FAKE_TOOL)
+    shutil.copytree(os.path.join(ROOT, "pretrain"), repo / "pretrain")   # checked at launch
     (repo / "weights").mkdir()
     (repo / "weights" / "sup.pkl").write_text("")
     (repo / "det_configs").mkdir()   # the grid reads FREEZE_AT/NORM of its detection configs

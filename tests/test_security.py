@@ -311,7 +311,8 @@ def test_grid_allow_flags_and_plugin_listing(tmp_path):
     grid = _grid(tmp_path, env={"PYTHONPATH": "/opt/x"},
                  data=[{"name": "d", "command": ["sh", "-c", "true"], "creates": "{out}/m"}],
                  pretrain=[{"methods": ["loco"], "recipe": "cpu_loco.yaml",
-                            "overrides": ["MODEL.METHOD=mylab.rules:hebb"]}])
+                            "overrides": ["MODEL.METHOD=mylab.rules:hebb",
+                                          "DATA.ROOT={out}/train"]}])   # made by data job d
     proc, _ = _grid_run(tmp_path, grid, "--allow-commands", "--allow-env")
     assert proc.returncode == 0, proc.stderr
     assert "runs a command that is not a loco_det tool (allowed by --allow-commands): sh -c" \

@@ -15,8 +15,10 @@ Examples:
   python tools/run_benchmark.py det_configs/grids/demo.yaml --out runs/demo
   # the same code path, small: fewer images and iterations (the test suite's version)
   python tools/run_benchmark.py det_configs/grids/demo.yaml --profile reduced --out /tmp/demo
-  # print every command of the paper's Tables 2 and 3 without running anything
-  python tools/run_benchmark.py det_configs/grids/paper.yaml --dry-run
+  # print every command of the paper's Tables 2 and 3 without running anything, and list
+  # every problem the grid would meet (missing data, typos in keys); exit 1 if there is one
+  python tools/run_benchmark.py det_configs/grids/paper.yaml --dry-run \\
+      --set vars.imagenet=/data/imagenet --set vars.datasets=/data/d2
   # submit the paper's grid to SLURM, with local paths and partition
   python tools/run_benchmark.py det_configs/grids/paper.yaml --launcher slurm \\
       --set vars.imagenet=/data/imagenet --set slurm.partition=gpu \\
@@ -36,7 +38,13 @@ def main(argv=None):
                              "(det_configs/grids/demo.yaml)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print every job's command (and whether it would be skipped or "
-                             "resumed); run nothing, write nothing")
+                             "resumed) and check the grid as --check does; run nothing, write "
+                             "nothing")
+    parser.add_argument("--check", action="store_true",
+                        help="check the grid without running anything: recipes and rules, "
+                             "override keys and values (after _BASE_), --set paths, input "
+                             "paths, external checkpoints, SLURM keys; every problem on one "
+                             "line, exit 1 if any; write nothing (a launch checks the same)")
     parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
                         help="run jobs here (in sequence, or --jobs at a time), or submit them to SLURM via submitit")
     parser.add_argument("--output-dir", "--out", dest="out", metavar="DIR",
@@ -70,7 +78,8 @@ def main(argv=None):
     try:
         with interruptible():
             args.grid = resolve(args.grid, "grid", option="grid")
-            grid = benchmark.load_grid(args.grid, args.profile, args.sets)
+            problems = []   # --set / profile paths the grid's schema does not have
+            grid = benchmark.load_grid(args.grid, args.profile, args.sets, problems)
             out = args.out or grid.get("out") or os.path.join(
                 "runs", os.path.splitext(os.path.basename(args.grid))[0])
             if not args.out and grid.get("out") and benchmark._bad_path_part(
@@ -80,21 +89,27 @@ def main(argv=None):
             jobs, notes, missing = benchmark.expand(grid, out)
             refusals, notices = benchmark.safety_check(
                 grid, jobs, out, allow_commands=args.allow_commands, allow_env=args.allow_env)
+            found, blocked = benchmark.preflight(grid, jobs, out)
+            refusals = problems + refusals + found
             if args.dry_run:
-                benchmark.dry_run(jobs, notes, missing, notices)
+                benchmark.dry_run(jobs, notes, missing, notices, blocked)
             for line in refusals:
                 print(f"error: {line}", file=sys.stderr)
             if refusals:
                 print(f"error: {args.grid}: {len(refusals)} problem(s); nothing was run",
                       file=sys.stderr)
                 return 1
-            if args.dry_run:
+            if args.check and not args.dry_run:
+                print(f"check: {args.grid}: {len(jobs)} jobs, no problems found")
+            if args.dry_run or args.check:
                 return 0
             for line in notices:
                 print(f"note: {line}")
+            if args.launcher == "slurm":   # the manifest only once every job is queued
+                rc = benchmark.run_slurm(jobs, notes, out, grid.get("slurm"))
+                benchmark.write_manifest(out, args.grid, args.profile, args.sets, jobs, missing)
+                return rc
             benchmark.write_manifest(out, args.grid, args.profile, args.sets, jobs, missing)
-            if args.launcher == "slurm":
-                return benchmark.run_slurm(jobs, notes, out, grid.get("slurm"))
             return benchmark.run_local(jobs, notes, out, quiet=args.quiet, workers=args.jobs)
     except LocoError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -63,7 +63,7 @@ def main(argv=None):
                          data_dir=args.data, image_size=args.image_size, ks=tuple(args.k),
                          temperature=args.temperature, batch_size=args.batch_size,
                          workers=args.workers, seed=args.seed, progress=not args.no_progress,
-                         device=args.device)
+                         device=args.device, take=args.take, prefix=args.prefix)
     except LocoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

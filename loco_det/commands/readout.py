@@ -80,7 +80,8 @@ def main(argv=None):
             result = run_readout(args.output_dir, checkpoint=args.checkpoint, arch=args.arch,
                                  data_dir=args.data, protocol=args.protocol,
                                  overrides=overrides, workers=args.workers, seed=args.seed,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, take=args.take,
+                                 prefix=args.prefix)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through `interruptible`
         from loco_det.utils import signal_name
 

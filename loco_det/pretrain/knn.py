@@ -29,7 +29,7 @@ from .data import find_images
 from .model import stage_channels
 from .readout import (SMALL_MAX_IMAGES, STAGE_NAMES, LabeledImages, default_data_dir,
                       eval_transform, inference_setup, load_encoder, make_loader, majority_top1,
-                      pooled_features)
+                      pooled_features, read_checkpoint)
 
 KS = (20, 200)
 TEMPERATURE = 0.07
@@ -217,20 +217,22 @@ def knn_splits(data_dir, image_size):
 
 def run_knn(output_dir, checkpoint=None, arch=None, data_dir=None, image_size=None, ks=KS,
             temperature=TEMPERATURE, batch_size=256, workers=2, seed=-1, progress=True,
-            device=None):
-    """kNN readout of every stage; writes output_dir/knn.json (docs/formats.md), returns it."""
+            device=None, take=None, prefix=None):
+    """kNN readout of every stage; writes output_dir/knn.json (docs/formats.md), returns it.
+    `checkpoint` is any checkpoint the converter accepts (`readout.read_checkpoint`)."""
     if seed is None or seed < 0:
         seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
     if not ks or any(k < 1 for k in ks):
         raise LocoError(f"--k {list(ks)}: every k must be a positive integer")
     if not temperature > 0:
         raise LocoError(f"--temperature {temperature}: must be positive")
-    ckpt, pre_cfg = None, {}
+    ckpt, pre_cfg, source = None, {}, None
     if checkpoint is not None:
-        from .engine import load_checkpoint
-        ckpt = load_checkpoint(checkpoint)
-        pre_cfg = yaml.safe_load(ckpt["config"])
+        ckpt = read_checkpoint(checkpoint, take, prefix)
+        pre_cfg = yaml.safe_load(ckpt["config"]) if ckpt["config"] else {}
+        source = ckpt["source"]
     encoder, method, arch = load_encoder(ckpt, arch, seed, checkpoint)
+    ckpt_fp = None if ckpt is None else ckpt["fingerprint"]
     del ckpt
     data_dir = data_dir or default_data_dir(pre_cfg.get("DATA", {}).get("ROOT"))
     if image_size is None:  # read out at the trained scale, else as the linear readout does
@@ -249,6 +251,7 @@ def run_knn(output_dir, checkpoint=None, arch=None, data_dir=None, image_size=No
     result = {
         "kind": "knn", "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
         "method": method, "arch": arch, "top1": top1,
+        "checkpoint_fingerprint": ckpt_fp, "checkpoint_source": source,
         # Binomial standard error of each top-1 in percentage points.
         "top1_stderr": {kk: {s: 100.0 * math.sqrt(a / 100 * (1 - a / 100) / n_val)
                              for s, a in per.items()} for kk, per in top1.items()},

@@ -32,7 +32,7 @@ from torch import nn
 from torchvision import transforms
 from tqdm import tqdm
 
-from ..fingerprint import pretrain_fingerprint, random_init_fingerprint, readout_fingerprint
+from ..fingerprint import random_init_fingerprint, readout_fingerprint
 from ..utils import LocoError, check_output_dir, write_json
 from .data import DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, find_images, load_rgb, mix_seed
 from .model import ARCHS, NUM_STAGES, build_encoder, run_stage
@@ -122,6 +122,45 @@ def pooled_features(encoder, images):
             x = run_stage(encoder, stage, x)
             feats.append(x.float().mean(dim=(2, 3)))
     return feats
+
+
+def read_checkpoint(path, take=None, prefix=None):
+    """The encoder of any checkpoint the converter accepts, as a dict with `encoder` (a full
+    torchvision state dict), `method`, `arch`, `config` (the pretraining recipe's YAML, or None),
+    `fingerprint` and `source`.
+
+    Why through the converter: a loco_det pretraining checkpoint is only one of the layouts a
+    user brings (torchvision, timm, Lightning, solo-learn, DINO, ...; docs/checkpoints.md), and
+    the readouts must find the encoder exactly where conversion for detection does, with the
+    same `--take` / `--prefix` and the same refusals of ambiguous files. A loco_det checkpoint
+    keeps its pretraining fingerprint and config (the readout's data and image size follow it);
+    any other file is identified by its content hash and the encoder's place in it."""
+    from .. import fingerprint
+    from ..detection import convert
+
+    try:
+        obj, _ = convert.load_checkpoint(path)
+    except LocoError as e:
+        raise LocoError(f"{path}: cannot read checkpoint ({e})") from None
+    if take is None and prefix is None and fingerprint.checkpoint_fingerprint(obj) \
+            and isinstance(obj.get("encoder"), dict) and obj.get("arch") in ARCHS:
+        return dict(obj, fingerprint=fingerprint.checkpoint_fingerprint(obj), source=None)
+    state, _, info = convert.extract_encoder(obj, path, prefix, take)
+    depth = convert.infer_resnet(state, path, info["arch_hint"])
+    convert.check_finite(state, path)
+    arch = f"resnet{depth}"
+    if arch not in ARCHS:
+        raise LocoError(f"{path}: the encoder is a ResNet-{depth}; the readouts build "
+                        f"{', '.join(ARCHS)}")
+    full = build_encoder(arch).state_dict()   # the unused fc (and num_batches_tracked where
+    full.update(state)                        # a file lacks it) stay as built
+    sha256 = convert._sha256(path)
+    loco_fp = fingerprint.checkpoint_fingerprint(obj)
+    return {"encoder": full, "method": info["method"] or "external", "arch": arch,
+            "config": obj["config"] if loco_fp else None,
+            "fingerprint": loco_fp or fingerprint.file_fingerprint(sha256, info["prefix"]),
+            "source": {"layout": info["layout"], "prefix": info["prefix"],
+                       "chosen_by": info["reason"], "sha256": sha256}}
 
 
 def load_encoder(ckpt=None, arch=None, seed=None, path=None):
@@ -316,19 +355,20 @@ def _is_plain_pickle(path):
 
 
 def run_readout(output_dir, checkpoint=None, arch=None, data_dir=None, protocol="auto",
-                overrides=None, workers=2, seed=-1, progress=True, device=None):
-    """Read out every stage; write output_dir/readout.json (docs/formats.md) and return it."""
+                overrides=None, workers=2, seed=-1, progress=True, device=None, take=None,
+                prefix=None):
+    """Read out every stage; write output_dir/readout.json (docs/formats.md) and return it.
+    `take` / `prefix` pick the encoder in a checkpoint holding several (`read_checkpoint`)."""
     check_arguments(output_dir, checkpoint, overrides, workers)
     if seed is None or seed < 0:
         seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-    ckpt, pre_cfg = None, {}
+    ckpt, pre_cfg, source = None, {}, None
     if checkpoint is not None:
-        from .engine import load_checkpoint
-        ckpt = load_checkpoint(checkpoint)
-        pre_cfg = yaml.safe_load(ckpt["config"])
+        ckpt = read_checkpoint(checkpoint, take, prefix)
+        pre_cfg = yaml.safe_load(ckpt["config"]) if ckpt["config"] else {}
+        source = ckpt["source"]
     encoder, method, arch = load_encoder(ckpt, arch, seed, checkpoint)
-    ckpt_fp = (random_init_fingerprint(arch) if ckpt is None else
-               ckpt.get("fingerprint") or pretrain_fingerprint(ckpt["config"]))
+    ckpt_fp = random_init_fingerprint(arch) if ckpt is None else ckpt["fingerprint"]
     del ckpt
     data_dir = data_dir or default_data_dir(pre_cfg.get("DATA", {}).get("ROOT"))
     train_dir, val_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "val")
@@ -379,6 +419,7 @@ def run_readout(output_dir, checkpoint=None, arch=None, data_dir=None, protocol=
                      "majority_val_top1": majority_top1(val_set)},
         "checkpoint_fingerprint": ckpt_fp,
         "checkpoint_seed": pre_cfg.get("SEED"),
+        "checkpoint_source": source,
     }
     result["fingerprint"] = readout_fingerprint(result["protocol"], ckpt_fp)
     os.makedirs(output_dir, exist_ok=True)
