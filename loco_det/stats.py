@@ -1,7 +1,8 @@
 """Small pure statistics for the report: mean/std, Student-t intervals, verdicts.
 
 Why its own module: every number the report prints comes from these few lines, tested against
-closed-form cases and against scipy.stats (tests/test_stats.py). The t quantiles are scipy's.
+closed-form cases and against scipy.stats (tests/test_stats.py). The t quantiles are scipy's;
+the readouts' binomial standard error is here too.
 Higher is better for every metric compared here (AP, top-1).
 
 Interval and verdict: the report prints the two-sided 95% t interval of the difference A - B.
@@ -12,8 +13,6 @@ symmetrically), else "not resolved". The verdict can therefore be "better" while
 """
 import math
 from dataclasses import dataclass
-
-import scipy.stats
 
 CONFIDENCE = 0.95
 
@@ -34,6 +33,8 @@ def t_ppf(p, df):
     """Quantile of Student's t with `df` (> 0, not necessarily integer) degrees of freedom."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"t_ppf: p={p} is not in (0, 1)")
+    import scipy.stats   # here: it takes seconds to import, and only the report needs it
+
     return float(scipy.stats.t.ppf(p, df))
 
 
@@ -55,6 +56,11 @@ class Comparison:
     @property
     def high(self):
         return None if self.halfwidth is None else self.diff + self.halfwidth
+
+
+def binomial_stderr(accuracy, n):
+    """Standard error, in percentage points, of an accuracy in % measured on n items."""
+    return 100.0 * math.sqrt(accuracy / 100 * (1 - accuracy / 100) / n)
 
 
 def paired_se(diffs):

@@ -35,7 +35,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..fingerprint import PRETRAIN_RUN_ONLY, changed_keys, pretrain_fingerprint, pretrain_identity
-from ..utils import (ConfigError, LocoError, atomic_write, check_output_dir, run_info,
+from ..records import PretrainRunInfo, PretrainSummary
+from ..utils import (ConfigError, LocoError, atomic_write, check_output_dir, draw_seed, run_info,
                      write_json)
 from .augment import views_to_device
 from .data import build_loader
@@ -418,7 +419,7 @@ def resolve_seed(cfg, env, ckpt):
         return seed
     if cfg.SEED >= 0:
         return int(cfg.SEED)
-    return env.broadcast_int(int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)
+    return env.broadcast_int(draw_seed())
 
 
 def ckpt_cfg_value(ckpt, key):
@@ -566,12 +567,11 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
             path, info = record_resume(output_dir, env, start_step)
             write_json(path, info)
         else:
-            write_json(os.path.join(output_dir, "run_info.json"), run_info(
-                env.world_size, kind="pretrain", method=cfg.MODEL.METHOD, arch=cfg.MODEL.ARCH,
+            PretrainRunInfo(
+                **run_info(env.world_size), method=cfg.MODEL.METHOD, arch=cfg.MODEL.ARCH,
                 global_batch=cfg.OPTIM.BATCH_SIZE, epochs=epochs, config_file=config_file,
                 seed=seed, fingerprint=pretrain_fingerprint(cfg), device=str(env.device),
-                dataset_images=len(dataset),
-                steps_per_epoch=steps_per_epoch))
+                dataset_images=len(dataset), steps_per_epoch=steps_per_epoch).write(output_dir)
     logger = MetricLogger(output_dir, env, start_step, resume)
     if env.main:
         print(f"{cfg.MODEL.METHOD} {cfg.MODEL.ARCH}: {len(dataset)} images, global batch "
@@ -735,13 +735,15 @@ def _loop(cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler, l
     hashes = env.all_gather_object(model_params_sha256(model))
     if len(set(hashes)) > 1:
         notice(env, f"ranks ended with different weights: {hashes}")
-    summary = {"finished": True, "epochs": epochs, "steps": step, "param_sha256": hashes,
-               "final_losses": ({u: last[f"loss/{u}"] for u in units} if last else None),
-               "bad_images": len(bad), "world_size": env.world_size,
-               "wall_time_s": wall_before + time.time() - t_start}
+    summary = PretrainSummary(
+        finished=True, epochs=epochs, steps=step, param_sha256=hashes,
+        final_losses=({u: last[f"loss/{u}"] for u in units} if last else None),
+        bad_images=len(bad), world_size=env.world_size,
+        wall_time_s=wall_before + time.time() - t_start)
     if reducer is not None and reducer.backward_end_s is not None:
-        summary["comm_last_step"] = {"backward_end_s": reducer.backward_end_s,
-                                     "buckets": reducer.timeline}
+        summary.comm_last_step = {"backward_end_s": reducer.backward_end_s,
+                                  "buckets": reducer.timeline}
+    summary = summary.to_json()
     if env.main:
         write_json(summary_path, summary)
         print(f"finished: {step} steps, final losses "
