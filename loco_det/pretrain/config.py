@@ -11,7 +11,8 @@ from fvcore.common.config import CfgNode as _FvCfgNode
 
 from ..safe_load import yaml_chain
 from ..utils import ConfigError
-from .model import DECODER_DEFAULTS, LOCO_SCHEDULES
+from .heads import DECODER_DEFAULTS
+from .model import LOCO_SCHEDULES
 from .rules import RuleError, find_factory
 
 

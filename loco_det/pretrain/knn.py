@@ -229,7 +229,7 @@ def run_knn(output_dir, checkpoint=None, arch=None, data_dir=None, image_size=No
         raise LocoError(f"--temperature {temperature}: must be positive")
     ckpt, pre_cfg = None, {}
     if checkpoint is not None:
-        from .engine import load_checkpoint
+        from .checkpoint import load_checkpoint
         ckpt = load_checkpoint(checkpoint)
         pre_cfg = yaml.safe_load(ckpt["config"])
     encoder, method, arch = load_encoder(ckpt, arch, seed, checkpoint)

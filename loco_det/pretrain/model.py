@@ -70,19 +70,14 @@ import contextlib
 import torch
 import torch.nn as nn
 import torchvision
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .rules import RULES, RuleError
+from ..records import STAGES
+from .heads import DECODER_DEFAULTS, Decoder, check_choice as _check_choice
+from .rules import RuleContext, RuleError, load_rule
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
-METHODS = tuple(RULES)  # the registered rules; others come by import path or entry point
 LOCO_SCHEDULES = ("fused", "recompute", "hybrid", "fused_stem", "hybrid_stem")
-NUM_STAGES = 4
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(map(str, choices))}")
+NUM_STAGES = len(STAGES)
 
 
 def build_encoder(arch):
@@ -104,17 +99,6 @@ def run_stage(encoder, stage, x):
     return getattr(encoder, f"layer{stage + 1}")(x)
 
 
-def stage_modules(encoder, stage):
-    """The modules whose parameters belong to a stage."""
-    if stage == 0:
-        return [encoder.conv1, encoder.bn1, encoder.layer1]
-    return [getattr(encoder, f"layer{stage + 1}")]
-
-
-def stage_parameters(encoder, stage):
-    return [p for m in stage_modules(encoder, stage) for p in m.parameters() if p.requires_grad]
-
-
 def stage_channels(encoder):
     """Output channels of the four stages (e.g. 256/512/1024/2048 for ResNet-50)."""
     channels = []
@@ -123,63 +107,6 @@ def stage_channels(encoder):
         conv = last.conv3 if hasattr(last, "conv3") else last.conv2
         channels.append(conv.out_channels)
     return channels
-
-
-def conv_block(block_type, channels):
-    """One residual block of the encoder's own type (BasicBlock for ResNet-18/34, Bottleneck for
-    ResNet-50/101) that halves the resolution, keeps the width and has a 1x1-conv shortcut: the
-    paper's extra conv block of a local decoder. A BasicBlock at ResNet-50's widths would add
-    ~80 M parameters to a unit on res5; the bottleneck adds ~9 M, like one more res5 block."""
-    shortcut = nn.Sequential(nn.Conv2d(channels, channels, 1, stride=2, bias=False),
-                             nn.BatchNorm2d(channels))
-    if block_type is Bottleneck:
-        return Bottleneck(channels, channels // Bottleneck.expansion, stride=2,
-                          downsample=shortcut)
-    return BasicBlock(channels, channels, stride=2, downsample=shortcut)
-
-
-def projection_mlp(in_dim, hidden_dim, out_dim, layers):
-    """`layers` Linear layers with BatchNorm + ReLU between them (SimCLR v2 style head)."""
-    modules, dim = [], in_dim
-    for _ in range(layers - 1):
-        modules += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
-                    nn.ReLU(inplace=True)]
-        dim = hidden_dim
-    modules.append(nn.Linear(dim, out_dim))
-    return nn.Sequential(*modules)
-
-
-class Decoder(nn.Module):
-    """Decoder of one unit: [conv blocks] -> global average pooling -> projection MLP."""
-
-    def __init__(self, in_channels, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_dim=0,
-                 block_type=BasicBlock):
-        super().__init__()
-        _check_choice("conv_blocks", conv_blocks, (0, 1, 2))
-        _check_choice("mlp_layers", mlp_layers, (2, 4))
-        self.blocks = nn.Sequential(*[conv_block(block_type, in_channels)
-                                      for _ in range(conv_blocks)])
-        self.mlp = projection_mlp(in_channels, hidden_dim or in_channels, proj_dim, mlp_layers)
-
-    def forward(self, x):
-        x = self.blocks(x)
-        return self.mlp(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
-class LinearClassifier(nn.Module):
-    """Decoder of the supervised rule: global average pooling -> one Linear layer to the class
-    logits (torchvision ResNet's `avgpool` + `fc`)."""
-
-    def __init__(self, in_channels, num_classes):
-        super().__init__()
-        self.fc = nn.Linear(in_channels, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
-# Decoder options of the contrastive rules; the supervised rule has none (one linear layer).
-DECODER_DEFAULTS = {"conv_blocks": 0, "mlp_layers": 2, "proj_dim": 128, "hidden_dim": 0}
 
 
 @contextlib.contextmanager
@@ -693,8 +620,6 @@ def build_model(method, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_
     num_classes and trains on both views (supervised_views=2) or view1 only (1); "loco_blocks"
     takes unit_length and overlap (in pieces).
     """
-    from .rules import RuleContext, load_rule
-
     _check_choice("architecture", arch, ARCHS)
     ctx = RuleContext(arch=arch, temperature=temperature, num_classes=num_classes,
                       supervised_views=supervised_views, unit_length=unit_length,

@@ -325,7 +325,7 @@ def run_readout(output_dir, checkpoint=None, arch=None, data_dir=None, protocol=
         seed = draw_seed()
     ckpt, pre_cfg = None, {}
     if checkpoint is not None:
-        from .engine import load_checkpoint
+        from .checkpoint import load_checkpoint
         ckpt = load_checkpoint(checkpoint)
         pre_cfg = yaml.safe_load(ckpt["config"])
     encoder, method, arch = load_encoder(ckpt, arch, seed, checkpoint)

@@ -28,6 +28,7 @@ import importlib.metadata
 from typing import Callable, Optional, Tuple, Union
 
 from ..utils import LocoError
+from .heads import LinearClassifier
 from .losses import nt_xent
 
 GRANULARITIES = ("stage", "block")
@@ -168,7 +169,6 @@ def cross_entropy_loss(views):
 @register("supervised")
 def supervised(ctx):
     """Cross-entropy on the ImageFolder labels, one linear classifier on pooled res5."""
-    from .model import LinearClassifier
 
     if not isinstance(ctx.num_classes, int) or ctx.num_classes < 2:
         raise RuleError(f"method 'supervised' needs num_classes >= 2, got {ctx.num_classes!r}")
