@@ -64,16 +64,23 @@ def describe_checkpoint(ckpt):
             f"epoch {ckpt.get('epoch')}, step {ckpt.get('step')}")
 
 
-def check_resume_compatible(path, ckpt, cfg, steps_per_epoch, num_classes=None):
-    """One clear line when the checkpoint cannot continue under this config: every key outside
-    the run-only list (loco_det/fingerprint.py) that differs from the checkpoint's config is
-    named with both values; then the data must give the same number of steps per epoch. The
-    data-derived checks come first: they name the more specific cause."""
-    classifier = ckpt["decoders"].get("0.fc.weight")
-    if cfg.MODEL.METHOD == "supervised" and classifier is not None \
-            and classifier.shape[0] != num_classes:
-        raise LocoError(f"{path}: checkpoint's classifier has {classifier.shape[0]} classes, "
-                        f"DATA.ROOT={cfg.DATA.ROOT} has {num_classes}")
+def check_resume_compatible(path, ckpt, cfg, steps_per_epoch, model, num_classes=None):
+    """One clear line when the checkpoint cannot continue under this config: its decoders must
+    have the shapes of `model`'s (built for this config and data: a classifier's classes come
+    from DATA.ROOT); every key outside the run-only list (loco_det/fingerprint.py) that differs
+    from the checkpoint's config is named with both values; then the data must give the same
+    number of steps per epoch. The data-derived checks come first: they name the more specific
+    cause."""
+    expected = model.decoders.state_dict()
+    for key, value in ckpt["decoders"].items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            if model.rule.takes_labels:   # a label-trained head: its classes come from the data
+                raise LocoError(f"{path}: checkpoint's classifier has {value.shape[0]} classes, "
+                                f"DATA.ROOT={cfg.DATA.ROOT} has {num_classes} (decoder {key}: "
+                                f"shape {tuple(value.shape)}, here {tuple(expected[key].shape)})")
+            raise LocoError(f"{path}: checkpoint's decoder {key} has shape "
+                            f"{tuple(value.shape)}, this config gives "
+                            f"{tuple(expected[key].shape)}")
     changed = changed_keys(pretrain_identity(ckpt["config"]), pretrain_identity(cfg),
                            PRETRAIN_RUN_ONLY)
     if changed:

@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from ..fingerprint import pretrain_fingerprint
 from ..records import PretrainRunInfo, PretrainSummary
-from ..utils import (ConfigError, LocoError, atomic_write, check_output_dir, draw_seed, run_info,
-                     write_json)
+from ..utils import (ConfigError, LocoError, atomic_write, check_output_dir, draw_seed,
+                     get_dotted, run_info, write_json)
 from .augment import views_to_device
 from .checkpoint import (CHECKPOINT, check_resume_compatible, describe_checkpoint,
                          load_checkpoint, save_checkpoint, seed_everything, set_rng_state)
@@ -45,7 +45,7 @@ from .knn import PeriodicKnn
 from .metric_log import MetricLogger
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
-from .rules import RuleError
+from .rules import RuleError, rule_needs
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # RUN.AMP
 
@@ -79,13 +79,13 @@ def setup_model(cfg, env, num_classes=None):
     """The model of `cfg`; `num_classes` (the ImageFolder's) sizes the supervised classifier."""
     d = cfg.MODEL.DECODER
     try:
+        options = {name: get_dotted(cfg, opt.key)   # the rule's own config keys
+                   for name, opt in rule_needs(cfg.MODEL.METHOD).options.items()}
         model = build_model(cfg.MODEL.METHOD, cfg.MODEL.ARCH, conv_blocks=d.CONV_BLOCKS,
                             mlp_layers=d.MLP_LAYERS, proj_dim=d.PROJ_DIM,
                             hidden_dim=d.HIDDEN_DIM, temperature=cfg.LOSS.TEMPERATURE,
                             loco_schedule=cfg.MODEL.LOCO_SCHEDULE, num_classes=num_classes,
-                            supervised_views=cfg.LOSS.SUPERVISED_VIEWS,
-                            unit_length=cfg.MODEL.LOCO_BLOCKS.UNIT_LENGTH,
-                            overlap=cfg.MODEL.LOCO_BLOCKS.OVERLAP)
+                            **options)
     except RuleError as e:
         raise ConfigError(f"MODEL.METHOD: {e}") from None
     if cfg.MODEL.SYNC_BN:
@@ -175,11 +175,11 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
     dataset, sampler, loader = build_loader(cfg, env.rank, env.world_size, seed)
     knn = PeriodicKnn.build(cfg, env)
     steps_per_epoch = sampler.batches_per_epoch
-    if ckpt is not None:
-        check_resume_compatible(ckpt_path, ckpt, cfg, steps_per_epoch, len(dataset.classes))
-
     seed_everything(seed)  # same on every rank: identical initial weights
     model = setup_model(cfg, env, num_classes=len(dataset.classes))
+    if ckpt is not None:
+        check_resume_compatible(ckpt_path, ckpt, cfg, steps_per_epoch, model,
+                                len(dataset.classes))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
 

@@ -390,8 +390,8 @@ class PretrainModel(nn.Module):
         n = view1.shape[0]
         if labels is not None and tuple(labels.shape) != (n,):
             raise ValueError(f"{n} views need {n} labels, got {tuple(labels.shape)}")
-        if labels is None and self.method == "supervised":
-            raise ValueError(f"method 'supervised' needs {n} labels, got None")
+        if labels is None and self.rule.takes_labels:
+            raise ValueError(f"method {self.method!r} needs {n} labels, got None")
         check_accum_steps(n, accum_steps)
         if labels is not None:
             labels = labels.to(view1.device)
@@ -603,8 +603,7 @@ class _StepState:
 
 
 def build_model(method, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_dim=0,
-                temperature=0.1, loco_schedule="fused_stem", num_classes=None,
-                supervised_views=2, unit_length=2, overlap=1):
+                temperature=0.1, loco_schedule="fused_stem", num_classes=None, **options):
     """Encoder (torchvision `arch`) + per-unit decoders for learning rule `method`.
 
     method: a registered rule (e2e, gim, loco, supervised, loco_overlap2, loco_blocks), an
@@ -616,14 +615,14 @@ def build_model(method, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_
     doc (rules without shared pieces ignore it); the default "fused_stem" is the schedule that
     meets the LoCo memory target (peak memory <= 0.80x e2e) and the time target (<= 1.15x
     e2e) only with `.grad` None before each step: the target is below its FLOP ratio (1.18x
-    e2e, 1.17x for "fused"; docs/measurements.md). "supervised" needs
-    num_classes and trains on both views (supervised_views=2) or view1 only (1); "loco_blocks"
-    takes unit_length and overlap (in pieces).
+    e2e, 1.17x for "fused"; docs/measurements.md). num_classes: the
+    labels' classes, for rules that take labels. `options`: the rule's own options by name
+    (rules.RuleNeeds.options: "supervised" takes supervised_views, 2 = both views or 1 = view1
+    only; "loco_blocks" unit_length and overlap, in pieces); a rule reads only its own.
     """
     _check_choice("architecture", arch, ARCHS)
     ctx = RuleContext(arch=arch, temperature=temperature, num_classes=num_classes,
-                      supervised_views=supervised_views, unit_length=unit_length,
-                      overlap=overlap)
+                      options=options)
     rule = load_rule(method, ctx)
     return PretrainModel(rule, arch, conv_blocks=conv_blocks, mlp_layers=mlp_layers,
                          proj_dim=proj_dim, hidden_dim=hidden_dim, loco_schedule=loco_schedule,

@@ -4,7 +4,7 @@ import json
 from dataclasses import dataclass, field
 
 from .. import stats
-from .runs import PROTOCOL_FIELDS
+from .runs import PROTOCOL_FIELDS, _rule_needs
 
 # decoder, and what the baseline protocol prescribes for random init); the others must match.
 COMPARE_FREE = {"pretrain": ("decoder",), "readout": ("pretraining", "decoder"),
@@ -74,13 +74,18 @@ def _protocol_key(run):
 
 
 def _display_label(run):
-    """A `supervised` pretraining run by loco_det is labelled apart from published supervised
-    weights (detection.supervised_weights, 'supervised (published weights)')."""
-    if run.label == "supervised" and run.status == "finished" and (
+    """A run of a label-trained rule pretrained by loco_det, labelled by its method's name
+    (`supervised`), is labelled apart from published supervised weights
+    (detection.supervised_weights, 'supervised (published weights)')."""
+    if run.label == run.method and run.status == "finished" and _takes_labels(run.method) and (
             run.kind in ("pretrain", "readout") or run.protocol.get("weights") not in (
                 "published", "?", "random init")):
-        return "supervised (trained here)"
+        return f"{run.label} (trained here)"
     return run.label
+
+
+def _takes_labels(method):
+    return bool(method) and _rule_needs(method).takes_labels
 
 
 def build_rows(runs):

@@ -1,5 +1,6 @@
 """Collecting runs: every run folder under the given roots, read through its records
 (loco_det/records.py), plus the runs a grid's manifest expected that have no folder."""
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from .. import fingerprint as fp
+from ..pretrain import rules
 from ..records import (RANDOM_METHOD, STAGES, DetectionResults, KnnRecord, PretrainRunInfo,
                        PretrainSummary, ReadoutRecord, RecordError, RunInfo)
 from ..utils import LocoError, get_dotted as _get
@@ -95,10 +97,23 @@ def _argv_value(argv, flag):
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _rule_needs(method):
+    """What the rule `method` declares (pretrain/rules.py); the defaults (MODEL.DECODER applies,
+    no labels) for a rule that cannot be found here, e.g. a plug-in not installed where the
+    report runs."""
+    try:
+        return rules.rule_needs(method)
+    except rules.RuleError:
+        return rules.RuleNeeds()
+
+
 def _decoder(cfg):
-    """'conv C, mlp M' of a pretraining config's MODEL.DECODER, '?' when not recorded."""
-    if _get(cfg, "MODEL.METHOD") == "supervised":
-        return "linear classifier"   # the supervised rule has no decoder (pooled res5 -> fc)
+    """'conv C, mlp M' of a pretraining config's MODEL.DECODER, '?' when not recorded; the
+    rule's own head where MODEL.DECODER does not apply to it."""
+    method = _get(cfg, "MODEL.METHOD")
+    if method is not None and not _rule_needs(method).decoder_options:
+        return _rule_needs(method).head or "?"
     conv, mlp = _get(cfg, "MODEL.DECODER.CONV_BLOCKS"), _get(cfg, "MODEL.DECODER.MLP_LAYERS")
     if conv is None and mlp is None:
         return "?"
