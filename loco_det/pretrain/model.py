@@ -1,4 +1,4 @@
-"""One torchvision ResNet trained by a learning rule, and the one engine that runs every rule.
+"""One torchvision ResNet trained by a learning rule: PretrainModel runs every rule's step.
 
 The encoder is cut into pieces as in the LoCo paper (docs/pretraining.md): its four stages
 
@@ -49,7 +49,7 @@ variants apply when the first segment is more than the stem alone. Rules without
                   idea used where it pays most.
     "hybrid_stem" "hybrid" plus the stem recompute: the least memory.
 
-Measured with the hand-written e2e/gim/loco step functions this engine replaced, with
+Measured with the hand-written e2e/gim/loco step functions this model replaced, with
 tools/bench_pretrain.py (ResNet-50, 224 px, 16 images, this project's 2-core CPU shared with
 other jobs, load average 4-8; three runs), step time / peak memory against e2e:
 
@@ -174,7 +174,7 @@ def run_piece(encoder, granularity, piece, x):
 
 
 class Segment:
-    """A maximal run of consecutive pieces trained by the same set of units: the engine's unit
+    """A maximal run of consecutive pieces trained by the same set of units: the model's unit
     of forward, backward, recompute and release (a segment always receives the gradients of
     all its units over its whole length, so it behaves as one piece)."""
 
@@ -229,7 +229,7 @@ def check_accum_steps(batch, accum_steps):
                          f"micro-batches (accum_steps={accum_steps})")
 
 
-# ----------------------------------------------------------------------------- the engine
+# ----------------------------------------------------------------------------- the model
 class PretrainModel(nn.Module):
     """Encoder + one decoder per unit of a learning rule (rules.py); `forward_backward` is one
     training step's gradients.
@@ -256,8 +256,8 @@ class PretrainModel(nn.Module):
     list of parameters whose `.grad` no remaining loss of the step can change: a unit's decoder
     right after that unit's loss backward, a segment after its weight gradient (and its stem's
     recompute). Every parameter any loss reaches is reported exactly once per step; the
-    encoder's unused `fc` never is (it never has a gradient). The distributed engine starts
-    each list's all-reduce there, while the units above still compute (engine.py).
+    encoder's unused `fc` never is (it never has a gradient). The training loop (engine.py, dist.py) starts
+    each list's all-reduce there, while the units above still compute (dist.GradientReducer).
     """
 
     def __init__(self, rule, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_dim=0,

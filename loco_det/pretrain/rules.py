@@ -333,7 +333,7 @@ def load_rule(method, ctx=None):
 
 
 def validate_rule(rule, ctx, method=None):
-    """Raise RuleError (one line) unless `rule` is one the engine can run for ctx.arch."""
+    """Raise RuleError (one line) unless `rule` is one PretrainModel can run for ctx.arch."""
     where = f"method {method or rule.name!r}"
     if rule.granularity not in GRANULARITIES:
         raise RuleError(f"{where}: granularity {rule.granularity!r} is not one of "
