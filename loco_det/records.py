@@ -36,6 +36,15 @@ class RecordError(ValueError):
     """A record file that cannot be read; the message is one line naming the file."""
 
 
+def read_json(path):
+    """Parsed JSON of `path`; RecordError with a one-line reason when unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise RecordError(f"unreadable {os.path.basename(path)}: {e}") from None
+
+
 @dataclasses.dataclass
 class _Record:
     """Shared to_json / from_json / read / write of the records below. A field whose default
@@ -60,18 +69,10 @@ class _Record:
             raise RecordError(f"{cls.FILE}: kind {data['kind']!r}, expected {cls.KIND!r}")
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
-    @staticmethod
-    def _load(path):
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise RecordError(f"unreadable {os.path.basename(path)}: {e}") from None
-
     @classmethod
     def read(cls, path):
         """The record in file `path`; RecordError with a one-line reason when unreadable."""
-        return cls.from_json(cls._load(path))
+        return cls.from_json(read_json(path))
 
     def write(self, folder):
         """Write FILE into `folder` (atomically); returns its path."""
@@ -92,7 +93,7 @@ class RunInfo(_Record):
     @staticmethod
     def read_any(path):
         """The run_info.json at `path` as the record of its "kind" (RunInfo when unknown)."""
-        data = RunInfo._load(path)
+        data = read_json(path)
         kind = data.get("kind") if isinstance(data, dict) else None
         cls = {c.KIND: c for c in (PretrainRunInfo, DetectionRunInfo)}.get(kind, RunInfo)
         return cls.from_json(data)

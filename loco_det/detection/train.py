@@ -53,7 +53,7 @@ from detectron2.utils.logger import setup_logger
 
 from .. import fingerprint
 from ..records import DetectionResults, DetectionRunInfo
-from ..utils import LocoError, atomic_write, check_output_dir, run_info, write_json
+from ..utils import LocoError, atomic_write, check_output_dir, get_dotted, run_info, write_json
 from .checkpoint import (
     LocoCheckpointer,
     backbone_state_keys,
@@ -143,12 +143,7 @@ def _check_resume_matches_record(cfg, output_dir):
     except (OSError, yaml.YAMLError) as e:
         raise LocoError(f"--resume: cannot read the run's {recorded_path}: {e}") from None
     for key in RESUME_FIXED_KEYS:
-        node = recorded
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        new = cfg
-        for part in key.split("."):
-            new = new[part]
+        node, new = get_dotted(recorded, key), get_dotted(cfg, key)
         if key == "SEED" and new < 0:
             continue
         if isinstance(new, (list, tuple)):  # the dumped config holds lists, cfg tuples

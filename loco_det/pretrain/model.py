@@ -256,8 +256,8 @@ class PretrainModel(nn.Module):
     list of parameters whose `.grad` no remaining loss of the step can change: a unit's decoder
     right after that unit's loss backward, a segment after its weight gradient (and its stem's
     recompute). Every parameter any loss reaches is reported exactly once per step; the
-    encoder's unused `fc` never is (it never has a gradient). The training loop (engine.py, dist.py) starts
-    each list's all-reduce there, while the units above still compute (dist.GradientReducer).
+    encoder's unused `fc` never is (it never has a gradient). The training loop starts each
+    list's all-reduce there, while the units above still compute (dist.GradientReducer).
     """
 
     def __init__(self, rule, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_dim=0,

@@ -5,7 +5,8 @@ import io
 import time
 
 from ..records import STAGES
-from .compare import DEFAULT_REFERENCE, RANDOM_LABELS, _group_text, _is_random, _matches, comparisons
+from .compare import (DEFAULT_REFERENCE, RANDOM_LABELS, _group_text, _is_random, _matches,
+                      comparisons)
 from .paper import PAPER_CITATION, PAPER_TABLES, paper_differences
 from .rows import COMPARE_FREE, Row, group_key
 from .runs import PROTOCOL_FIELDS
@@ -67,7 +68,8 @@ def _protocol_cells(row):
     return [str(row.protocol.get(k, "-")) for k in PROTOCOL_FIELDS[row.kind]]
 
 
-_HEADERS = {"readout": "protocol", "weights": "init", "world_size": "world size", "global_batch": "global batch",
+_HEADERS = {"readout": "protocol", "weights": "init", "world_size": "world size",
+            "global_batch": "global batch",
             "readout_epochs": "readout epochs", "batch_size": "batch", "image_size": "image px",
             "train_images": "train images", "train_set": "train set"}
 

@@ -10,7 +10,7 @@ import yaml
 from .. import fingerprint as fp
 from ..pretrain import rules
 from ..records import (RANDOM_METHOD, STAGES, DetectionResults, KnnRecord, PretrainRunInfo,
-                       PretrainSummary, ReadoutRecord, RecordError, RunInfo)
+                       PretrainSummary, ReadoutRecord, RecordError, RunInfo, read_json)
 from ..utils import LocoError, get_dotted as _get
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,15 +62,6 @@ class Run:
 def _default(value, default):
     """`value` unless the record left it unset (an older run's file)."""
     return default if value is None else value
-
-
-def _read_manifest(path):
-    """A grid's benchmark.json (written by loco_det/benchmark.py), parsed."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"unreadable {os.path.basename(path)}: {e}") from None
 
 
 def _read_yaml(path):
@@ -397,7 +388,8 @@ def _read_dir(d, files):
             info_kind = RunInfo.read_any(os.path.join(d, RunInfo.FILE)).KIND
         except RecordError:
             info_kind = None
-    if info_kind == "pretrain" or (info_kind is None and ({"summary.json", "metrics.jsonl"} & files)):
+    if info_kind == "pretrain" or (info_kind is None
+                                   and ({PretrainSummary.FILE, "metrics.jsonl"} & files)):
         return _read_pretrain(d, files)
     if info_kind == "detection" or "results.json" in files:
         return _read_detection(d, files)
@@ -419,7 +411,7 @@ def collect(run_dirs):
             files = set(files)
             if MANIFEST in files:
                 try:
-                    manifests.append((d, _read_manifest(os.path.join(d, MANIFEST))))
+                    manifests.append((d, read_json(os.path.join(d, MANIFEST))))
                 except ValueError as e:
                     problems.append(f"{d}: {e}")
             try:
