@@ -1,8 +1,10 @@
 """Pretraining checkpoints: checkpoint_last.pth (docs/formats.md) written atomically, read
 with torch's weights-only unpickler, checked before a resume, and the RNG states it carries
 (a resumed run repeats the uninterrupted one bit for bit on CPU)."""
+import dataclasses
 import pickle
 import random
+from typing import Optional
 
 import numpy as np
 import torch
@@ -101,8 +103,23 @@ def encoder_state(model):
     return {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
 
 
-def save_checkpoint(path, model, optimizer, scheduler, cfg, env, epoch, step, steps_per_epoch,
-                    bad_indices, wall_time_s, last_log=None):
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: what a checkpoint saves and a resume restores, beside the weights,
+    optimizer, scheduler and RNG states."""
+    step: int = 0                  # completed optimizer steps
+    bad: set = dataclasses.field(default_factory=set)   # unreadable images' dataset indices
+    wall_before: float = 0.0       # seconds spent by the invocations before this one
+    last: Optional[dict] = None    # the last metrics.jsonl record (a finished run's final losses)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt):
+        return cls(step=ckpt["step"], bad=set(ckpt.get("bad_images", [])),
+                   wall_before=ckpt.get("wall_time_s", 0.0), last=ckpt.get("last_log"))
+
+
+def save_checkpoint(path, model, optimizer, scheduler, cfg, env, epoch, steps_per_epoch,
+                    progress, wall_time_s):
     """Gather every rank's RNG state, then rank 0 writes the checkpoint atomically."""
     if env.distributed:
         average_buffers(model, env.world_size)
@@ -118,15 +135,15 @@ def save_checkpoint(path, model, optimizer, scheduler, cfg, env, epoch, step, st
         "method": cfg.MODEL.METHOD,
         "arch": cfg.MODEL.ARCH,
         "epoch": epoch,                      # completed epochs
-        "step": step,                        # completed optimizer steps
+        "step": progress.step,               # completed optimizer steps
         "steps_per_epoch": steps_per_epoch,
         "world_size": env.world_size,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng,                          # one entry per rank
-        "bad_images": sorted(bad_indices),
+        "bad_images": sorted(progress.bad),
         "wall_time_s": wall_time_s,
-        "last_log": last_log,                # the last metrics.jsonl record (final losses)
+        "last_log": progress.last,           # the last metrics.jsonl record (final losses)
     }
     if getattr(model, "loss_scaler", None) is not None:  # RUN.AMP=fp16: the dynamic loss scale
         ckpt["grad_scaler"] = model.loss_scaler.state_dict()

@@ -19,13 +19,10 @@ a plain loop over epochs and batches. What is unusual, and why:
   anything is written to the output directory, and checkpoints are only ever replaced
   atomically, so a mistake never damages an existing run.
 """
-import dataclasses
 import json
 import os
 import sys
 import time
-from typing import Optional
-
 import torch
 import yaml
 import torch.distributed as dist
@@ -36,7 +33,7 @@ from ..records import PretrainRunInfo, PretrainSummary
 from ..utils import (ConfigError, LocoError, atomic_write, check_output_dir, draw_seed,
                      get_dotted, run_info, write_json)
 from .augment import views_to_device
-from .checkpoint import (CHECKPOINT, check_resume_compatible, describe_checkpoint,
+from .checkpoint import (CHECKPOINT, Progress, check_resume_compatible, describe_checkpoint,
                          load_checkpoint, save_checkpoint, seed_everything, set_rng_state)
 from .data import build_loader
 from .dist import (COMM_STATS, DistEnv, GradientReducer, broadcast_state, model_params_sha256,
@@ -148,16 +145,6 @@ def train(cfg, output_dir, resume=False, stop_after_steps=None, config_file=None
         env.close()
 
 
-@dataclasses.dataclass
-class Progress:
-    """Where the run stands: what a checkpoint saves and a resume restores, beside the weights,
-    optimizer, scheduler and RNG states."""
-    step: int = 0                  # completed optimizer steps
-    bad: set = dataclasses.field(default_factory=set)   # unreadable images' dataset indices
-    wall_before: float = 0.0       # seconds spent by the invocations before this one
-    last: Optional[dict] = None    # the last metrics.jsonl record (a finished run's final losses)
-
-
 def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
     t_start = time.time()
     # ---- validate everything before touching output_dir
@@ -191,9 +178,7 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
         scheduler.load_state_dict(ckpt["scheduler"])
         if model.loss_scaler is not None and "grad_scaler" in ckpt:
             model.loss_scaler.load_state_dict(ckpt["grad_scaler"])
-        progress = Progress(step=ckpt["step"], bad=set(ckpt.get("bad_images", [])),
-                            wall_before=ckpt.get("wall_time_s", 0.0),
-                            last=ckpt.get("last_log"))
+        progress = Progress.from_checkpoint(ckpt)
         rng = ckpt["rng"]
         set_rng_state(rng[env.rank] if len(rng) == env.world_size else rng[0], env.device)
         del ckpt
@@ -227,8 +212,8 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
               + (f", resuming at step {start_step}" if start_step else ""), flush=True)
 
     try:
-        loop = TrainLoop(cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler,
-                         loader, logger, knn, reducer, progress, t_start)
+        loop = TrainLoop(cfg, output_dir, env, model, optimizer, scheduler,
+                         (dataset, sampler, loader), logger, knn, reducer, progress, t_start)
         return loop.run(stop_after_steps)
     finally:
         logger.close()
@@ -238,18 +223,18 @@ class TrainLoop:
     """The epochs and steps of one invocation, over the pieces `_train` set up; `progress` is
     the state that changes from step to step (and goes into every checkpoint)."""
 
-    def __init__(self, cfg, output_dir, env, model, optimizer, scheduler, dataset, sampler,
-                 loader, logger, knn, reducer, progress, t_start):
+    def __init__(self, cfg, output_dir, env, model, optimizer, scheduler, data, logger, knn,
+                 reducer, progress, t_start):
         self.cfg, self.output_dir, self.env = cfg, output_dir, env
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.dataset, self.sampler, self.loader = dataset, sampler, loader
+        self.dataset, self.sampler, self.loader = data   # data.build_loader's three
         self.logger, self.knn, self.reducer = logger, knn, reducer
         self.progress, self.t_start = progress, t_start
         self.start_step = progress.step
-        self.steps_per_epoch = sampler.batches_per_epoch
+        self.steps_per_epoch = self.sampler.batches_per_epoch
         self.total_steps = cfg.OPTIM.EPOCHS * self.steps_per_epoch
         self.units = list(model.unit_names)
-        self.max_bad = cfg.DATA.MAX_BAD_FRACTION * len(dataset)
+        self.max_bad = cfg.DATA.MAX_BAD_FRACTION * len(self.dataset)
         self.warned = bool(progress.bad)
         self.memory_format = (torch.channels_last if env.device.type == "cuda"
                               and cfg.RUN.CHANNELS_LAST else torch.contiguous_format)
@@ -293,9 +278,8 @@ class TrainLoop:
         self.check_finite()
         p = self.progress
         save_checkpoint(os.path.join(self.output_dir, CHECKPOINT), self.model, self.optimizer,
-                        self.scheduler, self.cfg, self.env, done_epochs, p.step,
-                        self.steps_per_epoch, p.bad, p.wall_before + time.time() - self.t_start,
-                        p.last)
+                        self.scheduler, self.cfg, self.env, done_epochs, self.steps_per_epoch,
+                        p, p.wall_before + time.time() - self.t_start)
 
     def log(self, lr):
         self.check_finite()
