@@ -66,14 +66,14 @@ def describe_checkpoint(ckpt):
             f"epoch {ckpt.get('epoch')}, step {ckpt.get('step')}")
 
 
-def check_resume_compatible(path, ckpt, cfg, steps_per_epoch, model, num_classes=None):
+def check_resume_compatible(path, ckpt, cfg, steps_per_epoch, num_classes=None, model=None):
     """One clear line when the checkpoint cannot continue under this config: its decoders must
-    have the shapes of `model`'s (built for this config and data: a classifier's classes come
-    from DATA.ROOT); every key outside the run-only list (loco_det/fingerprint.py) that differs
+    have the shapes of `model`'s, when given (built for this config and data: a classifier's
+    classes come from DATA.ROOT, `num_classes`); every key outside the run-only list (loco_det/fingerprint.py) that differs
     from the checkpoint's config is named with both values; then the data must give the same
     number of steps per epoch. The data-derived checks come first: they name the more specific
     cause."""
-    expected = model.decoders.state_dict()
+    expected = {} if model is None else model.decoders.state_dict()
     for key, value in ckpt["decoders"].items():
         if key in expected and tuple(value.shape) != tuple(expected[key].shape):
             if model.rule.takes_labels:   # a label-trained head: its classes come from the data

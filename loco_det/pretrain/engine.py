@@ -165,8 +165,8 @@ def _train(cfg, output_dir, resume, stop_after_steps, config_file, env):
     seed_everything(seed)  # same on every rank: identical initial weights
     model = setup_model(cfg, env, num_classes=len(dataset.classes))
     if ckpt is not None:
-        check_resume_compatible(ckpt_path, ckpt, cfg, steps_per_epoch, model,
-                                len(dataset.classes))
+        check_resume_compatible(ckpt_path, ckpt, cfg, steps_per_epoch, len(dataset.classes),
+                                model)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
 
