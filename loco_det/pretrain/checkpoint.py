@@ -67,22 +67,20 @@ def describe_checkpoint(ckpt):
 
 
 def check_resume_compatible(path, ckpt, cfg, steps_per_epoch, num_classes=None, model=None):
-    """One clear line when the checkpoint cannot continue under this config: its decoders must
-    have the shapes of `model`'s, when given (built for this config and data: a classifier's
-    classes come from DATA.ROOT, `num_classes`); every key outside the run-only list (loco_det/fingerprint.py) that differs
+    """One clear line when the checkpoint cannot continue under this config: for a rule that
+    takes labels, its decoders must have the shapes of `model`'s, when given (a classifier's
+    classes come from the data, DATA.ROOT: `num_classes`); every key outside the run-only list (loco_det/fingerprint.py) that differs
     from the checkpoint's config is named with both values; then the data must give the same
     number of steps per epoch. The data-derived checks come first: they name the more specific
     cause."""
-    expected = {} if model is None else model.decoders.state_dict()
+    # Other decoders' shapes follow from the config, whose differences are named below.
+    expected = model.decoders.state_dict() if model is not None and model.rule.takes_labels \
+        else {}
     for key, value in ckpt["decoders"].items():
         if key in expected and tuple(value.shape) != tuple(expected[key].shape):
-            if model.rule.takes_labels:   # a label-trained head: its classes come from the data
-                raise LocoError(f"{path}: checkpoint's classifier has {value.shape[0]} classes, "
-                                f"DATA.ROOT={cfg.DATA.ROOT} has {num_classes} (decoder {key}: "
-                                f"shape {tuple(value.shape)}, here {tuple(expected[key].shape)})")
-            raise LocoError(f"{path}: checkpoint's decoder {key} has shape "
-                            f"{tuple(value.shape)}, this config gives "
-                            f"{tuple(expected[key].shape)}")
+            raise LocoError(f"{path}: checkpoint's classifier has {value.shape[0]} classes, "
+                            f"DATA.ROOT={cfg.DATA.ROOT} has {num_classes} (decoder {key}: "
+                            f"shape {tuple(value.shape)}, here {tuple(expected[key].shape)})")
     changed = changed_keys(pretrain_identity(ckpt["config"]), pretrain_identity(cfg),
                            PRETRAIN_RUN_ONLY)
     if changed:
