@@ -127,17 +127,28 @@ def random_init_fingerprint(arch):
     return f"{RANDOM_INIT}:{arch}"
 
 
-def _generalise_split(value):
+# The split seed in a random training split's dataset name (coco_2017_train_10k_seed3).
+SPLIT_SEED = re.compile(r"seed(\d+)")
+
+
+def generalise_split(value):
+    """Dataset name(s) with the split seed generalised: ..._seed3 -> ..._seed*."""
     if isinstance(value, list):
-        return [_generalise_split(v) for v in value]
-    return re.sub(r"seed\d+", "seed*", value) if isinstance(value, str) else value
+        return [generalise_split(v) for v in value]
+    return SPLIT_SEED.sub("seed*", value) if isinstance(value, str) else value
+
+
+def split_seed(name):
+    """The split seed (a string of digits) named in a dataset name, else None."""
+    found = SPLIT_SEED.search(str(name))
+    return found.group(1) if found else None
 
 
 def detection_identity(cfg, weights_fingerprint):
     """Flat identity of a Detectron2 config (dict, YAML text or CfgNode) and its weights."""
     ident = {k: v for k, v in flatten(plain(cfg)).items() if k not in DETECTION_RUN_ONLY}
     if "DATASETS.TRAIN" in ident:
-        ident["DATASETS.TRAIN"] = _generalise_split(ident["DATASETS.TRAIN"])
+        ident["DATASETS.TRAIN"] = generalise_split(ident["DATASETS.TRAIN"])
     ident["weights"] = weights_fingerprint
     return ident
 

@@ -1,8 +1,9 @@
 """Small pure statistics for the report: mean/std, Student-t intervals, verdicts.
 
-Why its own module, with no scipy: `import loco_det` stays light, and every number the report
-prints comes from a few lines that are tested against closed-form cases and against scipy.stats
-(tests/test_stats.py). Higher is better for every metric compared here (AP, top-1).
+Why its own module: every number the report prints comes from these few lines, tested against
+closed-form cases and against scipy.stats (tests/test_stats.py). The t quantiles are scipy's;
+the readouts' binomial standard error is here too.
+Higher is better for every metric compared here (AP, top-1).
 
 Interval and verdict: the report prints the two-sided 95% t interval of the difference A - B.
 The verdict is a one-sided t test at the 5% level in the direction of the observed difference:
@@ -28,71 +29,13 @@ def mean_std(values):
     return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)), n
 
 
-def _betacf(a, b, x):
-    """Continued fraction of the regularised incomplete beta (Numerical Recipes 6.4, Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a, b, x):
-    """Regularised incomplete beta I_x(a, b), 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                     + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t, df):
-    """P(T <= t) for Student's t with `df` (> 0, not necessarily integer) degrees of freedom:
-    1 - I_{df/(df+t^2)}(df/2, 1/2) / 2 for t >= 0, by symmetry below."""
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
 def t_ppf(p, df):
-    """Quantile of Student's t (inverse of t_cdf), by bisection to ~1e-12."""
+    """Quantile of Student's t with `df` (> 0, not necessarily integer) degrees of freedom."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"t_ppf: p={p} is not in (0, 1)")
-    if p < 0.5:
-        return -t_ppf(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+    import scipy.stats   # here: it takes seconds to import, and only the report needs it
+
+    return float(scipy.stats.t.ppf(p, df))
 
 
 @dataclass
@@ -113,6 +56,11 @@ class Comparison:
     @property
     def high(self):
         return None if self.halfwidth is None else self.diff + self.halfwidth
+
+
+def binomial_stderr(accuracy, n):
+    """Standard error, in percentage points, of an accuracy in % measured on n items."""
+    return 100.0 * math.sqrt(accuracy / 100 * (1 - accuracy / 100) / n)
 
 
 def paired_se(diffs):

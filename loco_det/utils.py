@@ -110,6 +110,20 @@ def _umask():
     return mask
 
 
+def draw_seed():
+    """A fresh seed in 0..2^31-1 from the OS (a seed of -1 asks for one; the run records it)."""
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+def get_dotted(tree, dotted, default=None):
+    """tree["A"]["B"] for dotted "A.B" (nested mappings, CfgNodes included), else `default`."""
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return default
+        tree = tree[part]
+    return tree
+
+
 def write_json(path, obj):
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)

@@ -341,15 +341,16 @@ def test_plot_legends_sit_outside_the_axes_and_text_is_readable(report, tmp_path
     """Every legend is clear of the bars and curves (outside its axes) and no label is smaller
     than 7 pt at the size the PNG is written."""
     from loco_det import report as rep
+    from loco_det.report import plots as rep_plots
 
     figures = []
-    save = rep._save
+    save = rep_plots._save
 
     def keep(fig, path):
         save(fig, path)   # draws the figure: the extents below are those of the PNG
         figures.append((os.path.basename(path), fig))
 
-    monkeypatch.setattr(rep, "_save", keep)
+    monkeypatch.setattr(rep_plots, "_save", keep)
     rows = rep.build_rows(rep.collect([report["runs"]])[0])
     assert set(rep.make_plots(rows, str(tmp_path))) == {"pretrain", "readout", "detection"}
     assert len(figures) == 3

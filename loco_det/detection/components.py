@@ -12,7 +12,7 @@ from detectron2.layers import get_norm
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads import Res5ROIHeads
 
-from ..utils import ConfigError
+from ..utils import ConfigError, get_dotted
 
 
 class Res5ROIHeadsExtraNorm(Res5ROIHeads):
@@ -44,13 +44,6 @@ _ROTATED = {
 }
 
 
-def _get(cfg, dotted):
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
 def check_compiled_ops(cfg):
     """Refuse, in one line, a config that needs Detectron2's compiled ops when they are absent.
 
@@ -63,8 +56,8 @@ def check_compiled_ops(cfg):
     if any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE):
         needs.append("deformable conv (MODEL.RESNETS.DEFORM_ON_PER_STAGE)")
     for key, names in _ROTATED.items():
-        if _get(cfg, key) in names:
-            needs.append(f"rotated boxes ({key} {_get(cfg, key)})")
+        if get_dotted(cfg, key) in names:
+            needs.append(f"rotated boxes ({key} {get_dotted(cfg, key)})")
     if needs:
         raise ConfigError(
             f"the config asks for {', '.join(needs)}, which needs Detectron2's compiled ops "

@@ -52,7 +52,8 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from .. import fingerprint
-from ..utils import LocoError, atomic_write, check_output_dir, run_info, write_json
+from ..records import DetectionResults, DetectionRunInfo
+from ..utils import LocoError, atomic_write, check_output_dir, get_dotted, run_info, write_json
 from .checkpoint import (
     LocoCheckpointer,
     backbone_state_keys,
@@ -142,12 +143,7 @@ def _check_resume_matches_record(cfg, output_dir):
     except (OSError, yaml.YAMLError) as e:
         raise LocoError(f"--resume: cannot read the run's {recorded_path}: {e}") from None
     for key in RESUME_FIXED_KEYS:
-        node = recorded
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        new = cfg
-        for part in key.split("."):
-            new = new[part]
+        node, new = get_dotted(recorded, key), get_dotted(cfg, key)
         if key == "SEED" and new < 0:
             continue
         if isinstance(new, (list, tuple)):  # the dumped config holds lists, cfg tuples
@@ -332,8 +328,8 @@ def setup(args):
             f.write(cfg.dump())
         logger.info(f"Full config saved to {cfg_path}")
         write_json(_output_name(output_dir, "run_info.json", eval_only),
-                   run_info(world, kind="detection", config_file=args.config_file,
-                            eval_only=eval_only, resume=resume))
+                   DetectionRunInfo(**run_info(world), config_file=args.config_file,
+                                    eval_only=eval_only, resume=resume).to_json())
     seed_all_rng(cfg.SEED + rank)
     return cfg, meta
 
@@ -568,17 +564,16 @@ def build_results(cfg, eval_results, *, model, method, eval_only, iteration=None
         segm = _headline(first, "segm", notes, names[0]) if "segm" in tasks else None
         if benchmark == "cityscapes_sem_seg":
             sem_seg = _sem_seg_headline(first, notes, names[0])
-    record = {
-        "kind": "detection",
-        "finished": True,
-        "eval_only": eval_only,
-        "bbox": bbox,
-        "segm": segm,
-        "headline_dataset": names[0] if names else None,
-        "evaluators": EVALUATORS[benchmark],
-        "metrics": _clean({k: v for k, v in eval_results.items()}),
-        "method": method,
-        "protocol": {
+    record = DetectionResults(
+        finished=True,
+        eval_only=eval_only,
+        bbox=bbox,
+        segm=segm,
+        headline_dataset=names[0] if names else None,
+        evaluators=EVALUATORS[benchmark],
+        metrics=_clean({k: v for k, v in eval_results.items()}),
+        method=method,
+        protocol={
             "config_name": cfg.LOCO_DET.CONFIG_NAME,
             "benchmark": benchmark,
             "max_iter": int(cfg.SOLVER.MAX_ITER),
@@ -594,18 +589,17 @@ def build_results(cfg, eval_results, *, model, method, eval_only, iteration=None
             "test_datasets": names,
         },
         # run identity (loco_det/fingerprint.py): config minus run-only keys, plus the weights
-        "fingerprint": fingerprint.detection_fingerprint(cfg, cfg.LOCO_DET.WEIGHTS_FINGERPRINT),
-        "weights_fingerprint": cfg.LOCO_DET.WEIGHTS_FINGERPRINT,
-        "weights_seed": None if cfg.LOCO_DET.WEIGHTS_SEED < 0 else int(cfg.LOCO_DET.WEIGHTS_SEED),
-        "weights_source": cfg.LOCO_DET.WEIGHTS_SOURCE or None,
-    }
+        fingerprint=fingerprint.detection_fingerprint(cfg, cfg.LOCO_DET.WEIGHTS_FINGERPRINT),
+        weights_fingerprint=cfg.LOCO_DET.WEIGHTS_FINGERPRINT,
+        weights_seed=None if cfg.LOCO_DET.WEIGHTS_SEED < 0 else int(cfg.LOCO_DET.WEIGHTS_SEED),
+        weights_source=cfg.LOCO_DET.WEIGHTS_SOURCE or None)
     if benchmark == "cityscapes_sem_seg":
-        record["sem_seg"] = sem_seg
+        record.sem_seg = sem_seg
     if iteration is not None:
-        record["iteration"] = int(iteration)
+        record.iteration = int(iteration)
     if notes:
-        record["notes"] = notes
-    return record
+        record.notes = notes
+    return record.to_json()
 
 
 def _write_results(cfg, results, *, model, eval_only, iteration=None):

@@ -8,6 +8,15 @@ Public API (documented in docs/pretraining.md, "Python API"; other code builds o
     get_cfg() / load_config(path, overrides)      the pretraining config (see config.py)
     train(cfg, output_dir, resume=False)          the training loop (see engine.py)
 """
-from .config import get_cfg, load_config  # noqa: F401
-from .engine import train  # noqa: F401
-from .model import build_model  # noqa: F401
+import importlib
+
+# PEP 562: the names above are imported on first use, so that `loco_det.pretrain.rules` (which
+# the report reads) comes without torch and the training loop.
+_EXPORTS = {"get_cfg": "config", "load_config": "config", "train": "engine",
+            "build_model": "model"}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,9 +10,11 @@ import os
 from fvcore.common.config import CfgNode as _FvCfgNode
 
 from ..safe_load import yaml_chain
-from ..utils import ConfigError, did_you_mean
-from .model import ARCHS, DECODER_DEFAULTS, LOCO_SCHEDULES
-from .rules import RuleError, find_factory
+from .. import ARCHS
+from ..utils import ConfigError, did_you_mean, get_dotted
+from .heads import DECODER_DEFAULTS
+from .model import LOCO_SCHEDULES
+from .rules import RuleError, registered_needs, rule_needs
 
 
 AMP_MODES = ("bf16", "fp16", "off")
@@ -212,11 +214,9 @@ def load_config(path=None, overrides=()):
 
 def _float_if_needed(cfg, key, value):
     """`KEY=0` for a float key means 0.0 (yacs would refuse the int as a type mismatch)."""
-    node = cfg
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return value  # unknown key: merge_from_list names it
-        node = node[part]
+    node = get_dotted(cfg, key)
+    if node is None:
+        return value  # unknown key: merge_from_list names it
     if isinstance(node, float) and value.strip().lstrip("+-").isdigit():
         return value.strip() + ".0"
     return value
@@ -230,28 +230,31 @@ def validate(cfg):
         "MODEL.LOCO_SCHEDULE": LOCO_SCHEDULES,
         "OPTIM.NAME": ("lars", "sgd", "adamw"),
         "OPTIM.SCHEDULE": ("cosine", "step"),
-        "LOSS.SUPERVISED_VIEWS": (1, 2),
         "DATA.AUGMENT_DEVICE": ("cpu", "cuda"),
         "RUN.AMP": AMP_MODES,
         "RUN.DIST_BACKEND": ("", "nccl", "gloo"),
     }
     try:
-        find_factory(cfg.MODEL.METHOD)
+        needs = rule_needs(cfg.MODEL.METHOD)
     except RuleError as e:
         raise ConfigError(f"MODEL.METHOD: {e}") from None
+    # the registered rules' own keys (defined in this config whichever rule runs)
+    for rule_options in registered_needs().values():
+        for opt in rule_options.options.values():
+            if opt.choices:
+                choices[opt.key] = opt.choices
     for key, allowed in choices.items():
-        value = cfg
-        for part in key.split("."):
-            value = value[part]
+        value = get_dotted(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
-    if cfg.MODEL.METHOD == "supervised":
+    if not needs.decoder_options:
         for key, default in DECODER_DEFAULTS.items():
             value = cfg.MODEL.DECODER[key.upper()]
             if value != default:
                 raise ConfigError(f"MODEL.DECODER.{key.upper()}={value} does not apply to "
-                                  f"MODEL.METHOD=supervised (one linear classifier on pooled "
-                                  f"res5); leave it at {default}")
+                                  f"MODEL.METHOD={cfg.MODEL.METHOD} (its units bring their own "
+                                  f"heads: {needs.head or 'not MODEL.DECODER'}); leave it at "
+                                  f"{default}")
     prefetch = cfg.DATA.PREFETCH_FACTOR
     if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1:
         raise ConfigError(f"DATA.PREFETCH_FACTOR: {prefetch!r} must be a positive integer")

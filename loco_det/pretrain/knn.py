@@ -24,7 +24,9 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from ..utils import LocoError, write_json
+from ..records import KnnRecord
+from ..stats import binomial_stderr
+from ..utils import LocoError, draw_seed
 from .data import find_images
 from .model import stage_channels
 from .readout import (SMALL_MAX_IMAGES, STAGE_NAMES, LabeledImages, default_data_dir,
@@ -221,7 +223,7 @@ def run_knn(output_dir, checkpoint=None, arch=None, data_dir=None, image_size=No
     """kNN readout of every stage; writes output_dir/knn.json (docs/formats.md), returns it.
     `checkpoint` is any checkpoint the converter accepts (`readout.read_checkpoint`)."""
     if seed is None or seed < 0:
-        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+        seed = draw_seed()
     if not ks or any(k < 1 for k in ks):
         raise LocoError(f"--k {list(ks)}: every k must be a positive integer")
     if not temperature > 0:
@@ -248,22 +250,21 @@ def run_knn(output_dir, checkpoint=None, arch=None, data_dir=None, image_size=No
     top1 = knn_eval(encoder, train_set, val_set, device, ks, temperature, batch_size, workers,
                     seed, progress)
     n_val = len(val_set)
-    result = {
-        "kind": "knn", "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
-        "method": method, "arch": arch, "top1": top1,
-        "checkpoint_fingerprint": ckpt_fp, "checkpoint_source": source,
+    record = KnnRecord(
+        checkpoint=os.path.abspath(checkpoint) if checkpoint else None,
+        method=method, arch=arch, top1=top1,
+        checkpoint_fingerprint=ckpt_fp, checkpoint_source=source,
         # Binomial standard error of each top-1 in percentage points.
-        "top1_stderr": {kk: {s: 100.0 * math.sqrt(a / 100 * (1 - a / 100) / n_val)
-                             for s, a in per.items()} for kk, per in top1.items()},
-        "protocol": {"name": "weighted_knn", "ks": list(ks), "temperature": temperature,
-                     "features": "global average pool, L2-normalised, frozen encoder (eval BN)",
-                     "image_size": image_size, "train_images": len(train_set),
-                     "val_images": n_val, "classes": len(train_set.classes), "seed": seed,
-                     "data_dir": data_dir, "majority_val_top1": majority_top1(val_set)},
-    }
+        top1_stderr={kk: {s: binomial_stderr(a, n_val) for s, a in per.items()}
+                     for kk, per in top1.items()},
+        protocol={"name": "weighted_knn", "ks": list(ks), "temperature": temperature,
+                  "features": "global average pool, L2-normalised, frozen encoder (eval BN)",
+                  "image_size": image_size, "train_images": len(train_set),
+                  "val_images": n_val, "classes": len(train_set.classes), "seed": seed,
+                  "data_dir": data_dir, "majority_val_top1": majority_top1(val_set)})
     os.makedirs(output_dir, exist_ok=True)
-    write_json(os.path.join(output_dir, "knn.json"), result)
-    return result
+    record.write(output_dir)
+    return record.to_json()
 
 
 

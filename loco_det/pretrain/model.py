@@ -1,4 +1,4 @@
-"""One torchvision ResNet trained by a learning rule, and the one engine that runs every rule.
+"""One torchvision ResNet trained by a learning rule: PretrainModel runs every rule's step.
 
 The encoder is cut into pieces as in the LoCo paper (docs/pretraining.md): its four stages
 
@@ -49,7 +49,7 @@ variants apply when the first segment is more than the stem alone. Rules without
                   idea used where it pays most.
     "hybrid_stem" "hybrid" plus the stem recompute: the least memory.
 
-Measured with the hand-written e2e/gim/loco step functions this engine replaced, with
+Measured with the hand-written e2e/gim/loco step functions this model replaced, with
 tools/bench_pretrain.py (ResNet-50, 224 px, 16 images, this project's 2-core CPU shared with
 other jobs, load average 4-8; three runs), step time / peak memory against e2e:
 
@@ -70,19 +70,14 @@ import contextlib
 import torch
 import torch.nn as nn
 import torchvision
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .rules import RULES, RuleError
+from ..records import STAGES
+from .heads import DECODER_DEFAULTS, Decoder, check_choice as _check_choice
+from .rules import RuleContext, RuleError, load_rule
 
 from .. import ARCHS  # noqa: F401  (one list for every tool; re-exported)
-METHODS = tuple(RULES)  # the registered rules; others come by import path or entry point
 LOCO_SCHEDULES = ("fused", "recompute", "hybrid", "fused_stem", "hybrid_stem")
-NUM_STAGES = 4
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(map(str, choices))}")
+NUM_STAGES = len(STAGES)
 
 
 def build_encoder(arch):
@@ -104,17 +99,6 @@ def run_stage(encoder, stage, x):
     return getattr(encoder, f"layer{stage + 1}")(x)
 
 
-def stage_modules(encoder, stage):
-    """The modules whose parameters belong to a stage."""
-    if stage == 0:
-        return [encoder.conv1, encoder.bn1, encoder.layer1]
-    return [getattr(encoder, f"layer{stage + 1}")]
-
-
-def stage_parameters(encoder, stage):
-    return [p for m in stage_modules(encoder, stage) for p in m.parameters() if p.requires_grad]
-
-
 def stage_channels(encoder):
     """Output channels of the four stages (e.g. 256/512/1024/2048 for ResNet-50)."""
     channels = []
@@ -123,63 +107,6 @@ def stage_channels(encoder):
         conv = last.conv3 if hasattr(last, "conv3") else last.conv2
         channels.append(conv.out_channels)
     return channels
-
-
-def conv_block(block_type, channels):
-    """One residual block of the encoder's own type (BasicBlock for ResNet-18/34, Bottleneck for
-    ResNet-50/101) that halves the resolution, keeps the width and has a 1x1-conv shortcut: the
-    paper's extra conv block of a local decoder. A BasicBlock at ResNet-50's widths would add
-    ~80 M parameters to a unit on res5; the bottleneck adds ~9 M, like one more res5 block."""
-    shortcut = nn.Sequential(nn.Conv2d(channels, channels, 1, stride=2, bias=False),
-                             nn.BatchNorm2d(channels))
-    if block_type is Bottleneck:
-        return Bottleneck(channels, channels // Bottleneck.expansion, stride=2,
-                          downsample=shortcut)
-    return BasicBlock(channels, channels, stride=2, downsample=shortcut)
-
-
-def projection_mlp(in_dim, hidden_dim, out_dim, layers):
-    """`layers` Linear layers with BatchNorm + ReLU between them (SimCLR v2 style head)."""
-    modules, dim = [], in_dim
-    for _ in range(layers - 1):
-        modules += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
-                    nn.ReLU(inplace=True)]
-        dim = hidden_dim
-    modules.append(nn.Linear(dim, out_dim))
-    return nn.Sequential(*modules)
-
-
-class Decoder(nn.Module):
-    """Decoder of one unit: [conv blocks] -> global average pooling -> projection MLP."""
-
-    def __init__(self, in_channels, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_dim=0,
-                 block_type=BasicBlock):
-        super().__init__()
-        _check_choice("conv_blocks", conv_blocks, (0, 1, 2))
-        _check_choice("mlp_layers", mlp_layers, (2, 4))
-        self.blocks = nn.Sequential(*[conv_block(block_type, in_channels)
-                                      for _ in range(conv_blocks)])
-        self.mlp = projection_mlp(in_channels, hidden_dim or in_channels, proj_dim, mlp_layers)
-
-    def forward(self, x):
-        x = self.blocks(x)
-        return self.mlp(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
-class LinearClassifier(nn.Module):
-    """Decoder of the supervised rule: global average pooling -> one Linear layer to the class
-    logits (torchvision ResNet's `avgpool` + `fc`)."""
-
-    def __init__(self, in_channels, num_classes):
-        super().__init__()
-        self.fc = nn.Linear(in_channels, num_classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
-# Decoder options of the contrastive rules; the supervised rule has none (one linear layer).
-DECODER_DEFAULTS = {"conv_blocks": 0, "mlp_layers": 2, "proj_dim": 128, "hidden_dim": 0}
 
 
 @contextlib.contextmanager
@@ -247,7 +174,7 @@ def run_piece(encoder, granularity, piece, x):
 
 
 class Segment:
-    """A maximal run of consecutive pieces trained by the same set of units: the engine's unit
+    """A maximal run of consecutive pieces trained by the same set of units: the model's unit
     of forward, backward, recompute and release (a segment always receives the gradients of
     all its units over its whole length, so it behaves as one piece)."""
 
@@ -302,7 +229,7 @@ def check_accum_steps(batch, accum_steps):
                          f"micro-batches (accum_steps={accum_steps})")
 
 
-# ----------------------------------------------------------------------------- the engine
+# ----------------------------------------------------------------------------- the model
 class PretrainModel(nn.Module):
     """Encoder + one decoder per unit of a learning rule (rules.py); `forward_backward` is one
     training step's gradients.
@@ -329,8 +256,8 @@ class PretrainModel(nn.Module):
     list of parameters whose `.grad` no remaining loss of the step can change: a unit's decoder
     right after that unit's loss backward, a segment after its weight gradient (and its stem's
     recompute). Every parameter any loss reaches is reported exactly once per step; the
-    encoder's unused `fc` never is (it never has a gradient). The distributed engine starts
-    each list's all-reduce there, while the units above still compute (engine.py).
+    encoder's unused `fc` never is (it never has a gradient). The training loop starts each
+    list's all-reduce there, while the units above still compute (dist.GradientReducer).
     """
 
     def __init__(self, rule, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_dim=0,
@@ -463,8 +390,8 @@ class PretrainModel(nn.Module):
         n = view1.shape[0]
         if labels is not None and tuple(labels.shape) != (n,):
             raise ValueError(f"{n} views need {n} labels, got {tuple(labels.shape)}")
-        if labels is None and self.method == "supervised":
-            raise ValueError(f"method 'supervised' needs {n} labels, got None")
+        if labels is None and self.rule.takes_labels:
+            raise ValueError(f"method {self.method!r} needs {n} labels, got None")
         check_accum_steps(n, accum_steps)
         if labels is not None:
             labels = labels.to(view1.device)
@@ -676,8 +603,7 @@ class _StepState:
 
 
 def build_model(method, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_dim=0,
-                temperature=0.1, loco_schedule="fused_stem", num_classes=None,
-                supervised_views=2, unit_length=2, overlap=1):
+                temperature=0.1, loco_schedule="fused_stem", num_classes=None, **options):
     """Encoder (torchvision `arch`) + per-unit decoders for learning rule `method`.
 
     method: a registered rule (e2e, gim, loco, supervised, loco_overlap2, loco_blocks), an
@@ -689,16 +615,14 @@ def build_model(method, arch, conv_blocks=0, mlp_layers=2, proj_dim=128, hidden_
     doc (rules without shared pieces ignore it); the default "fused_stem" is the schedule that
     meets the LoCo memory target (peak memory <= 0.80x e2e) and the time target (<= 1.15x
     e2e) only with `.grad` None before each step: the target is below its FLOP ratio (1.18x
-    e2e, 1.17x for "fused"; docs/measurements.md). "supervised" needs
-    num_classes and trains on both views (supervised_views=2) or view1 only (1); "loco_blocks"
-    takes unit_length and overlap (in pieces).
+    e2e, 1.17x for "fused"; docs/measurements.md). num_classes: the
+    labels' classes, for rules that take labels. `options`: the rule's own options by name
+    (rules.RuleNeeds.options: "supervised" takes supervised_views, 2 = both views or 1 = view1
+    only; "loco_blocks" unit_length and overlap, in pieces); a rule reads only its own.
     """
-    from .rules import RuleContext, load_rule
-
     _check_choice("architecture", arch, ARCHS)
     ctx = RuleContext(arch=arch, temperature=temperature, num_classes=num_classes,
-                      supervised_views=supervised_views, unit_length=unit_length,
-                      overlap=overlap)
+                      options=options)
     rule = load_rule(method, ctx)
     return PretrainModel(rule, arch, conv_blocks=conv_blocks, mlp_layers=mlp_layers,
                          proj_dim=proj_dim, hidden_dim=hidden_dim, loco_schedule=loco_schedule,

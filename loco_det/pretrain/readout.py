@@ -33,11 +33,13 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from ..fingerprint import random_init_fingerprint, readout_fingerprint
-from ..utils import LocoError, check_output_dir, write_json
+from ..records import RANDOM_METHOD, STAGES, ReadoutRecord
+from ..stats import binomial_stderr
+from ..utils import LocoError, check_output_dir, draw_seed
 from .data import DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, find_images, load_rgb, mix_seed
 from .model import ARCHS, NUM_STAGES, build_encoder, run_stage
 
-STAGE_NAMES = ("res2", "res3", "res4", "res5")
+STAGE_NAMES = STAGES
 SMALL_MAX_IMAGES = 50_000
 
 PROTOCOLS = {
@@ -172,7 +174,7 @@ def load_encoder(ckpt=None, arch=None, seed=None, path=None):
         if arch not in ARCHS:
             raise LocoError(f"--arch {arch!r}: choose one of {', '.join(ARCHS)}")
         torch.manual_seed(seed)
-        return build_encoder(arch), "random", arch
+        return build_encoder(arch), RANDOM_METHOD, arch
     if arch is not None and arch != ckpt["arch"]:
         raise LocoError(f"{path}: checkpoint is {ckpt['arch']}, --arch says {arch}")
     encoder = build_encoder(ckpt["arch"])
@@ -361,7 +363,7 @@ def run_readout(output_dir, checkpoint=None, arch=None, data_dir=None, protocol=
     `take` / `prefix` pick the encoder in a checkpoint holding several (`read_checkpoint`)."""
     check_arguments(output_dir, checkpoint, overrides, workers)
     if seed is None or seed < 0:
-        seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+        seed = draw_seed()
     ckpt, pre_cfg, source = None, {}, None
     if checkpoint is not None:
         ckpt = read_checkpoint(checkpoint, take, prefix)
@@ -405,26 +407,24 @@ def run_readout(output_dir, checkpoint=None, arch=None, data_dir=None, protocol=
         train_set = LabeledImages(train_dir, train_transform(size), classes)
         top1 = fit_online(encoder, train_set, val_loader, len(train_set.classes), proto, device,
                           workers, mix_seed(seed, 1), progress)
-    result = {
-        "kind": "readout", "checkpoint": os.path.abspath(checkpoint) if checkpoint else None,
-        "method": method, "arch": arch,
-        "top1": dict(zip(STAGE_NAMES, top1)),
+    record = ReadoutRecord(
+        checkpoint=os.path.abspath(checkpoint) if checkpoint else None,
+        method=method, arch=arch,
+        top1=dict(zip(STAGE_NAMES, top1)),
         # Binomial standard error of each top-1 (percentage points): with 100 validation
         # images a difference of a few points is noise.
-        "top1_stderr": {s: 100.0 * math.sqrt(a / 100 * (1 - a / 100) / len(val_set))
-                        for s, a in zip(STAGE_NAMES, top1)},
-        "protocol": {"name": protocol, **proto, "train_images": len(train_set),
-                     "val_images": len(val_set), "seed": seed, "data_dir": data_dir,
-                     "classes": len(train_set.classes),
-                     "majority_val_top1": majority_top1(val_set)},
-        "checkpoint_fingerprint": ckpt_fp,
-        "checkpoint_seed": pre_cfg.get("SEED"),
-        "checkpoint_source": source,
-    }
-    result["fingerprint"] = readout_fingerprint(result["protocol"], ckpt_fp)
+        top1_stderr={s: binomial_stderr(a, len(val_set)) for s, a in zip(STAGE_NAMES, top1)},
+        protocol={"name": protocol, **proto, "train_images": len(train_set),
+                  "val_images": len(val_set), "seed": seed, "data_dir": data_dir,
+                  "classes": len(train_set.classes),
+                  "majority_val_top1": majority_top1(val_set)},
+        checkpoint_fingerprint=ckpt_fp,
+        checkpoint_seed=pre_cfg.get("SEED"),
+        checkpoint_source=source)
+    record.fingerprint = readout_fingerprint(record.protocol, ckpt_fp)
     os.makedirs(output_dir, exist_ok=True)
-    write_json(os.path.join(output_dir, "readout.json"), result)
-    return result
+    record.write(output_dir)
+    return record.to_json()
 
 
 def majority_top1(dataset):

@@ -15,12 +15,17 @@ A rule is
   (`views` = 2: N first views then N second views; 1: first views only), labels the N
   ImageFolder class indices (None when the caller has none, e.g. the benchmark).
 
-One engine (`model.PretrainModel`) runs every rule; see model.py for its schedule.
+`model.PretrainModel` runs every rule; see model.py for its schedule.
 
 Rules are made by factories `factory(ctx: RuleContext) -> Rule`, registered by name here, or
 named by the user: `MODEL.METHOD: my_package.my_module:my_rule` (an import path; the object may
 be a Rule or a factory) or the name of a `loco_det.rules` entry point. `load_rule` validates the
 result and fails with one line (RuleError) naming what is wrong.
+
+What code outside the rules must know of a rule before building it is its `RuleNeeds` (the
+factory's `needs` attribute, set by `register`): whether its loss takes the images' labels, its
+own config keys (options) with their checks, and whether MODEL.DECODER applies. Nothing outside
+this module compares a method's name.
 """
 import dataclasses
 import importlib
@@ -28,7 +33,6 @@ import importlib.metadata
 from typing import Callable, Optional, Tuple, Union
 
 from ..utils import LocoError
-from .losses import nt_xent
 
 GRANULARITIES = ("stage", "block")
 ENTRY_POINT_GROUP = "loco_det.rules"
@@ -57,24 +61,59 @@ class Unit:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """A learning rule (see the module docstring)."""
+    """A learning rule (see the module docstring). takes_labels: the loss needs the images'
+    labels (it fails without them)."""
     name: str
     units: Tuple[Unit, ...]
     loss: Callable
     granularity: str = "stage"
     views: int = 2
+    takes_labels: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A rule's own setting: its config key, default and allowed values (empty: any)."""
+    key: str
+    default: object
+    choices: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleNeeds:
+    """What generic code (config, engine, report) must know of a rule without building it.
+
+    takes_labels: its loss takes the ImageFolder labels (the rule built must say the same).
+    options: {name: Option}, the rule's own config keys; the engine passes their values to the
+      factory as `ctx.options[name]`, the config checks them.
+    decoder_options: MODEL.DECODER applies; False when every unit brings its own `head`
+      (described for the report, e.g. "linear classifier")."""
+    takes_labels: bool = False
+    options: dict = dataclasses.field(default_factory=dict)
+    decoder_options: bool = True
+    head: str = ""
+
+    def resolve(self, given):
+        """{name: value} of every option: `given` (by name) else the default, each checked."""
+        out = {}
+        for name, opt in self.options.items():
+            value = given.get(name, opt.default)
+            if opt.choices and value not in opt.choices:
+                raise RuleError(f"unknown {name} {value!r}; choose one of: "
+                                f"{', '.join(map(str, opt.choices))}")
+            out[name] = value
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
 class RuleContext:
-    """What a rule factory may depend on (from the config: MODEL.ARCH, LOSS.TEMPERATURE,
-    MODEL.LOCO_BLOCKS.*; num_classes: the ImageFolder's classes, None if unknown)."""
+    """What a rule factory may depend on (from the config: MODEL.ARCH, LOSS.TEMPERATURE;
+    num_classes: the ImageFolder's classes, None if unknown; options: the values of the rule's
+    own options, RuleNeeds.options, by name)."""
     arch: str = "resnet50"
     temperature: float = 0.1
     num_classes: Optional[int] = None
-    supervised_views: int = 2
-    unit_length: int = 2
-    overlap: int = 1
+    options: dict = dataclasses.field(default_factory=dict)
 
     def num_pieces(self, granularity):
         if granularity == "stage":
@@ -86,9 +125,11 @@ class RuleContext:
 RULES = {}
 
 
-def register(name):
-    """Decorator: register a rule factory under `name` (a MODEL.METHOD value)."""
+def register(name, needs=None):
+    """Decorator: register a rule factory under `name` (a MODEL.METHOD value), with what it
+    needs (RuleNeeds; default: no labels, no options, MODEL.DECODER applies)."""
     def wrap(factory):
+        factory.needs = needs or RuleNeeds()
         RULES[name] = factory
         return factory
     return wrap
@@ -96,6 +137,8 @@ def register(name):
 
 def contrastive_loss(temperature):
     """NT-Xent over the 2N views (first N against second N), temperature tau."""
+    from .losses import nt_xent   # here: losses.py imports torch, rules.py does not need it
+
     def loss(z, labels):
         n = z.shape[0] // 2
         return nt_xent(z[:n], z[n:], temperature)
@@ -143,12 +186,18 @@ def loco_overlap2(ctx):
     return Rule("loco_overlap2", overlapping_units(4, 3, 2), contrastive_loss(ctx.temperature))
 
 
-@register("loco_blocks")
+LOCO_BLOCKS_NEEDS = RuleNeeds(options={
+    "unit_length": Option("MODEL.LOCO_BLOCKS.UNIT_LENGTH", 2),
+    "overlap": Option("MODEL.LOCO_BLOCKS.OVERLAP", 1)})
+
+
+@register("loco_blocks", LOCO_BLOCKS_NEEDS)
 def loco_blocks(ctx):
     """LoCo at residual-block granularity (stem = piece 0): units of MODEL.LOCO_BLOCKS.
     UNIT_LENGTH pieces overlapping by MODEL.LOCO_BLOCKS.OVERLAP."""
-    return Rule("loco_blocks", overlapping_units(ctx.num_pieces("block"), ctx.unit_length,
-                                                 ctx.overlap),
+    opts = LOCO_BLOCKS_NEEDS.resolve(ctx.options)
+    return Rule("loco_blocks", overlapping_units(ctx.num_pieces("block"), opts["unit_length"],
+                                                 opts["overlap"]),
                 contrastive_loss(ctx.temperature), granularity="block")
 
 
@@ -165,21 +214,26 @@ def cross_entropy_loss(views):
     return loss
 
 
-@register("supervised")
+SUPERVISED_NEEDS = RuleNeeds(
+    takes_labels=True, decoder_options=False, head="linear classifier",
+    # trains on both views (2) or on the first view only (1)
+    options={"supervised_views": Option("LOSS.SUPERVISED_VIEWS", 2, (1, 2))})
+
+
+@register("supervised", SUPERVISED_NEEDS)
 def supervised(ctx):
     """Cross-entropy on the ImageFolder labels, one linear classifier on pooled res5."""
-    from .model import LinearClassifier
+    from .heads import LinearClassifier   # here: heads.py imports torch
 
     if not isinstance(ctx.num_classes, int) or ctx.num_classes < 2:
         raise RuleError(f"method 'supervised' needs num_classes >= 2, got {ctx.num_classes!r}")
-    if ctx.supervised_views not in (1, 2):
-        raise RuleError(f"unknown supervised_views {ctx.supervised_views!r}; choose one of: 1, 2")
+    views = SUPERVISED_NEEDS.resolve(ctx.options)["supervised_views"]
     num_classes = ctx.num_classes
 
     def head(in_channels, block_type):
         return LinearClassifier(in_channels, num_classes)
     return Rule("supervised", (Unit((0, 1, 2, 3), decoder=head),),
-                cross_entropy_loss(ctx.supervised_views), views=ctx.supervised_views)
+                cross_entropy_loss(views), views=views, takes_labels=True)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -239,6 +293,20 @@ def find_factory(method):
     return obj
 
 
+def rule_needs(method):
+    """The RuleNeeds of the rule `method` names (see `find_factory`): its factory's `needs`,
+    the defaults (RuleNeeds()) for a rule or factory that declares none."""
+    obj = find_factory(method)
+    if isinstance(obj, Rule):
+        return RuleNeeds(takes_labels=obj.takes_labels)
+    return getattr(obj, "needs", None) or RuleNeeds()
+
+
+def registered_needs():
+    """{name: RuleNeeds} of the registered rules (their options are config keys)."""
+    return {name: factory.needs for name, factory in RULES.items()}
+
+
 def load_rule(method, ctx=None):
     """The validated Rule named by `method` (see `find_factory`), built with `ctx`."""
     ctx = ctx or RuleContext()
@@ -257,11 +325,15 @@ def load_rule(method, ctx=None):
         raise RuleError(f"method {method!r} is a {type(obj).__name__}, not a Rule or a "
                         f"factory returning one")
     validate_rule(rule, ctx, method)
+    needs = getattr(obj, "needs", None)
+    if needs is not None and needs.takes_labels != rule.takes_labels:
+        raise RuleError(f"method {method!r}: its needs say takes_labels={needs.takes_labels}, "
+                        f"the rule it built says {rule.takes_labels}")
     return rule
 
 
 def validate_rule(rule, ctx, method=None):
-    """Raise RuleError (one line) unless `rule` is one the engine can run for ctx.arch."""
+    """Raise RuleError (one line) unless `rule` is one PretrainModel can run for ctx.arch."""
     where = f"method {method or rule.name!r}"
     if rule.granularity not in GRANULARITIES:
         raise RuleError(f"{where}: granularity {rule.granularity!r} is not one of "
