@@ -152,7 +152,7 @@ class ReadoutRecord(_Record):
     protocol: Optional[dict] = None
     checkpoint_fingerprint: Optional[str] = None
     checkpoint_seed: Optional[int] = None
-    checkpoint_source: Optional[dict] = None  # where the encoder came from, for outside files
+    checkpoint_source: object = ABSENT       # where the encoder came from, for outside files
     fingerprint: Optional[str] = None
 
 
@@ -164,8 +164,8 @@ class KnnRecord(_Record):
     method: Optional[str] = None
     arch: Optional[str] = None
     top1: Optional[dict] = None              # "k20" -> stage -> top-1 %
-    checkpoint_fingerprint: Optional[str] = None
-    checkpoint_source: Optional[dict] = None  # where the encoder came from, for outside files
+    checkpoint_fingerprint: object = ABSENT  # written since readouts take outside checkpoints
+    checkpoint_source: object = ABSENT       # where the encoder came from, for outside files
     top1_stderr: Optional[dict] = None
     protocol: Optional[dict] = None
 
