@@ -367,3 +367,31 @@ def test_plot_legends_sit_outside_the_axes_and_text_is_readable(report, tmp_path
                 ax.title, ax.xaxis.label, ax.yaxis.label]
             small = [t.get_text() for t in texts if t.get_text() and t.get_fontsize() < 7]
             assert not small, (name, small)
+
+
+def test_knn_readouts_are_compared_with_intervals(tmp_path):
+    """kNN top-1 at res5 (knn.json beside readout.json) is compared like linear readout: loco
+    against e2e over three paired seeds, with the exact mean difference and a verdict."""
+    r = str(tmp_path / "runs")
+    stages = ("res2", "res3", "res4", "res5")
+    for s, (e2e, loco) in enumerate([(80.0, 84.0), (81.0, 86.0), (82.0, 85.0)]):
+        for method, value in (("e2e", e2e), ("loco", loco)):
+            pre = f"{r}/pre/{method}/{s}"
+            make_pretrain(pre, method, f"cpu_{method}", s, {"unit1": 1.0})
+            ro = f"{r}/ro/{method}/{s}"
+            make_readout(ro, method, f"{pre}/checkpoint_last.pth", dict.fromkeys(stages, 50.0))
+            _json(f"{ro}/knn.json", {
+                "kind": "knn", "method": method, "arch": "resnet18",
+                "top1": {"k20": dict.fromkeys(stages, value),
+                         "k200": dict.fromkeys(stages, value - 10)},
+                "protocol": {"temperature": 0.07, "image_size": 32, "train_images": 100,
+                             "val_images": 50}})
+    md_path, _ = write_report([r], str(tmp_path / "out"))
+    cmp = read_csv(tmp_path / "out" / "comparisons.csv")
+    for metric in ("knn/k20/res5", "knn/k200/res5"):
+        row = find(cmp, method="loco", vs="e2e", metric=metric)
+        assert float(row["diff"]) == pytest.approx(4.0)   # differences 4, 5, 3 (paired)
+        assert float(row["ci_low"]) > 0 and row["verdict"] == "better"
+    # linear readout is equal in both: compared, and not resolved
+    assert find(cmp, method="loco", vs="e2e", metric="top1/res5")["verdict"] == "not resolved"
+    assert "| kNN k=20 res5 | loco | e2e | +4.00 |" in open(md_path).read()

@@ -4,7 +4,10 @@ from .. import stats
 from ..records import RANDOM_METHOD
 from .rows import group_key
 
-COMPARED = {"detection": ("APbb", "APmk", "mIoU"), "readout": ("top1/res5",)}
+# res5 (the encoder's output) in linear readout and in both kNN readouts (knn.json beside
+# readout.json, k 20 and 200); a metric a row lacks is not compared.
+COMPARED = {"detection": ("APbb", "APmk", "mIoU"),
+            "readout": ("top1/res5", "knn/k20/res5", "knn/k200/res5")}
 DEFAULT_REFERENCE = "e2e"
 RANDOM_LABELS = ("random", "random init")
 

@@ -102,6 +102,9 @@ def _headline(row):
 
 
 def _metric_text(metric):
+    if metric.startswith("knn/"):   # knn/k20/res5 -> kNN k=20 res5
+        _, k, stage = metric.split("/")
+        return f"kNN k={k[1:]} {stage}"
     return metric.replace("top1/", "top-1 ")
 
 
