@@ -75,7 +75,15 @@ def test_reduced_demo_writes_a_full_report(tmp_path):
         assert (out / png).is_file(), png
     assert len(re.findall(r"\.png\)", md)) >= 3
 
-    # A second run reuses every finished step.
+    # A second run reuses every finished step: only the report is written again.
+    n = int(re.search(r"^summary: (\d+) jobs in .*: (\d+) done, 0 skipped, 0 failed",
+                      res.stdout, re.M).group(1))
     again = _run(out)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert "skipped" in again.stdout + again.stderr
+    assert re.search(rf"^summary: {n} jobs in .*: 1 done, {n - 1} skipped, 0 failed, 0 blocked$",
+                     again.stdout, re.M), again.stdout[-4000:]
+    skipped = re.findall(r"^\[[ \d]+/\d+\] skipped\s+(\S+)\s+\(results exist: ", again.stdout,
+                         re.M)
+    assert len(skipped) == len(set(skipped)) == n - 1, again.stdout[-4000:]
+    ran = re.findall(r"^\[[ \d]+/\d+\] (?:running|resuming) (\S+?):", again.stdout, re.M)
+    assert ran == ["report"], ran
