@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("e2e", "gim", "loco", "supervised (trained here)", "random")
 BENCHMARKS = ("cpu_synth_coco_R18_FPN_frozen", "cpu_synth_cityscapes_R18_FPN_frozen")
@@ -33,6 +35,7 @@ def _rows_under(section, name, exact=False):
     return out
 
 
+@pytest.mark.slow
 def test_reduced_demo_writes_a_full_report(tmp_path):
     out = tmp_path / "demo"
     res = _run(out)

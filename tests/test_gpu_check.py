@@ -25,6 +25,7 @@ def _table_rows(text):
     return rows
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_every_part(tmp_path):
     """Every part on CPU, through the real tools, ends ok; the table goes to $OUT too. The
     Cityscapes part is left to test_train_net (and to the skip test below): on the GPU machine it

@@ -9,6 +9,8 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = "det_configs/grids/study.yaml"
 METHODS = ("e2e", "gim", "loco", "supervised (trained here)", "random")
@@ -79,6 +81,7 @@ def _rows_under(section, name):
     return out
 
 
+@pytest.mark.slow
 def test_reduced_study_reports_every_method_with_verdicts(tmp_path):
     out = tmp_path / "study"
     res = _tool("--profile", "reduced", "--jobs", "2", "--out", str(out))
