@@ -59,16 +59,16 @@ def _wait_until(condition, proc, what, history, timeout=LIMIT):
     raise AssertionError(f"seed {SEED}: {what} not seen within {timeout} s; history {history}")
 
 
-def _check_ending(sig, rc, text, history):
+def _check_ending(sig, rc, text, history, hint="resume with:"):
     """How a process stopped mid-run by `sig` must end: SIGKILL kills it; SIGTERM/SIGINT give
-    one line saying what was kept and how to resume, and exit 128 + signal."""
+    one line saying what was kept and how to resume (`hint`), and exit 128 + signal."""
     assert "Traceback" not in text, (SEED, history, text[-3000:])
     if sig == signal.SIGKILL:
         assert rc == -signal.SIGKILL, (SEED, history, text[-2000:])
         return
     lines = [l for l in text.splitlines() if l.startswith("interrupted by ")]
     assert len(lines) == 1, (SEED, history, text[-3000:])
-    assert signal.Signals(sig).name in lines[0] and "resume with:" in lines[0], lines[0]
+    assert signal.Signals(sig).name in lines[0] and hint in lines[0], lines[0]
     assert rc == 128 + sig, (SEED, history, lines[0])
 
 
@@ -226,8 +226,8 @@ def test_conversion_survives_kills_identical_file(tmp_path):
             # before the conversion's own handler (installed around the conversion, after the
             # imports) SIGTERM ends the process the default way: nothing written, nothing said
             assert err == "" and not out.exists(), (SEED, history, err[-2000:])
-        else:
-            _check_ending(sig, proc.returncode, err, history)
+        else:   # a short tool has nothing to resume: the line says to rerun it
+            _check_ending(sig, proc.returncode, err, history, hint="rerun the same command")
         if out.exists():  # whatever is under the real name is a whole, identical file
             assert out.read_bytes() == (tmp_path / "ref.pkl").read_bytes(), (SEED, history)
     final = _run(cmd + [str(out)], cwd=tmp_path, env=_env())
@@ -250,10 +250,24 @@ def _kept(out):
 
 
 def _started_at(text):
-    found = [int(l.rsplit("Starting training from iteration ", 1)[1].split()[0])
-             for l in text.splitlines() if "Starting training from iteration " in l]
+    """The iteration Detectron2 says it starts from (the line may be printed more than once)."""
+    found = {int(l.rsplit("Starting training from iteration ", 1)[1].split()[0])
+             for l in text.splitlines() if "Starting training from iteration " in l}
     assert len(found) == 1, text[-2000:]
-    return found[0]
+    return found.pop()
+
+
+def _optimizer(ckpt):
+    """The optimizer state in a Detectron2 checkpoint (DefaultTrainer keeps it in its
+    SimpleTrainer's state)."""
+    trainer = ckpt["trainer"]
+    return trainer["_trainer"]["optimizer"] if "_trainer" in trainer else trainer["optimizer"]
+
+
+def _scheduler(ckpt):
+    """The LR scheduler state in a Detectron2 checkpoint (its LRScheduler hook's)."""
+    hooks = ckpt["trainer"]["hooks"]
+    return next(v for k, v in hooks.items() if k.endswith("LRScheduler"))
 
 
 def _assert_same_state(a, b, what):
@@ -325,9 +339,10 @@ def test_detection_finetuning_survives_kills(tmp_path, synth_env, pkl_r18, freez
     kept_name, kept = _kept(out)
     assert trainer.start_iter == start == kept["iteration"] + 1
     _assert_same_state(kept["model"], trainer.model.state_dict(), "model")
-    _assert_same_state(kept["optimizer"], trainer.optimizer.state_dict(), "optimizer")
-    _assert_same_state(kept["scheduler"], trainer.scheduler.state_dict(), "scheduler")
-    assert kept["optimizer"]["state"], "no optimizer state was kept"
+    # Detectron2 keeps the optimizer and the LR scheduler hook's state in the trainer's
+    _assert_same_state(kept["trainer"], trainer.state_dict(), "trainer")
+    assert _optimizer(kept)["state"], "no optimizer state was kept"
+    assert _scheduler(kept)["last_epoch"] == kept["iteration"] + 1
     del trainer
 
     final = _run(cmd(out, True), cwd=tmp_path, env=env)
@@ -336,12 +351,12 @@ def test_detection_finetuning_survives_kills(tmp_path, synth_env, pkl_r18, freez
     a = torch.load(ref / "model_final.pth", weights_only=True)
     b = torch.load(out / "model_final.pth", weights_only=True)
     assert a["iteration"] == b["iteration"] == 9, (SEED, history)
-    _assert_same_state(a["scheduler"], b["scheduler"], "scheduler")   # the LR schedule position
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
-    for k, state in a["optimizer"]["state"].items():
+    _assert_same_state(_scheduler(a), _scheduler(b), "scheduler")   # the LR schedule position
+    assert _optimizer(a)["param_groups"] == _optimizer(b)["param_groups"]   # lr and settings
+    assert _optimizer(a)["state"].keys() == _optimizer(b)["state"].keys()
+    for k, state in _optimizer(a)["state"].items():
         assert {n: v.shape for n, v in state.items()} == \
-            {n: v.shape for n, v in b["optimizer"]["state"][k].items()}
+            {n: v.shape for n, v in _optimizer(b)["state"][k].items()}
     assert {k: v.shape for k, v in a["model"].items()} == {k: v.shape for k, v in b["model"].items()}
     # never trained: FREEZE_AT 2's stem and res2 (FREEZE_AT 0 trains the whole backbone)
     frozen = [k for k in a["model"] if freeze_at == 2 and k.startswith(
