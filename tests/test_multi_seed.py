@@ -1,5 +1,6 @@
 """A real multi-seed chain through the grid runner: two seeds of a tiny loco pretraining, its
-linear readout and frozen Mask R-CNN detection, beside random init with the same seeds. The
+linear readout and frozen Mask R-CNN detection (detection seed S on the backbone of pretraining
+seed S), beside random init with the same seeds. The
 report must pool each method's two seeds into one row (one fingerprint, n = 2, both seeds
 listed) and compare with intervals, not "1 run": a seed-dependent setting leaking into a
 fingerprint (loco_det/fingerprint.py) would split every row into two rows of n = 1."""
@@ -43,6 +44,7 @@ detection:
   configs:
     - config: cpu_synth_coco_R18_FPN_frozen.yaml
       seeds: [0, 1]
+      pair_seeds: true
 """
 
 
