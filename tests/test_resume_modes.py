@@ -3,8 +3,9 @@ and with OPTIM.ACCUM_STEPS=2, a pretraining stopped mid-epoch after step 3 and r
 checkpoint ends bit-identical to the same run in one go (weights, optimizer state, losses).
 
 Stopping uses the engine's stop_after_steps (as if the process were killed right after that
-step's checkpoint); the resume restores everything from the checkpoint file. This file is also
-the torchrun worker of the 2-process test (run as a script)."""
+step's checkpoint); the resume restores everything from the checkpoint file, under torchrun in
+new processes as after a kill. This file is also the torchrun worker of the 2-process test
+(run as a script)."""
 import json
 import os
 import subprocess
@@ -27,15 +28,20 @@ def cfg(data_root, accum):
     return load_config(None, [f"DATA.ROOT={data_root}", *TINY, f"OPTIM.ACCUM_STEPS={accum}"])
 
 
-def straight_and_resumed(data_root, out_root, accum):
-    """The run in one go (out_root/straight) and stopped after STOP then resumed
+def straight_and_stopped(data_root, out_root, accum):
+    """The run in one go (out_root/straight), and the same run stopped after STOP
     (out_root/resumed); every rank takes part in both."""
     from loco_det.pretrain.engine import train
 
     c = cfg(data_root, accum)
     train(c, os.path.join(out_root, "straight"))
     assert train(c, os.path.join(out_root, "resumed"), stop_after_steps=STOP) is None
-    train(c, os.path.join(out_root, "resumed"), resume=True)
+
+
+def resume(data_root, out_root, accum):
+    from loco_det.pretrain.engine import train
+
+    train(cfg(data_root, accum), os.path.join(out_root, "resumed"), resume=True)
 
 
 def load(path):
@@ -77,7 +83,8 @@ def data16(tmp_path_factory):
 
 
 def test_accumulation_resume_is_bit_identical(data16, tmp_path, one_torch_thread):
-    straight_and_resumed(str(data16), str(tmp_path), accum=2)
+    straight_and_stopped(str(data16), str(tmp_path), accum=2)
+    resume(str(data16), str(tmp_path), accum=2)
     assert_resumed_equals_straight(str(tmp_path), world=1)
 
 
@@ -88,18 +95,21 @@ def test_torchrun_resume_is_bit_identical(data16, tmp_path, accum):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests"),
                                          env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
-           os.path.abspath(__file__), str(data16), str(tmp_path), str(accum)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for part in ("first", "resume"):   # the resume in new processes, as after a kill
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0",
+               os.path.abspath(__file__), part, str(data16), str(tmp_path), str(accum)]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert_resumed_equals_straight(str(tmp_path), world=2)
 
 
-if __name__ == "__main__":   # torchrun worker: data root, output root, accumulation steps
+if __name__ == "__main__":   # torchrun worker: first|resume, data root, output root, accum steps
     import torch.distributed as dist
 
     dist.init_process_group("gloo")   # the engine joins it and leaves it open between runs
     torch.set_num_threads(1)
-    straight_and_resumed(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    part = {"first": straight_and_stopped, "resume": resume}[sys.argv[1]]
+    part(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     dist.destroy_process_group()
