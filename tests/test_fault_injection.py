@@ -81,7 +81,8 @@ def kill_mid_run(cmd, workdir, env, sig, reached, partial, finished, history, wh
         proc = subprocess.Popen(cmd, cwd=cwd or workdir, env=env, stdout=f,
                                 stderr=subprocess.STDOUT)
     try:
-        _wait_until(reached, proc, what, history)
+        # the kill point, with what the run keeps of it (a step is logged before it is saved)
+        _wait_until(lambda: reached() and partial(), proc, what, history)
         assert proc.poll() is None and not finished(), (SEED, history, what)
         assert partial(), (SEED, history, what, "no checkpoint or partial state")
         proc.send_signal(sig)
