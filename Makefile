@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # both cores (measured: 13m52s with one, 7m25s with two on 2 cores).
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo study test clean-demo
+.PHONY: setup demo study test test-fast clean-demo
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ endif
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
+# everything but the tests marked slow (whole chains of real tools: grid runs, kill-and-resume
+# rounds, the GPU check's CPU form); `make test` runs those too
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

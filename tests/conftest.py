@@ -72,3 +72,22 @@ def restore_loggers():
                 h.close()
         logger.handlers[:] = handlers
         logger.propagate, logger.level = propagate, level
+
+
+@pytest.fixture(scope="session")
+def pkl_r18(tmp_path_factory):
+    """pathlib.Path of a Detectron2 .pkl converted by the project's converter from a loco_det
+    checkpoint of a seeded (torch seed 0) random torchvision ResNet-18 (method "loco").
+    Read-only: shared by the whole session."""
+    import torch
+    import torchvision
+
+    from loco_det.detection import convert
+
+    d = tmp_path_factory.mktemp("pkl_r18")
+    torch.manual_seed(0)
+    ckpt = d / "checkpoint_last.pth"
+    torch.save({"encoder": torchvision.models.resnet18().state_dict(), "method": "loco",
+                "arch": "resnet18"}, ckpt)
+    convert.convert(str(ckpt), str(d / "loco_r18.pkl"))
+    return d / "loco_r18.pkl"

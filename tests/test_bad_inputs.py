@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 
 import pytest
 import torch
@@ -37,11 +38,10 @@ def tool(name):
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, synth_root):
+def ws(tmp_path_factory, synth_root, pkl_r18):
     """The workspace every case runs in (read-only for the cases: that is what is checked)."""
     import torchvision
 
-    from loco_det.detection import convert
 
     w = tmp_path_factory.mktemp("bad_inputs")
     coco = {"images": [{"id": i, "file_name": f"{i}.jpg", "height": 8, "width": 8}
@@ -55,7 +55,7 @@ def ws(tmp_path_factory, synth_root):
     tv = torchvision.models.resnet18().state_dict()
     torch.save(tv, w / "torchvision_r18.pth")
     torch.save({"encoder": tv, "method": "loco", "arch": "resnet18"}, w / "checkpoint_last.pth")
-    convert.convert(str(w / "checkpoint_last.pth"), str(w / "loco_r18.pkl"))
+    shutil.copyfile(pkl_r18, w / "loco_r18.pkl")   # the same weights, converted once a session
     (w / "garbage.pkl").write_bytes(b"\x80\x04garbage")
     with open(w / "loco_r18.pkl", "rb") as f:
         converted = pickle.load(f)  # our own file

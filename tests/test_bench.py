@@ -133,24 +133,47 @@ def test_target_checks_pick_the_best_schedule():
     assert checks["gim peak memory / e2e"] and checks["e2e step time / bare torchvision"]
 
 
-def test_reference_checkout_rows_interleave(monkeypatch):
+def test_reference_checkout_rows_interleave(monkeypatch, tmp_path):
     """$LOCO_DET_BENCH_REFERENCE adds a "ref:" row per e2e/gim/loco row, built by that
-    checkout's own code (here this checkout itself, imported under another package name)."""
+    checkout's own code: here a copy of this checkout whose build_model marks what it builds,
+    so a "ref:" row built by this checkout's code would lack the mark."""
     import os
+    import shutil
     import sys
 
     import torch
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    monkeypatch.setenv(bench.REFERENCE_ENV, repo)
+    other = tmp_path / "reference"
+    shutil.copytree(os.path.join(repo, "loco_det"), other / "loco_det",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with open(other / "loco_det" / "pretrain" / "model.py", "a") as f:
+        f.write("\n\n_unmarked_build_model = build_model\n\n\n"
+                "def build_model(*args, **kwargs):\n"
+                "    model = _unmarked_build_model(*args, **kwargs)\n"
+                "    model.built_by_reference_copy = True\n"
+                "    return model\n")
+    monkeypatch.setenv(bench.REFERENCE_ENV, str(other))
+
+    def forget_reference():
+        for name in [m for m in sys.modules if m.split(".")[0] == "loco_det_reference"]:
+            del sys.modules[name]
+
+    forget_reference()
     assert bench.variants(["fused"]) == ["e2e", "ref:e2e", "gim", "ref:gim", "loco:fused",
                                          "ref:loco:fused", "bare"]
-    ref = bench.build_variant("ref:loco:fused", "resnet18", 0, {})
-    own = bench.build_variant("loco:fused", "resnet18", 0, {})
+    try:
+        ref = bench.build_variant("ref:loco:fused", "resnet18", 0, {})
+        own = bench.build_variant("loco:fused", "resnet18", 0, {})
+    finally:
+        forget_reference()
     assert type(ref).__module__ == "loco_det_reference.pretrain.model"
+    assert getattr(ref, "built_by_reference_copy", False)
+    assert not hasattr(own, "built_by_reference_copy")
+    # the same seeded weights: the rows differ only by the code that runs them
+    assert own.state_dict().keys() == ref.state_dict().keys()
     for (n, a), b in zip(own.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), n
-    sys.modules.pop("loco_det_reference", None)
 
 
 def _conv_forward_flops(model, x):

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("e2e", "gim", "loco", "supervised (trained here)", "random")
 BENCHMARKS = ("cpu_synth_coco_R18_FPN_frozen", "cpu_synth_cityscapes_R18_FPN_frozen")
@@ -33,6 +35,7 @@ def _rows_under(section, name, exact=False):
     return out
 
 
+@pytest.mark.slow
 def test_reduced_demo_writes_a_full_report(tmp_path):
     out = tmp_path / "demo"
     res = _run(out)
@@ -75,7 +78,15 @@ def test_reduced_demo_writes_a_full_report(tmp_path):
         assert (out / png).is_file(), png
     assert len(re.findall(r"\.png\)", md)) >= 3
 
-    # A second run reuses every finished step.
+    # A second run reuses every finished step: only the report is written again.
+    n = int(re.search(r"^summary: (\d+) jobs in .*: (\d+) done, 0 skipped, 0 failed",
+                      res.stdout, re.M).group(1))
     again = _run(out)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert "skipped" in again.stdout + again.stderr
+    assert re.search(rf"^summary: {n} jobs in .*: 1 done, {n - 1} skipped, 0 failed, 0 blocked$",
+                     again.stdout, re.M), again.stdout[-4000:]
+    skipped = re.findall(r"^\[[ \d]+/\d+\] skipped\s+(\S+)\s+\(results exist: ", again.stdout,
+                         re.M)
+    assert len(skipped) == len(set(skipped)) == n - 1, again.stdout[-4000:]
+    ran = re.findall(r"^\[[ \d]+/\d+\] (?:running|resuming) (\S+?):", again.stdout, re.M)
+    assert ran == ["report"], ran

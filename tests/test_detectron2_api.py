@@ -79,17 +79,8 @@ print("RESULT " + json.dumps({"bbox": results["bbox"]["AP"], "segm": results["se
 '''
 
 
-def test_plain_detectron2_script(tmp_path, synth_root):
-    import torchvision
-
-    from loco_det.detection import convert
-
-    torch.manual_seed(0)
-    ckpt = tmp_path / "checkpoint_last.pth"
-    torch.save({"encoder": torchvision.models.resnet18().state_dict(), "method": "loco",
-                "arch": "resnet18"}, ckpt)
-    weights = tmp_path / "w.pkl"
-    convert.convert(str(ckpt), str(weights))
+def test_plain_detectron2_script(tmp_path, synth_root, pkl_r18):
+    weights = pkl_r18   # loco_det's conversion of a random ResNet-18 (tests/conftest.py)
     script = tmp_path / "plain_detectron2.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="2")

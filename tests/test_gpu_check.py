@@ -25,6 +25,7 @@ def _table_rows(text):
     return rows
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_every_part(tmp_path):
     """Every part on CPU, through the real tools, ends ok; the table goes to $OUT too. The
     Cityscapes part is left to test_train_net (and to the skip test below): on the GPU machine it
@@ -68,15 +69,17 @@ def test_failing_part_fails_the_check(tmp_path, monkeypatch):
 def test_timeout_ends_the_part_and_what_it_started(tmp_path, monkeypatch):
     """A part past its time limit is a FAIL row, and its child processes are gone too."""
     pid_file = tmp_path / "grandchild.pid"
-    script = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
-              "'import time; time.sleep(60)']); open(sys.argv[1], 'w').write(str(p.pid)); "
-              "time.sleep(60)")
+    # The part's "interpreter" is a shell (milliseconds to start, not a Python's seconds), so
+    # the grandchild surely exists well within the limit; its pid file says it did.
+    script = 'sleep 60 & echo $! > "$0.tmp" && mv "$0.tmp" "$0"; sleep 60'
+    monkeypatch.setattr(gpu_check.sys, "executable", "/bin/sh")
     monkeypatch.setitem(gpu_check.CPU_SMOKE["timeouts"], "data", 3)
     monkeypatch.setitem(gpu_check.PART_FUNCS, "data",
                         lambda c: c.tool("data", ["-c", script, str(pid_file)]))
     status, text = gpu_check.run(cpu_smoke=True, work=str(tmp_path), parts=("data",))
     assert status == 1
     assert _table_rows(text)["data"][1].startswith("timed out after 3 s")
+    assert pid_file.exists(), "the part was stopped before it started its child"
     pid = int(pid_file.read_text())
     for _ in range(50):  # the killed grandchild is reaped by init shortly after
         try:

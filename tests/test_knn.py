@@ -262,15 +262,16 @@ def test_topk_tie_order_does_not_matter(monkeypatch):
             assert torch.equal(new[k], old[k]), (train_chunk, k)
 
 
-def _knn_rank(rank, world, port, data_dir, out_dir):
+def _knn_rank(rank, world, store, data_dir, out_dir):
     """One of `world` gloo ranks running knn_eval on its shards; saves its result."""
     import torchvision
 
     from loco_det.pretrain.knn import knn_eval, knn_splits
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no port to pick (and lose to another process) before binding it
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=world)
     try:
         torch.manual_seed(0)
         encoder = torchvision.models.resnet18()
@@ -288,8 +289,6 @@ def test_knn_shared_by_two_ranks_equals_one_process(tmp_path, one_torch_thread):
     merged neighbours give exactly one process's top-1 on every rank (one image per batch,
     so the features themselves are bit-identical). 21 training images: uneven shards, and
     k=50 is more than a shard holds (the merge's fillers are never chosen)."""
-    import socket
-
     import torch.multiprocessing as mp
     import torchvision
 
@@ -298,11 +297,8 @@ def test_knn_shared_by_two_ranks_equals_one_process(tmp_path, one_torch_thread):
 
     make_folder(tmp_path / "data" / "train", n_per_class=7, classes=("a", "b", "c"), size=36)
     make_folder(tmp_path / "data" / "val", n_per_class=3, classes=("a", "b", "c"), size=36)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_knn_rank, args=(2, port, str(tmp_path / "data"), str(tmp_path)), nprocs=2,
-             join=True)
+    mp.spawn(_knn_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "data"), str(tmp_path)),
+             nprocs=2, join=True)
     torch.manual_seed(0)
     encoder = torchvision.models.resnet18()
     train_set, val_set = knn_splits(str(tmp_path / "data"), 32)

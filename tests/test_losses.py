@@ -2,7 +2,6 @@
 equivalence (loss and gradients) that silently breaks in many self-supervised libraries."""
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -64,17 +63,11 @@ def test_shape_mismatch_is_an_error():
         nt_xent(torch.randn(3, 4), torch.randn(2, 4), 0.1)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dist_worker(rank, world, port, z1, z2, tau, out_dir):
+def _dist_worker(rank, world, store, z1, z2, tau, out_dir):
     """Each rank holds its slice of the batch; saves its loss and embedding gradients."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no port to pick (and lose to another process) before binding it
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         n = z1.shape[0] // world
         a = z1[rank * n:(rank + 1) * n].clone().requires_grad_()
@@ -93,7 +86,7 @@ def test_distributed_gathered_negatives_match_single_process(tmp_path):
     world, tau = 2, 0.2
     torch.manual_seed(2)
     z1, z2 = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
-    mp.spawn(_dist_worker, args=(world, _free_port(), z1, z2, tau, str(tmp_path)),
+    mp.spawn(_dist_worker, args=(world, str(tmp_path / "store"), z1, z2, tau, str(tmp_path)),
              nprocs=world, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 

@@ -93,10 +93,18 @@ def load_config_string(text):
 
 
 def test_drawn_seed_is_recorded(data16, tmp_path):
-    train(tiny_cfg(data16, "SEED=-1", "OPTIM.EPOCHS=1", method="e2e"), str(tmp_path),
-          stop_after_steps=1)
-    seed = load_config(str(tmp_path / "config.yaml")).SEED
-    assert seed >= 0
+    """SEED=-1 draws a seed and config.yaml records the one the run used: a run given that
+    seed reproduces the drawn run's first step bit for bit."""
+    drawn, again = tmp_path / "drawn", tmp_path / "again"
+    train(tiny_cfg(data16, "SEED=-1", "OPTIM.EPOCHS=1", "RUN.CHECKPOINT_PERIOD=1",
+                   method="e2e"), str(drawn), stop_after_steps=1)
+    seed = load_config(str(drawn / "config.yaml")).SEED
+    assert seed != -1
+    train(tiny_cfg(data16, f"SEED={seed}", "OPTIM.EPOCHS=1", "RUN.CHECKPOINT_PERIOD=1",
+                   method="e2e"), str(again), stop_after_steps=1)
+    a, b = load(drawn / "checkpoint_last.pth"), load(again / "checkpoint_last.pth")
+    assert a["step"] == b["step"] == 1
+    assert_same_weights(a, b)
 
 
 @pytest.mark.parametrize("period,stop,resumed_from", [(0, 3, 2), (1, 3, 3)])

@@ -259,13 +259,35 @@ if name == "cli":   # python -m loco_det.cli SUB ...: the name of the tool SUB s
     args = args[1:]
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps([name] + args) + "\n")
-if os.environ.get("FAKE_TIMES"):   # how long each job ran, and with how many threads
+if os.environ.get("FAKE_TIMES"):   # when each job ran, with how many threads, beside how many
     import time
     t0 = time.time()
-    time.sleep(float(os.environ["FAKE_SLEEP"]))
+    running = os.environ["FAKE_TIMES"] + ".running"   # a file per job running now
+    os.makedirs(running, exist_ok=True)
+    me = os.path.join(running, f"{name}.{os.getpid()}")
+    open(me, "w").close()
+    seen = len(os.listdir(running))
+    if name == "pretrain":   # both pretrainings are ready at once: each waits for the other
+        passed = running + ".passed"   # then both wait until both saw the pair (a barrier)
+        os.makedirs(passed, exist_ok=True)
+        deadline = time.time() + 120   # run one at a time, a lone one gives up and records 1
+        while sum(n.startswith("pretrain.") for n in os.listdir(running)) < 2 \
+                and time.time() < deadline:
+            time.sleep(0.01)
+        seen = max(seen, len(os.listdir(running)))
+        open(os.path.join(passed, str(os.getpid())), "w").close()
+        while len(os.listdir(passed)) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        # A runner that starts more than two jobs starts a third one now: give it 3 s to show
+        # up (a window for seeing a fault; a correct runner never fails by it).
+        window = time.time() + 3
+        while len(os.listdir(running)) < 3 and time.time() < window:
+            time.sleep(0.01)
+    seen = max(seen, len(os.listdir(running)))
+    os.remove(me)
     with open(os.environ["FAKE_TIMES"], "a") as f:
         f.write(json.dumps([name, t0, time.time(), os.environ.get("OMP_NUM_THREADS"),
-                            " ".join(args)]) + "\n")
+                            " ".join(args), seen]) + "\n")
 def arg(flag):
     return args[args.index(flag) + 1] if flag in args else None
 def dump(path, obj):
@@ -403,7 +425,6 @@ def test_local_run_then_rerun_skips(fake_repo, capsys):
 def test_parallel_jobs_give_the_same_results(fake_repo, capsys, monkeypatch, tmp_path):
     times = tmp_path / "times.jsonl"
     monkeypatch.setenv("FAKE_TIMES", str(times))
-    monkeypatch.setenv("FAKE_SLEEP", "0.3")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert fake_repo["run"]("--jobs", "2") == 0
     out = capsys.readouterr().out
@@ -415,9 +436,10 @@ def test_parallel_jobs_give_the_same_results(fake_repo, capsys, monkeypatch, tmp
     assert "| 10.50 ± 0.71 |" in md
     spans = [json.loads(l) for l in times.read_text().splitlines()]
     assert {s[3] for s in spans} == {str(max(1, (os.cpu_count() or 1) // 2))}
-    events = sorted([(s[1], 1) for s in spans] + [(s[2], -1) for s in spans])
-    running = [sum(d for _, d in events[:i + 1]) for i in range(len(events))]
-    assert max(running) == 2          # two at a time, never more
+    # two at a time (the two pretrainings wait for each other: one at a time would fail
+    # here), never more (each job counts the jobs running beside it)
+    assert [s[5] for s in spans if s[0] == "pretrain"] == [2, 2], spans
+    assert max(s[5] for s in spans) == 2, spans
     data_end = next(s[2] for s in spans if s[0] == "make_synthetic_data")
     assert all(s[1] >= data_end for s in spans if s[0] != "make_synthetic_data")
     # a detection run starts only after its backbone's conversion ended
@@ -576,7 +598,7 @@ def test_slurm_without_sbatch_is_one_line_error(fake_repo, capsys, monkeypatch):
 @pytest.mark.parametrize("grid_text, sets, message", [
     ("name: x\npretrain: [{methods: [a], recipe: '{nope}.yaml'}]\n", [],
      "error: grid: unknown variable {nope}"),
-    ("name: x\nbogus: 1\n", [], "error: "),
+    ("name: x\nbogus: 1\n", [], "error: {path}: unknown grid key(s): bogus"),
     ("name: x\npretrain: [{methods: [a], recipe: r.yaml, seed: [1]}]\n", [],
      "error: grid: pretrain[0]: unknown key(s) seed"),
     ("name: x\n", ["vars.a"], "error: --set vars.a: expected KEY=VALUE"),
@@ -587,7 +609,8 @@ def test_grid_errors_are_one_line(tmp_path, grid_text, sets, message):
     args = [str(path), "--dry-run"] + [a for s in sets for a in ("--set", s)]
     res = cli(*args)
     assert res.returncode == 1
-    assert res.stderr.startswith(message) and len(res.stderr.strip().splitlines()) == 1
+    assert res.stderr.startswith(message.replace("{path}", str(path))), res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 def test_cli_help_and_missing_grid(tmp_path):
@@ -654,15 +677,21 @@ def test_gpu_slices_give_concurrent_jobs_their_own_devices():
 
 
 def test_parallel_local_jobs_run_on_disjoint_gpus(tmp_path, monkeypatch, capsys):
-    """run_local with 2 workers and 2 GPUs: three 1-GPU jobs, each sleeping and recording its
-    CUDA_VISIBLE_DEVICES and time span; jobs that overlap in time hold different GPUs."""
+    """run_local with 2 workers and 2 GPUs: three 1-GPU jobs, each recording its
+    CUDA_VISIBLE_DEVICES and time span; jobs that overlap in time hold different GPUs. Each job
+    waits until two jobs have started, so the first two surely overlap."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    record = ("import json, os, sys, time; t0 = time.time(); time.sleep(0.5); "
+    started = tmp_path / "started"
+    started.mkdir()
+    record = ("import json, os, sys, time; t0 = time.time(); d = sys.argv[2]; "
+              "open(os.path.join(d, os.path.basename(sys.argv[1])), 'w').close(); "
+              "end = time.time() + 120\n"
+              "while len(os.listdir(d)) < 2 and time.time() < end: time.sleep(0.01)\n"
               "open(sys.argv[1], 'w').write(json.dumps([os.environ['CUDA_VISIBLE_DEVICES'], t0, "
               "time.time()]))")
     res = dict(benchmark.DEFAULT_RESOURCES, gpus_per_node=1)
     jobs = [benchmark.Job(f"j{i}", "pretrain", [sys.executable, "-c", record,
-                                                  str(tmp_path / f"j{i}.json")],
+                                                  str(tmp_path / f"j{i}.json"), str(started)],
                           str(tmp_path / f"j{i}"), resources=dict(res)) for i in range(3)]
     assert benchmark.run_local(jobs, [], str(tmp_path / "out"), workers=2) == 0
     assert "GPUs 0,1 shared out by gpus_per_node" in capsys.readouterr().out
@@ -672,4 +701,4 @@ def test_parallel_local_jobs_run_on_disjoint_gpus(tmp_path, monkeypatch, capsys)
         for b in spans[i + 1:]:
             if a[1] < b[2] and b[1] < a[2]:      # ran at the same time
                 assert a[0] != b[0]
-    assert sum(a[1] < b[2] and b[1] < a[2] for i, a in enumerate(spans) for b in spans[i + 1:])
+    assert spans[0][1] < spans[1][2] and spans[1][1] < spans[0][2], spans   # j0 and j1 overlap

@@ -9,6 +9,8 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = "det_configs/grids/study.yaml"
 METHODS = ("e2e", "gim", "loco", "supervised (trained here)", "random")
@@ -57,11 +59,24 @@ def test_full_study_grid_jobs(tmp_path):
     assert sorted(_opt(c, "--seed") for c in random_ro) == ["0", "1", "2"]
 
 
+def _make_n(*targets):
+    """`make -n` with the install stamp taken as up to date (-o): nothing is installed, and no
+    rule runs even when the Makefile is older than what it lists (GNU make remakes a makefile
+    that is a target before a dry run)."""
+    return subprocess.run(["make", "-n", "-o", ".venv/.loco_det-installed", *targets], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
 def test_make_study_runs_the_grid_two_jobs_at_a_time():
-    res = subprocess.run(["make", "-n", "study", "STAMP=Makefile"], cwd=ROOT,
-                         capture_output=True, text=True)
+    res = _make_n("study")
     assert res.returncode == 0, res.stderr
     assert f"tools/run_benchmark.py {GRID} --jobs 2 --out runs/study" in res.stdout
+
+
+def test_make_test_runs_everything_and_test_fast_leaves_out_slow():
+    test, fast = _make_n("test").stdout.strip(), _make_n("test-fast").stdout.strip()
+    assert test.endswith("-m pytest -q -n 2") and "-m \"not slow\"" not in test, test
+    assert fast.endswith('-m pytest -q -n 2 -m "not slow"'), fast
 
 
 def _section(md, title):
@@ -79,6 +94,7 @@ def _rows_under(section, name):
     return out
 
 
+@pytest.mark.slow
 def test_reduced_study_reports_every_method_with_verdicts(tmp_path):
     out = tmp_path / "study"
     res = _tool("--profile", "reduced", "--jobs", "2", "--out", str(out))

@@ -8,6 +8,7 @@ These are the slow tests of the suite, kept small: 96x128 px images, 2-3 iterati
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -199,7 +200,11 @@ def test_cityscapes_training_and_official_evaluation(synth_root, weights, tmp_pa
     assert res["protocol"]["frozen"] is False and res["protocol"]["freeze_at"] == 2
     metrics = res["metrics"]["loco_synth_cityscapes_instance_seg_val"]
     assert set(metrics) >= {"bbox", "segm", "segm_coco"}
-    assert "average" in proc.stdout or "AP" in proc.stdout  # cityscapesscripts ran
+    # cityscapesscripts' own table ("average : AP AP_50%", fractions) is what results.json holds
+    averages = re.findall(r"^average\s+:\s+(\S+)\s+(\S+)$", proc.stdout, re.M)
+    assert len(averages) == 1, proc.stdout[-3000:]
+    assert [float(v) for v in averages[0]] == pytest.approx(
+        [res["segm"]["AP"] / 100, res["segm"]["AP50"] / 100], abs=5e-4)
     # cityscapesscripts' matches.json goes to the run's folder, not the working directory
     assert not (tmp_path / "matches.json").exists()
     assert (out / "inference" / "loco_synth_cityscapes_instance_seg_val" / "matches.json").exists()

@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,17 +77,22 @@ def test_interrupted_line_names_signal_and_resume_command():
         "python t.py --c x --resume K V"
 
 
+def _set_and_sleep(event, seconds):
+    event.set()
+    time.sleep(seconds)
+
+
 def test_forked_child_ends_by_the_signal_not_a_traceback():
     """multiprocessing pools terminate their (forked) workers with SIGTERM: a worker must die
     quietly as without loco_det, not raise `Interrupted` with a traceback."""
     import multiprocessing as mp
-    import time
 
     with utils.interruptible():
         ctx = mp.get_context("fork")
-        child = ctx.Process(target=time.sleep, args=(30,))
+        running = ctx.Event()
+        child = ctx.Process(target=_set_and_sleep, args=(running, 30))
         child.start()
-        time.sleep(0.2)
+        assert running.wait(30)   # the child runs its target: terminate it there
         child.terminate()
         child.join(10)
     assert child.exitcode == -signal.SIGTERM

@@ -464,6 +464,22 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    # Detectron2 v0.6's DefaultTrainer checkpoints only the iteration and its hooks' state (the
+    # LR scheduler), not the optimizer: --resume would restart SGD momentum from zero. Keep the
+    # inner trainer's state (the optimizer) as later Detectron2 versions do.
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("the checkpoint has no optimizer state (written before loco_det kept "
+                           "it): training continues with fresh SGD momentum")
+
     @classmethod
     def build_model(cls, cfg):
         model = build_model(cfg)
