@@ -17,7 +17,8 @@ def test_paper_grid_lists_voc_sem_seg_and_knn_jobs(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     cmds = [shlex.split(line) for line in res.stdout.splitlines() if not line.startswith("#")]
-    det = [c for c in cmds if "tools/train_net.py" in c]
+    sub = lambda c, name: c[1:4] == ["-m", "loco_det.cli", name]   # python -m loco_det.cli NAME
+    det = [c for c in cmds if sub(c, "train")]
     # every source of the paper's COCO readout (each pretraining and both baselines), with the
     # same weights
     weights_of = {c[c.index("LOCO_DET.LABEL") + 1]: c[c.index("MODEL.WEIGHTS") + 1]
@@ -39,9 +40,9 @@ def test_paper_grid_lists_voc_sem_seg_and_knn_jobs(tmp_path):
             assert weights == weights_of[label]
             if label == "random":
                 assert weights == "" and c[c.index("LOCO_DET.FROM_SCRATCH") + 1] == "True"
-    knn = [c for c in cmds if "tools/knn_readout.py" in c]
-    assert len(knn) == len([c for c in cmds if "tools/linear_readout.py" in c])
-    readouts = {c[c.index("--output-dir") + 1] for c in cmds if "tools/linear_readout.py" in c}
+    knn = [c for c in cmds if sub(c, "knn")]
+    assert len(knn) == len([c for c in cmds if sub(c, "readout")])
+    readouts = {c[c.index("--output-dir") + 1] for c in cmds if sub(c, "readout")}
     assert {c[c.index("--output-dir") + 1] for c in knn} == readouts  # knn.json beside
     (random,) = [c for c in knn if "--random-init" in c]
     assert random[random.index("--arch") + 1] == "resnet50"
