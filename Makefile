@@ -7,6 +7,7 @@ STAMP := $(VENV)/.loco_det-installed
 DEMO_GRID ?= det_configs/grids/demo.yaml
 DEMO_OUT ?= runs/demo
 STUDY_OUT ?= runs/study
+DIGITS_OUT ?= runs/digits
 # the study runs two jobs at a time, one thread each (measured faster on 2 cores than one job
 # on two threads)
 STUDY_JOBS ?= 2
@@ -15,7 +16,7 @@ PYTEST_ARGS ?=
 # both cores (measured: 13m52s with one, 7m25s with two on 2 cores).
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo study test test-fast clean-demo
+.PHONY: setup demo study digits test test-fast clean-demo
 
 setup: $(STAMP)
 
@@ -37,6 +38,11 @@ ifeq ($(FRESH),1)
 	rm -rf $(STUDY_OUT)
 endif
 	$(PY) tools/run_benchmark.py det_configs/grids/study.yaml --jobs $(STUDY_JOBS) --out $(STUDY_OUT)
+
+# the digits grid (det_configs/grids/digits.yaml): every rule on real scans, five seeds,
+# linear and kNN readout per stage (docs/learning.md)
+digits: $(STAMP)
+	$(PY) -m loco_det.cli grid digits --jobs $(STUDY_JOBS) --output-dir $(DIGITS_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
