@@ -1223,6 +1223,7 @@ def run_local(jobs, notes, out, quiet=False, workers=1):
               + f"; their output goes to {_rel(os.path.join(out, 'logs'))}/", flush=True)
     live = set()
     running = {}   # future -> (job, start time)
+    took_s = {}    # job id -> seconds it ran (for the estimate of what is left)
     pending = list(jobs)
 
     def run(job, devices):
@@ -1272,9 +1273,12 @@ def run_local(jobs, notes, out, quiet=False, workers=1):
                 gpus.give(devices)
                 rc, log = fut.result()
                 took = _fmt_time(time.time() - t0)
+                took_s[job.id] = time.time() - t0
                 if rc == 0:
                     status[job.id] = "done"
-                    print(f"{tags[job.id]} done     {job.id}  ({took})", flush=True)
+                    print(f"{tags[job.id]} done     {job.id}  ({took}; "
+                          f"{_progress_line(jobs, status, took_s, workers, start_all)})",
+                          flush=True)
                 else:
                     status[job.id] = "failed"
                     failed_logs[job.id] = log
@@ -1297,6 +1301,29 @@ def run_local(jobs, notes, out, quiet=False, workers=1):
     if status.get("report") == "done":
         print(f"report: {_rel(os.path.join(out, 'report.md'))}")
     return 1 if counts["failed"] or counts["blocked"] else 0
+
+
+def _progress_line(jobs, status, took_s, workers, start_all):
+    """"K/N settled, M elapsed, ~T left": the grid's overall progress after a job ends. What is
+    left is estimated per stage from the jobs of that stage that ran here (a stage with none
+    yet is left out and named), divided by the jobs run at a time."""
+    seen = {}
+    for job in jobs:
+        if job.id in took_s and status.get(job.id) == "done":
+            seen.setdefault(job.stage, []).append(took_s[job.id])
+    left, unknown = 0.0, set()
+    for job in jobs:
+        if job.id in status:
+            continue
+        if job.stage in seen:
+            left += sum(seen[job.stage]) / len(seen[job.stage])
+        elif job.stage != "report":
+            unknown.add(job.stage)
+    text = (f"{len(status)}/{len(jobs)} settled, {_fmt_time(time.time() - start_all)} elapsed, "
+            f"~{_fmt_time(left / workers)} left")
+    if unknown:
+        text += " + " + ", ".join(s for s in STAGES if s in unknown) + " (none timed yet)"
+    return text
 
 
 def _write_report(out):
