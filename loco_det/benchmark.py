@@ -822,8 +822,6 @@ def expand(grid, out):
                 resources=_resources(knn.get("resources")), label=local["label"],
                 seed=local.get("seed")))
 
-    # a grid without detection configs (readouts only, e.g. digits.yaml) converts nothing
-    detects = bool((grid.get("detection") or {}).get("configs"))
     for i, block in enumerate(grid.get("pretrain") or []):
         _check_keys(block, SCHEMA["pretrain"][0], f"pretrain[{i}]")
         if "recipe" not in block or "methods" not in block:
@@ -856,8 +854,6 @@ def expand(grid, out):
                         deps=[pre.id], resources=_resources(readout.get("resources")),
                         label=label, seed=seed))
                     add_knn(["--checkpoint", ckpt], job_id, ro_dir, [pre.id], **local)
-                if not detects:
-                    continue   # the weights are converted for detection only
                 job_id, pkl = path("weights", f"{label.replace('/', '_')}_seed{seed}.pkl")
                 conv = add(Job(job_id, "convert", _python(
                     ["python", *CLI, "convert", ckpt, pkl, "--verify"]), pkl,

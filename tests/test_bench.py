@@ -33,9 +33,9 @@ def test_help_has_examples(cli, capsys):
 
 def test_unknown_arch_is_one_line_error(cli, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--arch", "resnet152"])
+        cli.main(["--arch", "resnet200"])
     assert exit_info.value.code == 2
-    assert "resnet152" in capsys.readouterr().err
+    assert "resnet200" in capsys.readouterr().err
 
 
 def test_unknown_loco_schedule_is_an_error(cli, capsys):

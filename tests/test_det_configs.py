@@ -235,7 +235,8 @@ def test_unknown_key_in_file_is_one_line_naming_it(tmp_path):
 
 def test_unknown_key_in_overrides_and_bad_values(tmp_path):
     path = os.path.join(CONFIG_DIR, "cpu_synth_coco_R18_FPN_frozen.yaml")
-    with pytest.raises(ConfigError, match=r"unknown config key in overrides: LOCO_DET.NOPE$"):
+    with pytest.raises(ConfigError, match=r"unknown config key in overrides: LOCO_DET\.NOPE "
+                                          r"\(did you mean LOCO_DET\.[A-Z_]+\?\)$"):
         setup_cfg(path, ["LOCO_DET.NOPE", "1"])
     with pytest.raises(ConfigError, match="MODEL.RESNETS.DEPTH"):
         setup_cfg(path, ["MODEL.RESNETS.DEPTH", "eighteen"])

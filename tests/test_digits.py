@@ -62,10 +62,10 @@ def test_rerun_reuses_and_foreign_folder_is_refused(written, tmp_path):
     assert os.listdir(other) == ["keep.txt"]
 
 
-def test_the_digits_grid_reads_out_five_seeds_of_each_rule_and_converts_nothing(tmp_path):
+def test_the_digits_grid_reads_out_five_seeds_of_each_rule(tmp_path):
     """det_configs/grids/digits.yaml: e2e, gim and loco pretrained on the digits' train split
     with seeds 0-4, each read out linearly and with kNN on the digits, beside random init of
-    the same five seeds; without detection configs no weights are converted."""
+    the same five seeds; no detection."""
     from loco_det import benchmark
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +74,7 @@ def test_the_digits_grid_reads_out_five_seeds_of_each_rule_and_converts_nothing(
     by_stage = {}
     for job in jobs:
         by_stage.setdefault(job.stage, []).append(job)
-    assert "convert" not in by_stage and "detection" not in by_stage
+    assert "detection" not in by_stage
     pre = {(j.label, j.seed) for j in by_stage["pretrain"]}
     assert pre == {(m, s) for m in ("e2e", "gim", "loco") for s in range(5)}
     digits_root = str(tmp_path / "out" / "datasets" / "digits32")

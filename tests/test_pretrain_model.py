@@ -188,7 +188,7 @@ def test_encoder_state_dict_is_torchvision(arch):
 
 @pytest.mark.parametrize("kwargs,word", [
     (dict(method="simclr", arch="resnet18"), "method 'simclr'"),
-    (dict(method="loco", arch="resnet152"), "architecture 'resnet152'"),
+    (dict(method="loco", arch="resnet200"), "architecture 'resnet200'"),
     (dict(method="loco", arch="resnet18", loco_schedule="fast"), "loco_schedule 'fast'"),
     (dict(method="loco", arch="resnet18", conv_blocks=3), "conv_blocks 3"),
     (dict(method="loco", arch="resnet18", mlp_layers=3), "mlp_layers 3"),

@@ -34,7 +34,7 @@ def test_full_study_grid_jobs(tmp_path):
     assert "# 102 jobs: 2 data, 12 pretrain, 15 readout, 12 convert, 60 detection, 1 report" \
         in res.stdout
     cmds = [shlex.split(l) for l in res.stdout.splitlines() if l and not l.startswith("#")]
-    det = [c for c in cmds if "tools/train_net.py" in c]
+    det = [c for c in cmds if c[1:4] == ["-m", "loco_det.cli", "train"]]
     for proto in PROTOCOLS:
         runs = [c for c in det if f"det_configs/{proto}.yaml" in c]
         assert len(runs) == 15
@@ -52,7 +52,7 @@ def test_full_study_grid_jobs(tmp_path):
         assert sorted((_opt(c, "LOCO_DET.LABEL"), _opt(c, "SEED")) for c in runs) == sorted(
             (m, str(s)) for m in ("e2e", "gim", "loco", "supervised", "random")
             for s in range(3))
-    pre = [c for c in cmds if "tools/pretrain.py" in c]
+    pre = [c for c in cmds if c[1:4] == ["-m", "loco_det.cli", "pretrain"]]
     assert len(pre) == 12 and all(
         any(a.endswith("loco_synth_pretrain/objects/train") for a in c) for c in pre)
     random_ro = [c for c in cmds if "--random-init" in c]
@@ -63,7 +63,8 @@ def _make_n(*targets):
     """`make -n` with the install stamp taken as up to date (-o): nothing is installed, and no
     rule runs even when the Makefile is older than what it lists (GNU make remakes a makefile
     that is a target before a dry run)."""
-    return subprocess.run(["make", "-n", "-o", ".venv/.loco_det-installed", *targets], cwd=ROOT,
+    return subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.loco_det-installed",
+                           *targets], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 
