@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from loco_det import benchmark
+from loco_det import grid as benchmark
 from loco_det.utils import LocoError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

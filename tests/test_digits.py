@@ -66,7 +66,7 @@ def test_the_digits_grid_reads_out_five_seeds_of_each_rule(tmp_path):
     """det_configs/grids/digits.yaml: e2e, gim and loco pretrained on the digits' train split
     with seeds 0-4, each read out linearly and with kNN on the digits, beside random init of
     the same five seeds; no detection."""
-    from loco_det import benchmark
+    from loco_det import grid as benchmark
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     grid = benchmark.load_grid(os.path.join(root, "det_configs", "grids", "digits.yaml"))

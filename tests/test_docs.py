@@ -4,7 +4,7 @@ import os
 import re
 import subprocess
 
-from loco_det import benchmark
+from loco_det import grid as benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,7 +20,7 @@ import sys
 import pytest
 import yaml
 
-from loco_det import benchmark
+from loco_det import grid as benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "run_benchmark.py")
@@ -379,7 +379,7 @@ def fake_repo(tmp_path, monkeypatch):
     grid = repo / "small.yaml"
     grid.write_text(yaml.safe_dump(GRID))
     log = tmp_path / "calls.jsonl"
-    monkeypatch.setattr(benchmark, "REPO", str(repo))
+    monkeypatch.setattr(benchmark.jobs, "REPO", str(repo))
     monkeypatch.setenv("FAKE_LOG", str(log))
     monkeypatch.delenv("FAKE_FAIL", raising=False)
     monkeypatch.delenv("FAKE_KILL", raising=False)
@@ -559,7 +559,7 @@ def test_slurm_submission(fake_repo, capsys, monkeypatch):
             return type("J", (), {"job_id": str(100 + len(submitted))})()
 
     monkeypatch.setattr(submitit, "SlurmExecutor", FakeExecutor)
-    monkeypatch.setattr(benchmark.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
     assert fake_repo["run"]("--launcher", "slurm") == 0
     ids = {job_id: str(101 + i) for i, (job_id, _) in enumerate(submitted)}
     params = dict(submitted)
@@ -589,7 +589,7 @@ def test_slurm_command_fills_in_node_placeholders(tmp_path, monkeypatch):
 
 
 def test_slurm_without_sbatch_is_one_line_error(fake_repo, capsys, monkeypatch):
-    monkeypatch.setattr(benchmark.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     assert fake_repo["run"]("--launcher", "slurm") == 1
     err = capsys.readouterr().err.strip()
     assert err == "error: --launcher slurm needs SLURM (sbatch not found on PATH)"
@@ -642,7 +642,7 @@ def test_slurm_srun_line_gets_the_cpus_per_task(fake_repo, capsys, monkeypatch, 
             return type("J", (), {"job_id": str(100 + len(scripts))})()
 
     monkeypatch.setattr(submitit, "SlurmExecutor", RecordingExecutor)
-    monkeypatch.setattr(benchmark.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
     assert fake_repo["run"]("--launcher", "slurm") == 0
     capsys.readouterr()
     assert len(scripts) == 17

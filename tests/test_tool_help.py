@@ -55,7 +55,7 @@ def test_linear_readout_examples_keep_their_line_breaks():
 
 
 def test_pretrain_help_names_every_rule_and_the_grid_port():
-    from loco_det import benchmark
+    from loco_det import grid as benchmark
     from loco_det.pretrain import rules
 
     text = _tool("pretrain").build_parser().format_help()

@@ -70,7 +70,7 @@ def main(argv=None):
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
-    from loco_det import benchmark
+    from loco_det import grid as runner
     from loco_det.utils import LocoError, exit_code, interruptible, interrupted_line
 
     from loco_det.recipes import resolve
@@ -79,20 +79,20 @@ def main(argv=None):
         with interruptible():
             args.grid = resolve(args.grid, "grid", option="grid")
             problems = []   # --set / profile paths the grid's schema does not have
-            grid = benchmark.load_grid(args.grid, args.profile, args.sets, problems)
+            grid = runner.load_grid(args.grid, args.profile, args.sets, problems)
             out = args.out or grid.get("out") or os.path.join(
                 "runs", os.path.splitext(os.path.basename(args.grid))[0])
-            if not args.out and grid.get("out") and benchmark._bad_path_part(
+            if not args.out and grid.get("out") and runner.bad_path_part(
                     os.path.normpath(str(grid["out"]))):
                 raise LocoError(f"{args.grid}: out: {grid['out']} leaves the current folder; a "
                                 "grid's default output must be a relative path (or pass --out)")
-            jobs, notes, missing = benchmark.expand(grid, out)
-            refusals, notices = benchmark.safety_check(
+            jobs, notes, missing = runner.expand(grid, out)
+            refusals, notices = runner.safety_check(
                 grid, jobs, out, allow_commands=args.allow_commands, allow_env=args.allow_env)
-            found, blocked = benchmark.preflight(grid, jobs, out)
+            found, blocked = runner.preflight(grid, jobs, out)
             refusals = problems + refusals + found
             if args.dry_run:
-                benchmark.dry_run(jobs, notes, missing, notices, blocked)
+                runner.dry_run(jobs, notes, missing, notices, blocked)
             for line in refusals:
                 print(f"error: {line}", file=sys.stderr)
             if refusals:
@@ -106,11 +106,11 @@ def main(argv=None):
             for line in notices:
                 print(f"note: {line}")
             if args.launcher == "slurm":   # the manifest only once every job is queued
-                rc = benchmark.run_slurm(jobs, notes, out, grid.get("slurm"))
-                benchmark.write_manifest(out, args.grid, args.profile, args.sets, jobs, missing)
+                rc = runner.run_slurm(jobs, notes, out, grid.get("slurm"))
+                runner.write_manifest(out, args.grid, args.profile, args.sets, jobs, missing)
                 return rc
-            benchmark.write_manifest(out, args.grid, args.profile, args.sets, jobs, missing)
-            return benchmark.run_local(jobs, notes, out, quiet=args.quiet, workers=args.jobs)
+            runner.write_manifest(out, args.grid, args.profile, args.sets, jobs, missing)
+            return runner.run_local(jobs, notes, out, quiet=args.quiet, workers=args.jobs)
     except LocoError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

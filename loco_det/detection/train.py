@@ -62,6 +62,7 @@ from .checkpoint import (
     read_weights_metadata,
 )
 from .config import apply_single_process_norm, infer_benchmark, setup_cfg
+from .random_init import random_init_problem
 
 logger = logging.getLogger("loco_det.detection")
 
@@ -214,25 +215,14 @@ def preflight(cfg, *, eval_only, resume):
     return meta
 
 
-TRAINABLE_NORMS = ("BN", "SyncBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N", "GN")
-
-
 def check_random_init_protocol(cfg):
-    """A random-init backbone is either trained whole from scratch (FREEZE_AT 0 with a norm that
-    trains: the fine-tuning baseline, as in He et al., "Rethinking ImageNet Pre-training") or
-    kept whole frozen (FREEZE_AT >= 5: the readout baseline). Anything between keeps random
-    stages fixed behind identity FrozenBN, which is no baseline: refuse it."""
+    """A random-init run must be a baseline (loco_det.detection.random_init): refuse one that
+    keeps random stages frozen or cannot train its norm."""
     if not cfg.LOCO_DET.FROM_SCRATCH:
         return
-    freeze_at, norm = int(cfg.MODEL.BACKBONE.FREEZE_AT), cfg.MODEL.RESNETS.NORM
-    if 0 < freeze_at < 5:
-        raise LocoError(f"LOCO_DET.FROM_SCRATCH with MODEL.BACKBONE.FREEZE_AT {freeze_at} keeps "
-                        f"random stages frozen: set FREEZE_AT 0 and MODEL.RESNETS.NORM SyncBN (or "
-                        f"BN) to train the backbone from scratch, or FREEZE_AT 5 for the frozen "
-                        f"readout baseline")
-    if freeze_at == 0 and norm not in TRAINABLE_NORMS:
-        raise LocoError(f"LOCO_DET.FROM_SCRATCH with FREEZE_AT 0 needs a norm that trains from "
-                        f"scratch; MODEL.RESNETS.NORM is {norm!r}: use SyncBN or BN")
+    problem = random_init_problem(cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.RESNETS.NORM)
+    if problem:
+        raise LocoError(problem)
 
 
 def resolve_method(cfg, meta, *, reuse_recorded):
