@@ -10,7 +10,7 @@ import importlib
 __version__ = "0.1.0"
 
 # The torchvision ResNets every tool supports: pretraining, both readouts, conversion (whose
-# layout table loco_det.detection.convert keeps in step with this list).
+# layout table loco_det.weights.resnet keeps in step with this list).
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 

@@ -171,6 +171,15 @@ def weights_fingerprint(metadata, from_scratch=False, sha256=None):
     return "sha256:" + str(sha256 or "unknown")[:16]
 
 
+def file_sha256(path):
+    """The sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def file_fingerprint(sha256, prefix=""):
     """Identity of weights from a file loco_det did not write: its content hash, and where in
     it the encoder sits unless that is the top level (a DINO file holds a teacher and a student,

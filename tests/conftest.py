@@ -82,7 +82,7 @@ def pkl_r18(tmp_path_factory):
     import torch
     import torchvision
 
-    from loco_det.detection import convert
+    from loco_det.weights import convert
 
     d = tmp_path_factory.mktemp("pkl_r18")
     torch.manual_seed(0)

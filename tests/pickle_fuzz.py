@@ -2,7 +2,7 @@
 
     python tests/pickle_fuzz.py SEED COUNT
 
-Sends COUNT pickles through `loco_det.safe_load.loads_pkl`: a third legitimate numpy pickles
+Sends COUNT pickles through `loco_det.weights.safe_load.loads_pkl`: a third legitimate numpy pickles
 (protocols 2, 4, 5), a third of them mutated (bytes flipped, inserted, cut, spliced), a third
 written opcode by opcode from the allowed globals with random arguments and BUILD states
 (object, void and structured dtype specs, altered flags, wrong sizes...). Every load must end in
@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from loco_det.safe_load import loads_pkl  # noqa: E402
+from loco_det.weights.safe_load import loads_pkl  # noqa: E402
 from loco_det.utils import LocoError  # noqa: E402
 
 GLOBALS = [("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),

@@ -20,10 +20,10 @@ import loco_det.detection.compat  # noqa: F401  (before detectron2)
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from loco_det.detection import convert as conv
+from loco_det.weights import convert as conv
 from loco_det.detection.checkpoint import (LocoCheckpointer, backbone_state_keys,
-                                           check_weights_metadata, read_weights_metadata,
-                                           safe_load_pkl, torch_load_weights)
+                                           check_weights_metadata, read_weights_metadata)
+from loco_det.weights.safe_load import load_pkl as safe_load_pkl, torch_load_weights
 from loco_det.utils import LocoError
 
 

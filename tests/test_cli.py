@@ -122,7 +122,7 @@ def test_train_takes_key_equals_value_and_key_value(tmp_path):
 
 def test_one_architecture_list():
     from loco_det import ARCHS
-    from loco_det.detection import convert
+    from loco_det.weights import resnet as convert
     from loco_det.pretrain import model, readout
     from loco_det.pretrain.config import get_cfg, validate
 

@@ -20,8 +20,9 @@ import torch
 import torchvision
 
 import loco_det.detection.compat  # noqa: F401  (before detectron2)
-from loco_det.detection import convert as conv
-from loco_det.detection.checkpoint import safe_load_pkl
+from loco_det.weights import convert as conv
+from loco_det.weights import verify as ver
+from loco_det.weights.safe_load import load_pkl as safe_load_pkl
 from loco_det.utils import LocoError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +144,7 @@ def test_verify_r18_via_cli_and_loco_checkpoint(tmp_path, capsys):
     assert data["loco_det"]["method"] == "loco" and data["loco_det"]["depth"] == 18
     assert data["loco_det"]["res2_out_channels"] == 64
     assert not any(k.startswith(("stem.fc", "fc")) for k in data["model"])
-    err = conv.verify(out, image_size=64)  # torchvision weights rebuilt from the .pkl alone
+    err = ver.verify(out, image_size=64)  # torchvision weights rebuilt from the .pkl alone
     assert err < 1e-4
     print(f"R18 verify max relative error: {err:.3e}")
 
@@ -159,7 +160,7 @@ def test_verify_detects_wrong_weights(tmp_path):
     bad = tmp_path / "bad.pkl"
     bad.write_bytes(pickle.dumps(data, protocol=4))
     with pytest.raises(LocoError, match=r"verification failed .*res4 .*res5"):
-        conv.verify(bad, model.state_dict(), image_size=64)
+        ver.verify(bad, model.state_dict(), image_size=64)
 
 
 @pytest.mark.parametrize("wrap", ["module.", "module.encoder_q.", "encoder.", "state_dict",
@@ -329,7 +330,7 @@ def test_failed_verify_leaves_existing_output(tmp_path, monkeypatch):
     src, out = tmp_path / "r18.pth", tmp_path / "out.pkl"
     torch.save(model.state_dict(), src)
     out.write_bytes(b"previous")
-    monkeypatch.setattr(conv, "stage_errors", lambda *a: {"res2": 1.0, "res3": 0, "res4": 0, "res5": 0})
+    monkeypatch.setattr(ver, "stage_errors", lambda *a: {"res2": 1.0, "res3": 0, "res4": 0, "res5": 0})
     with pytest.raises(LocoError, match="verification failed"):
         conv.convert(src, out, verify=True, verify_image_size=32)
     assert out.read_bytes() == b"previous"
@@ -363,7 +364,7 @@ def test_features_through_real_config(r50):
         tv_input = torchvision.transforms.functional.normalize(
             torch.as_tensor(image).permute(2, 0, 1).float().div(255.0),
             mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]).unsqueeze(0)
-    errors = conv.stage_errors(ours, r50["model"], tv_input)
+    errors = ver.stage_errors(ours, r50["model"], tv_input)
     print("real-config feature errors:", {k: f"{v:.2e}" for k, v in errors.items()})
     assert set(errors) == {"res2", "res3", "res4", "res5"}
     assert max(errors.values()) <= 1e-4, errors
@@ -634,7 +635,7 @@ def test_lightning_hparams_never_imported(two_resnets, tmp_path):
     src = tmp_path / "l.ckpt"
     build_layout("lightning", sd, None, src)
     with pytest.raises(LocoError, match="weights_only"):
-        from loco_det.detection.checkpoint import torch_load_weights
+        from loco_det.weights.safe_load import torch_load_weights
 
         torch_load_weights(src)
     obj, placeholders = conv.load_checkpoint(str(src))

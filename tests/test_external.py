@@ -19,7 +19,7 @@ import torchvision
 import yaml
 
 from loco_det import fingerprint
-from loco_det.detection import convert
+from loco_det.weights import convert
 from loco_det.pretrain.readout import read_checkpoint
 from loco_det.utils import LocoError
 

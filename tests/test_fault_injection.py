@@ -403,7 +403,7 @@ def _grid_results(out):
     summary = json.loads((out / "pretrain" / "loco" / "seed0" / "summary.json").read_text())
     readouts = {p.parent.name: json.loads(p.read_text())["top1"]
                 for p in sorted(out.glob("readout/**/readout.json"))}
-    from loco_det.detection.checkpoint import safe_load_pkl
+    from loco_det.weights.safe_load import load_pkl as safe_load_pkl
 
     # the converted arrays (its metadata names the source path, which differs between grids)
     weights = {k: v.tobytes() for k, v in

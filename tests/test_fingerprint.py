@@ -56,7 +56,7 @@ def test_changed_keys_names_both_values():
 
 
 def test_converted_weights_carry_the_checkpoint_fingerprint_and_seed(tmp_path):
-    from loco_det.detection import convert
+    from loco_det.weights import convert
     from loco_det.detection.checkpoint import read_weights_metadata
 
     c = cfg("SEED=3", "MODEL.ARCH=resnet18")

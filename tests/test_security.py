@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from loco_det.safe_load import loads_pkl, yaml_chain
+from loco_det.weights.safe_load import loads_pkl, yaml_chain
 from loco_det.utils import ConfigError, LocoError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,7 +213,7 @@ def test_converter_fallback_never_builds_a_module_level_object(tmp_path):
 
     import torch
 
-    from loco_det.detection import convert
+    from loco_det.weights import convert
 
     path = tmp_path / "ckpt.pth"
     torch.save({"state_dict": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=0.1)}, path)

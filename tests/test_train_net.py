@@ -57,7 +57,7 @@ def weights(tmp_path_factory):
     project's converter. Method 'loco' comes from the checkpoint's metadata."""
     import torchvision
 
-    from loco_det.detection import convert
+    from loco_det.weights import convert
 
     d = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)
@@ -122,7 +122,7 @@ def test_frozen_means_frozen(coco_run, weights):
     """After training with FREEZE_AT 5, every backbone parameter and BN buffer equals the
     converted weights, while the trainable parts (FPN BN statistics) did move; the log lists the
     trainable parameters and none of them is in the backbone."""
-    from loco_det.detection.checkpoint import safe_load_pkl
+    from loco_det.weights.safe_load import load_pkl as safe_load_pkl
 
     out, _ = coco_run
     before = safe_load_pkl(str(weights))["model"]
@@ -232,7 +232,7 @@ def test_code_running_pkl_is_refused_and_does_not_run(synth_root, tmp_path):
 def test_wrong_depth_checkpoint_without_metadata(synth_root, weights, tmp_path):
     """R18 weights without converter metadata into an R50 model: the loader names a missing
     backbone parameter (the metadata case is refused earlier, see below)."""
-    from loco_det.detection.checkpoint import safe_load_pkl
+    from loco_det.weights.safe_load import load_pkl as safe_load_pkl
 
     data = safe_load_pkl(str(weights))
     del data["loco_det"]

@@ -1,6 +1,6 @@
 """Convert a pretrained ResNet checkpoint into Detectron2's weights format (.pkl).
 
-Thin command line over `loco_det.detection.convert`; see docs/formats.md, "Converted weights"
+Thin command line over `loco_det.weights.convert`; see docs/formats.md, "Converted weights"
 and "Accepted checkpoint layouts".
 """
 import argparse
@@ -75,7 +75,7 @@ def main(argv=None):
     from loco_det.utils import LocoError, interruptible
 
     try:
-        from loco_det.detection.convert import convert
+        from loco_det.weights.convert import convert
 
         with interruptible():  # SIGTERM like Ctrl-C: one line from run_tool, no partial output
             result = convert(args.input, args.output, prefix=args.prefix, verify=args.verify,

@@ -5,10 +5,8 @@ can run arbitrary code; and it only *warns* when backbone weights are missing or
 preprocessing disagrees with the weights, which silently produces "lower than the paper" numbers.
 This module closes those gaps while keeping Detectron2's loading behaviour otherwise unchanged:
 
-- `safe_load_pkl` (`loco_det.safe_load.load_pkl`): a restricted, memory-safe unpickler
-  (containers, strings, numbers, numeric numpy arrays only).
 - `LocoCheckpointer`: Detectron2's `DetectionCheckpointer` that loads `.pkl` through
-  `safe_load_pkl`, `.pth` with `torch.load(weights_only=True)`, errors when a backbone
+  `load_pkl` (loco_det.weights.safe_load), `.pth` with `torch.load(weights_only=True)`, errors when a backbone
   parameter is missing, and logs a table of loaded / missing / unused keys.
 - `read_weights_metadata` + `check_weights_metadata`: compare the converter's metadata record
   (see docs/formats.md, "Converted weights") with the config before anything is built.
@@ -18,79 +16,26 @@ module (part of `loco_det.detection`) does so.
 """
 import collections
 import os
-import pickle
 
 import numpy as np
-import torch
 
 from . import compat  # noqa: F401  (must precede detectron2 imports)
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from fvcore.common.checkpoint import _filter_reused_missing_keys  # noqa: E402
 
-from ..safe_load import load_pkl, loads_pkl  # noqa: E402
+from ..weights.resnet import METADATA_KEY  # noqa: E402
+from ..weights.safe_load import load_pkl, torch_load_weights  # noqa: E402
 from ..utils import LocoError  # noqa: E402
 
-__all__ = ["safe_load_pkl", "safe_loads_pkl", "torch_load_weights", "LocoCheckpointer", "read_weights_metadata",
-           "check_weights_metadata", "check_unconverted_weights", "unconverted_kind",
-           "backbone_state_keys", "METADATA_KEY"]
-
-METADATA_KEY = "loco_det"
-
-# The restricted, memory-safe unpickler lives in loco_det.safe_load (no Detectron2 import).
-safe_load_pkl = load_pkl
-safe_loads_pkl = loads_pkl
-
-
-def _weights_only_reason(message):
-    """The informative part of torch's multi-line weights_only failure message."""
-    keep = []
-    for line in str(message).splitlines():
-        line = line.strip()
-        if not line or line.startswith(("Weights only load failed", "Check the documentation")):
-            continue
-        if "WeightsUnpickler error:" in line:
-            line = line.split("WeightsUnpickler error:", 1)[1].strip()
-            if not line:
-                continue
-        keep.append(line)
-    return " ".join(keep) or str(message).splitlines()[0]
-
-
-def torch_load_weights(path, what="checkpoint"):
-    """`torch.load(path, map_location="cpu", weights_only=True)` with one-line `LocoError`s.
-
-    Why weights_only: a `.pth` is a pickle too; torch's weights-only unpickler accepts tensors,
-    containers and primitives, which is all a state dict or a Detectron2 `model_final.pth`
-    (model, optimizer, scheduler, iteration) holds. A file needing more is refused rather than
-    trusted. Missing / truncated / corrupt files name the path.
-    """
-    path = os.fspath(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise LocoError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise LocoError(f"{what} path is a directory, not a file: {path}") from None
-    except OSError as e:
-        raise LocoError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    except EOFError:
-        raise LocoError(f"cannot load {what} {path}: file is empty or truncated") from None
-    except pickle.UnpicklingError as e:
-        raise LocoError(
-            f"cannot load {what} {path} with torch.load(weights_only=True): "
-            f"{_weights_only_reason(e)} (the file is corrupt, or holds Python objects other than "
-            "tensors and containers, which loco_det does not unpickle)") from None
-    except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-        first = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
-        raise LocoError(f"cannot load {what} {path}: file is corrupt or truncated ({first})") from None
-
+__all__ = ["LocoCheckpointer", "read_weights_metadata", "check_weights_metadata",
+           "check_unconverted_weights", "unconverted_kind", "backbone_state_keys"]
 
 def read_weights_metadata(path):
     """Return the converter's metadata record stored in a weights `.pkl`, or None.
 
     Why: the trainer calls this with `cfg.MODEL.WEIGHTS` *before building the model*, so that a
     config whose preprocessing disagrees with the weights fails in a second, not after the
-    dataset and model are built. The file is read with `safe_load_pkl`. Empty path, non-pkl
+    dataset and model are built. The file is read with `load_pkl` (loco_det.weights.safe_load). Empty path, non-pkl
     weights (e.g. a Detectron2 `model_final.pth`) and pkl files without a loco_det record give
     None. Remote paths (`detectron2://`, `https://`) are resolved as Detectron2 would.
     """
@@ -106,7 +51,7 @@ def read_weights_metadata(path):
             path = PathManager.get_local_path(path)
         except (OSError, ValueError, RuntimeError) as e:
             raise LocoError(f"cannot fetch weights {path}: {e}") from None
-    data = safe_load_pkl(path)
+    data = load_pkl(path)
     if isinstance(data, dict) and isinstance(data.get(METADATA_KEY), dict):
         return data[METADATA_KEY]
     return None
@@ -234,7 +179,7 @@ class LocoCheckpointer(DetectionCheckpointer):
     `--eval-only` with `model_final.pth` work as before.
 
     Why each change:
-    - `.pkl` files go through `safe_load_pkl` (Detectron2 would run any code in them);
+    - `.pkl` files go through `load_pkl` (loco_det.weights.safe_load) (Detectron2 would run any code in them);
       Detectron2's handling of its model-zoo and Caffe2 pickles is otherwise kept.
     - `.pth`/`.pyth` files are read with `torch.load(weights_only=True)`.
     - A backbone weight missing after loading (wrong depth, wrong file, a prefix that did not
@@ -262,9 +207,18 @@ class LocoCheckpointer(DetectionCheckpointer):
         finally:
             self._loading = None
 
+    def load_loaded(self, checkpoint, source):
+        """Load a checkpoint dict already in memory (e.g. weights being converted, before they
+        are written) into the model with the same checks and table as `load`."""
+        self._loading = source
+        try:
+            return self._load_model(checkpoint)
+        finally:
+            self._loading = None
+
     def _load_file(self, filename):
         if filename.endswith(".pkl"):
-            data = safe_load_pkl(filename)
+            data = load_pkl(filename)
             if not isinstance(data, dict):
                 raise LocoError(f"cannot use {filename}: expected a dict of weights, found "
                                 f"{type(data).__name__}")

@@ -14,7 +14,7 @@ import yaml
 from . import compat  # noqa: F401  (must precede every detectron2 import)
 from detectron2.config import CfgNode, get_cfg
 
-from ..safe_load import yaml_chain
+from ..weights.safe_load import yaml_chain
 from ..utils import ConfigError, did_you_mean
 
 logger = logging.getLogger("loco_det.detection")
@@ -66,7 +66,7 @@ def _one_line(exc):
 
 def setup_cfg(config_file, opts=()):
     """Detectron2 defaults + LOCO_DET + `config_file` + `opts` (KEY VALUE pairs). No YAML
-    file of the chain can construct Python objects (loco_det.safe_load).
+    file of the chain can construct Python objects (loco_det.weights.safe_load).
 
     A missing file, an unknown key, a value of the wrong type or an odd-length override list is a
     ConfigError with one line naming the file or key (yacs' own messages span several lines or

@@ -21,7 +21,6 @@ What this adds to Detectron2's `tools/train_net.py` recipe, and why:
 We do not call Detectron2's `default_setup`: v0.6's `collect_env` assumes compiled ops.
 """
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -253,11 +252,7 @@ def record_weights_identity(cfg, meta, *, reuse_recorded):
     if meta is None and weights.endswith(".pkl") and os.path.isfile(weights):
         meta = read_weights_metadata(weights)   # --resume skips preflight's reading
     if meta is None and not cfg.LOCO_DET.FROM_SCRATCH and weights and os.path.isfile(weights):
-        digest = hashlib.sha256()
-        with open(weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        sha = digest.hexdigest()
+        sha = fingerprint.file_sha256(weights)
     cfg.LOCO_DET.WEIGHTS_FINGERPRINT = fingerprint.weights_fingerprint(
         meta, from_scratch=cfg.LOCO_DET.FROM_SCRATCH and not weights, sha256=sha)
     seed = (meta or {}).get("seed")

@@ -5,7 +5,7 @@ import re
 
 import yaml
 
-from ..safe_load import yaml_chain
+from ..weights.safe_load import yaml_chain
 from ..utils import LocoError
 from . import jobs as _jobs
 from .jobs import det_config_path, one_line, recipe_path, rel, repo_path, stem
@@ -175,13 +175,13 @@ def _check_external(grid, tpl):
         ckpt = tpl(str(spec["path"]))
         if not os.path.isfile(repo_path(ckpt)):
             continue   # the input check names it
-        from ..detection import convert
+        from ..weights import layouts, resnet
 
         try:
-            obj, _ = convert.load_checkpoint(repo_path(ckpt))
-            state, _, info = convert.extract_encoder(obj, ckpt, spec.get("prefix"),
+            obj, _ = layouts.load_checkpoint(repo_path(ckpt))
+            state, _, info = layouts.extract_encoder(obj, ckpt, spec.get("prefix"),
                                                      spec.get("take"))
-            convert.infer_resnet(state, ckpt, info["arch_hint"])
+            resnet.infer_resnet(state, ckpt, info["arch_hint"])
         except LocoError as e:
             problems.append(f"{where}: {e}")
             continue

@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 
-from ..safe_load import yaml_chain
+from ..weights.safe_load import yaml_chain
 from ..utils import LocoError
 from . import jobs as _jobs
 from .jobs import CLI, repo_path

@@ -9,7 +9,7 @@ import os
 
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-from ..safe_load import yaml_chain
+from ..weights.safe_load import yaml_chain
 from .. import ARCHS
 from ..utils import ConfigError, did_you_mean, get_dotted
 from .heads import DECODER_DEFAULTS

@@ -138,25 +138,25 @@ def read_checkpoint(path, take=None, prefix=None):
     keeps its pretraining fingerprint and config (the readout's data and image size follow it);
     any other file is identified by its content hash and the encoder's place in it."""
     from .. import fingerprint
-    from ..detection import convert
+    from ..weights import layouts, resnet
 
     try:
-        obj, _ = convert.load_checkpoint(path)
+        obj, _ = layouts.load_checkpoint(path)
     except LocoError as e:
         raise LocoError(f"{path}: cannot read checkpoint ({e})") from None
     if take is None and prefix is None and fingerprint.checkpoint_fingerprint(obj) \
             and isinstance(obj.get("encoder"), dict) and obj.get("arch") in ARCHS:
         return dict(obj, fingerprint=fingerprint.checkpoint_fingerprint(obj), source=None)
-    state, _, info = convert.extract_encoder(obj, path, prefix, take)
-    depth = convert.infer_resnet(state, path, info["arch_hint"])
-    convert.check_finite(state, path)
+    state, _, info = layouts.extract_encoder(obj, path, prefix, take)
+    depth = resnet.infer_resnet(state, path, info["arch_hint"])
+    layouts.check_finite(state, path)
     arch = f"resnet{depth}"
     if arch not in ARCHS:
         raise LocoError(f"{path}: the encoder is a ResNet-{depth}; the readouts build "
                         f"{', '.join(ARCHS)}")
     full = build_encoder(arch).state_dict()   # the unused fc (and num_batches_tracked where
     full.update(state)                        # a file lacks it) stay as built
-    sha256 = convert._sha256(path)
+    sha256 = fingerprint.file_sha256(path)
     loco_fp = fingerprint.checkpoint_fingerprint(obj)
     return {"encoder": full, "method": info["method"] or "external", "arch": arch,
             "config": obj["config"] if loco_fp else None,

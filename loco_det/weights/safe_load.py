@@ -14,6 +14,8 @@ Researchers exchange configs and checkpoints, so every such file is treated as h
   `numpy.frombuffer` from plain bytes. A pickle can therefore not hand numpy an object dtype or
   altered dtype flags, the known way to make `scalar` dereference a chosen pointer. What comes
   out is only dicts, lists, tuples, sets, strings, bytes, numbers, None and numeric arrays.
+- `.pth` files are read by `torch_load_weights`: torch's own weights-only unpickler (tensors,
+  containers, primitives), with one-line errors.
 
 Errors are `LocoError`s with one line naming the file.
 """
@@ -28,7 +30,7 @@ import reprlib
 import numpy as np
 import yaml
 
-from .utils import ConfigError, LocoError
+from ..utils import ConfigError, LocoError
 
 __all__ = ["load_yaml", "yaml_chain", "load_pkl", "loads_pkl"]
 
@@ -449,3 +451,49 @@ def load_pkl(path):
 def loads_pkl(data, name="<bytes>"):
     """`load_pkl` for pickled bytes already in memory (`name` is used in errors)."""
     return _load_stream(io.BytesIO(data), name)
+
+
+def _weights_only_reason(message):
+    """The informative part of torch's multi-line weights_only failure message."""
+    keep = []
+    for line in str(message).splitlines():
+        line = line.strip()
+        if not line or line.startswith(("Weights only load failed", "Check the documentation")):
+            continue
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip()
+            if not line:
+                continue
+        keep.append(line)
+    return " ".join(keep) or str(message).splitlines()[0]
+
+
+def torch_load_weights(path, what="checkpoint"):
+    """`torch.load(path, map_location="cpu", weights_only=True)` with one-line `LocoError`s.
+
+    Why weights_only: a `.pth` is a pickle too; torch's weights-only unpickler accepts tensors,
+    containers and primitives, which is all a state dict or a Detectron2 `model_final.pth`
+    (model, optimizer, scheduler, iteration) holds. A file needing more is refused rather than
+    trusted. Missing / truncated / corrupt files name the path.
+    """
+    import torch   # here: the YAML and pickle readers above need no torch
+
+    path = os.fspath(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LocoError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise LocoError(f"{what} path is a directory, not a file: {path}") from None
+    except OSError as e:
+        raise LocoError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except EOFError:
+        raise LocoError(f"cannot load {what} {path}: file is empty or truncated") from None
+    except pickle.UnpicklingError as e:
+        raise LocoError(
+            f"cannot load {what} {path} with torch.load(weights_only=True): "
+            f"{_weights_only_reason(e)} (the file is corrupt, or holds Python objects other than "
+            "tensors and containers, which loco_det does not unpickle)") from None
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        first = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
+        raise LocoError(f"cannot load {what} {path}: file is corrupt or truncated ({first})") from None
