@@ -21,10 +21,11 @@ import numpy as np
 
 from . import compat  # noqa: F401  (must precede detectron2 imports)
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from fvcore.common.checkpoint import _filter_reused_missing_keys  # noqa: E402
+from fvcore.common.checkpoint import Checkpointer, _filter_reused_missing_keys  # noqa: E402
 
 from ..weights.resnet import METADATA_KEY  # noqa: E402
-from ..weights.safe_load import load_pkl, torch_load_weights  # noqa: E402
+from ..weights.safe_load import (TORCH_LOAD_ERRORS, load_pkl, torch_load_error,  # noqa: E402
+                                 torch_load_weights)
 from ..utils import LocoError  # noqa: E402
 
 __all__ = ["LocoCheckpointer", "read_weights_metadata", "check_weights_metadata",
@@ -170,7 +171,20 @@ def _group(key, depth=2):
     return ".".join(key.split(".")[:depth])
 
 
-class LocoCheckpointer(DetectionCheckpointer):
+class _WeightsOnlyLoad(Checkpointer):
+    """fvcore's native `.pth` load (`torch.load`) as `torch_load_weights`: weights only, and
+    one-line errors. Placed after Detectron2's class in LocoCheckpointer's bases, so that
+    Detectron2's `.pth` branch reaches it through its own `super()._load_file`."""
+
+    def _load_file(self, filename):
+        loaded = torch_load_weights(filename)
+        if not isinstance(loaded, dict):
+            raise LocoError(f"cannot use {filename}: expected a dict, found "
+                            f"{type(loaded).__name__}")
+        return loaded
+
+
+class LocoCheckpointer(DetectionCheckpointer, _WeightsOnlyLoad):
     """Detectron2's `DetectionCheckpointer` with safe loading and strict backbone checks.
 
     Use it wherever Detectron2 code makes a `DetectionCheckpointer`:
@@ -181,7 +195,8 @@ class LocoCheckpointer(DetectionCheckpointer):
     Why each change:
     - `.pkl` files go through `load_pkl` (loco_det.weights.safe_load) (Detectron2 would run any code in them);
       Detectron2's handling of its model-zoo and Caffe2 pickles is otherwise kept.
-    - `.pth`/`.pyth` files are read with `torch.load(weights_only=True)`.
+    - `.pth` files are read with `torch.load(weights_only=True)` (`_WeightsOnlyLoad`); `.pyth`
+      (pycls) files by Detectron2, whose `torch.load` is weights-only by default in torch >= 2.6.
     - A backbone weight missing after loading (wrong depth, wrong file, a prefix that did not
       match) is a `LocoError` naming it, not a warning scrolled past in the log; unless
       `allow_missing_backbone` (training from scratch).
@@ -217,35 +232,32 @@ class LocoCheckpointer(DetectionCheckpointer):
             self._loading = None
 
     def _load_file(self, filename):
-        if filename.endswith(".pkl"):
-            data = load_pkl(filename)
-            if not isinstance(data, dict):
-                raise LocoError(f"cannot use {filename}: expected a dict of weights, found "
-                                f"{type(data).__name__}")
-            if self.cfg is not None:
-                check_weights_metadata(self.cfg, data.get(METADATA_KEY), filename)
-            if "model" in data and "__author__" in data:
-                # Detectron2 model-zoo format (and loco_det's converter output)
-                self.logger.info("Reading a file from '{}'".format(data["__author__"]))
-                return data
-            # Caffe2 / Detectron1 model zoo, as Detectron2 does it
-            if "blobs" in data:
-                data = data["blobs"]
-            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
-            return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
-        loaded = torch_load_weights(filename)
-        if not isinstance(loaded, dict):
-            raise LocoError(f"cannot use {filename}: expected a dict, found {type(loaded).__name__}")
-        if filename.endswith(".pyth"):
-            # pycls checkpoints, as Detectron2 does it
-            if "model_state" not in loaded:
-                raise LocoError(f"cannot load {filename}: pycls .pyth files must contain 'model_state'")
-            model_state = {k: v for k, v in loaded["model_state"].items()
-                           if not k.endswith("num_batches_tracked")}
-            return {"model": model_state, "__author__": "pycls", "matching_heuristics": True}
-        if "model" not in loaded:
-            loaded = {"model": loaded}
-        return loaded
+        """`.pkl`: the safe loader (Detectron2 would `pickle.load` it, running any code in it),
+        then Detectron2's own model-zoo / Caffe2 handling of what was read, which it offers no
+        hook for between unpickling and that handling. Everything else is Detectron2's own code
+        (its `.pyth` and `.pth` branches), whose native `.pth` load is `_WeightsOnlyLoad`'s."""
+        if not filename.endswith(".pkl"):
+            try:
+                return super()._load_file(filename)
+            except AssertionError as e:   # Detectron2's check that a pycls file has model_state
+                raise LocoError(f"cannot load {filename}: {e}") from None
+            except TORCH_LOAD_ERRORS as e:   # Detectron2's own torch.load of a .pyth
+                raise torch_load_error(filename, e) from None
+        data = load_pkl(filename)
+        if not isinstance(data, dict):
+            raise LocoError(f"cannot use {filename}: expected a dict of weights, found "
+                            f"{type(data).__name__}")
+        if self.cfg is not None:
+            check_weights_metadata(self.cfg, data.get(METADATA_KEY), filename)
+        if "model" in data and "__author__" in data:
+            # Detectron2 model-zoo format (and loco_det's converter output)
+            self.logger.info("Reading a file from '{}'".format(data["__author__"]))
+            return data
+        # Caffe2 / Detectron1 model zoo, as Detectron2 does it
+        if "blobs" in data:
+            data = data["blobs"]
+        data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+        return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
 
     def _load_model(self, checkpoint):
         incompatible = super()._load_model(checkpoint)

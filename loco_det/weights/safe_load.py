@@ -481,19 +481,29 @@ def torch_load_weights(path, what="checkpoint"):
     path = os.fspath(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise LocoError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise LocoError(f"{what} path is a directory, not a file: {path}") from None
-    except OSError as e:
-        raise LocoError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    except EOFError:
-        raise LocoError(f"cannot load {what} {path}: file is empty or truncated") from None
-    except pickle.UnpicklingError as e:
-        raise LocoError(
+    except TORCH_LOAD_ERRORS as e:
+        raise torch_load_error(path, e, what) from None
+
+
+# What torch.load raises on a missing, corrupt, truncated or refused file.
+TORCH_LOAD_ERRORS = (OSError, EOFError, pickle.UnpicklingError, RuntimeError, ValueError, KeyError,
+                     IndexError, TypeError, AttributeError)
+
+
+def torch_load_error(path, e, what="checkpoint"):
+    """The one-line `LocoError` for `e`, one of TORCH_LOAD_ERRORS from loading `path`."""
+    if isinstance(e, FileNotFoundError):
+        return LocoError(f"{what} not found: {path}")
+    if isinstance(e, IsADirectoryError):
+        return LocoError(f"{what} path is a directory, not a file: {path}")
+    if isinstance(e, OSError):
+        return LocoError(f"cannot read {what} {path}: {e.strerror or e}")
+    if isinstance(e, EOFError):
+        return LocoError(f"cannot load {what} {path}: file is empty or truncated")
+    if isinstance(e, pickle.UnpicklingError):
+        return LocoError(
             f"cannot load {what} {path} with torch.load(weights_only=True): "
             f"{_weights_only_reason(e)} (the file is corrupt, or holds Python objects other than "
-            "tensors and containers, which loco_det does not unpickle)") from None
-    except (RuntimeError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-        first = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
-        raise LocoError(f"cannot load {what} {path}: file is corrupt or truncated ({first})") from None
+            "tensors and containers, which loco_det does not unpickle)")
+    first = str(e).splitlines()[0].split(". ")[0] if str(e) else type(e).__name__
+    return LocoError(f"cannot load {what} {path}: file is corrupt or truncated ({first})")
