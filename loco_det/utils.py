@@ -30,7 +30,15 @@ def _leaf_keys(node, prefix=""):
             yield f"{prefix}{k}"
 
 
-def did_you_mean(message, cfg):
+def did_you_mean(word, options, prefix=""):
+    """'; did you mean PREFIX BEST?' for the closest of `options` to `word`, or ''."""
+    import difflib
+
+    best = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{best[0]}?" if best else ""
+
+
+def unknown_key_hint(message, cfg):
     """` (did you mean SOLVER.MAX_ITER?)` for the unknown key yacs names in `message` (its
     "Non-existent key: X" / "Non-existent config key: X"), the nearest of `cfg`'s keys; ""
     when nothing is near."""

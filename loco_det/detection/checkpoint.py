@@ -26,7 +26,7 @@ from fvcore.common.checkpoint import Checkpointer, _filter_reused_missing_keys  
 from ..weights.resnet import METADATA_KEY  # noqa: E402
 from ..weights.safe_load import (TORCH_LOAD_ERRORS, load_pkl, torch_load_error,  # noqa: E402
                                  torch_load_weights)
-from ..utils import LocoError  # noqa: E402
+from ..utils import LocoError, get_dotted  # noqa: E402
 
 __all__ = ["LocoCheckpointer", "read_weights_metadata", "check_weights_metadata",
            "check_unconverted_weights", "unconverted_kind", "backbone_state_keys"]
@@ -90,13 +90,6 @@ def check_unconverted_weights(path):
                         f"{path} {stem}.pkl, then set MODEL.WEIGHTS {stem}.pkl")
 
 
-def _cfg_get(cfg, dotted):
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part] if isinstance(node, dict) else getattr(node, part)
-    return node
-
-
 def check_weights_metadata(cfg, metadata, weights_path=None):
     """Refuse a config whose preprocessing or ResNet layout disagrees with converted weights.
 
@@ -110,32 +103,32 @@ def check_weights_metadata(cfg, metadata, weights_path=None):
     """
     if not metadata:
         return
-    where = weights_path or _cfg_get(cfg, "MODEL.WEIGHTS") or metadata.get("source") or "the weights"
+    where = weights_path or get_dotted(cfg, "MODEL.WEIGHTS") or metadata.get("source") or "the weights"
     problems = []
 
     def mismatch(key, cfg_value, want):
         problems.append(f"{key} is {cfg_value!r} in the config but {want!r} for the weights")
 
     if "input_format" in metadata:
-        value = _cfg_get(cfg, "INPUT.FORMAT")
+        value = get_dotted(cfg, "INPUT.FORMAT")
         if value != metadata["input_format"]:
             mismatch("INPUT.FORMAT", value, metadata["input_format"])
     for key, meta_key in (("MODEL.PIXEL_MEAN", "pixel_mean"), ("MODEL.PIXEL_STD", "pixel_std")):
         if meta_key not in metadata:
             continue
-        value = [float(v) for v in _cfg_get(cfg, key)]
+        value = [float(v) for v in get_dotted(cfg, key)]
         want = [float(v) for v in metadata[meta_key]]
         if len(value) != len(want) or not np.allclose(value, want, rtol=1e-4, atol=1e-3):
             mismatch(key, value, want)
     depth = metadata.get("depth")
-    if depth is not None and int(_cfg_get(cfg, "MODEL.RESNETS.DEPTH")) != int(depth):
-        mismatch("MODEL.RESNETS.DEPTH", int(_cfg_get(cfg, "MODEL.RESNETS.DEPTH")), int(depth))
+    if depth is not None and int(get_dotted(cfg, "MODEL.RESNETS.DEPTH")) != int(depth):
+        mismatch("MODEL.RESNETS.DEPTH", int(get_dotted(cfg, "MODEL.RESNETS.DEPTH")), int(depth))
     if "res2_out_channels" in metadata:
-        value = int(_cfg_get(cfg, "MODEL.RESNETS.RES2_OUT_CHANNELS"))
+        value = int(get_dotted(cfg, "MODEL.RESNETS.RES2_OUT_CHANNELS"))
         if value != int(metadata["res2_out_channels"]):
             mismatch("MODEL.RESNETS.RES2_OUT_CHANNELS", value, int(metadata["res2_out_channels"]))
     if "stride_in_1x1" in metadata and (depth is None or int(depth) >= 50):
-        value = bool(_cfg_get(cfg, "MODEL.RESNETS.STRIDE_IN_1X1"))
+        value = bool(get_dotted(cfg, "MODEL.RESNETS.STRIDE_IN_1X1"))
         if value != bool(metadata["stride_in_1x1"]):
             mismatch("MODEL.RESNETS.STRIDE_IN_1X1", value, bool(metadata["stride_in_1x1"]))
     if problems:

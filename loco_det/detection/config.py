@@ -7,15 +7,14 @@ saved by `tools/train_net.py` (OUTPUT_DIR/config.yaml) therefore has to be loade
 `setup_cfg` (or `get_cfg()` + `add_loco_config`), not with a bare `get_cfg()`.
 """
 import logging
-import os
 
 import yaml
 
 from . import compat  # noqa: F401  (must precede every detectron2 import)
 from detectron2.config import CfgNode, get_cfg
 
+from ..utils import ConfigError, unknown_key_hint
 from ..weights.safe_load import yaml_chain
-from ..utils import ConfigError, did_you_mean
 
 logger = logging.getLogger("loco_det.detection")
 
@@ -81,7 +80,7 @@ def setup_cfg(config_file, opts=()):
             cfg.merge_from_file(config_file, allow_unsafe=False)
         except KeyError as e:
             raise ConfigError(f"{config_file}: unknown config key: {_one_line(e)}"
-                              f"{did_you_mean(_one_line(e), cfg)}") from None
+                              f"{unknown_key_hint(_one_line(e), cfg)}") from None
         except (ValueError, AssertionError, TypeError) as e:
             raise ConfigError(f"{config_file}: {_one_line(e)}") from None
         except yaml.YAMLError as e:
@@ -94,13 +93,13 @@ def setup_cfg(config_file, opts=()):
             cfg.merge_from_list(opts)
         except KeyError as e:
             raise ConfigError(f"unknown config key in overrides: {_one_line(e)}"
-                              f"{did_you_mean(_one_line(e), cfg)}") from None
+                              f"{unknown_key_hint(_one_line(e), cfg)}") from None
         except AssertionError as e:
             msg = _one_line(e)
             if msg.startswith("Non-existent key"):
                 raise ConfigError(
                     f"unknown config key in overrides: {msg.split(':', 1)[-1].strip()}"
-                    f"{did_you_mean(msg, cfg)}") from None
+                    f"{unknown_key_hint(msg, cfg)}") from None
             raise ConfigError(f"bad override: {msg}") from None
         except (ValueError, TypeError) as e:
             raise ConfigError(f"bad override: {_one_line(e)}") from None

@@ -24,7 +24,6 @@ import contextlib
 import logging
 import math
 import os
-import random
 import shutil
 import sys
 import weakref
@@ -52,7 +51,8 @@ from detectron2.utils.logger import setup_logger
 
 from .. import fingerprint
 from ..records import DetectionResults, DetectionRunInfo
-from ..utils import LocoError, atomic_write, check_output_dir, get_dotted, run_info, write_json
+from ..utils import (LocoError, atomic_write, check_output_dir, draw_seed, get_dotted, run_info,
+                     write_json)
 from .checkpoint import (
     LocoCheckpointer,
     backbone_state_keys,
@@ -298,7 +298,7 @@ def setup(args):
         cfg.MODEL.DEVICE = "cpu"
     if cfg.SEED < 0:
         # Same seed on every rank; recorded in config.yaml so the run can be repeated.
-        cfg.SEED = int(comm.shared_random_seed()) if world > 1 else random.randrange(2 ** 31)
+        cfg.SEED = int(comm.shared_random_seed()) if world > 1 else draw_seed()
     if not cfg.LOCO_DET.CONFIG_NAME and args.config_file:
         cfg.LOCO_DET.CONFIG_NAME = os.path.splitext(os.path.basename(args.config_file))[0]
     cfg.LOCO_DET.RESOLVED_METHOD = resolve_method(

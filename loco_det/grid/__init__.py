@@ -13,7 +13,7 @@ Why it is built this way:
   run exits non-zero at the end. The report is written in any case and lists what is missing.
 """
 from .expand import expand, random_init_opts
-from .jobs import DEFAULT_RESOURCES, DETECTION_PORT, PRETRAIN_PORT, STAGES, Job
+from .jobs import DEFAULT_RESOURCES, DETECTION_PORT, JOB_STAGES, PRETRAIN_PORT, Job
 from .local import GpuSlices, run_local
 from .preflight import preflight
 from .progress import dry_run, progress_line, write_manifest
@@ -21,7 +21,7 @@ from .safety import bad_path_part, safety_check
 from .schema import load_grid
 from .slurm import SlurmCommand, run_slurm
 
-__all__ = ["DEFAULT_RESOURCES", "DETECTION_PORT", "PRETRAIN_PORT", "STAGES", "GpuSlices", "Job",
+__all__ = ["DEFAULT_RESOURCES", "DETECTION_PORT", "JOB_STAGES", "PRETRAIN_PORT", "GpuSlices", "Job",
            "SlurmCommand", "bad_path_part", "dry_run", "expand", "load_grid", "preflight",
            "progress_line", "random_init_opts", "run_local", "run_slurm", "safety_check",
            "write_manifest"]

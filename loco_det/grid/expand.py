@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ..utils import LocoError
+from ..utils import LocoError, get_dotted
 from . import jobs as _jobs
 from .jobs import (CLI, DETECTION_PORT, EXTERNAL_SUFFIX, PRETRAIN_PORT, PUBLISHED_LABEL,
                    PUBLISHED_NAME, Job, det_config_path, python, recipe_path, rel, repo_path,
@@ -331,9 +331,7 @@ def config_value(config, dotted, overrides=None):
         node = _det_cfg(path, os.stat(path).st_mtime_ns if os.path.exists(path) else 0)
     except LocoError as e:
         raise LocoError(f"grid: detection config {config}: {e}") from None
-    for part in dotted.split("."):
-        node = node[part]
-    return node
+    return get_dotted(node, dotted)
 
 
 def random_init_opts(config, overrides=None):

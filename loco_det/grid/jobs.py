@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from ..utils import LocoError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STAGES = ("data", "pretrain", "readout", "knn", "convert", "detection", "report")
+# The stages of a grid's jobs, in pipeline order (not the ResNet stages: records.STAGES).
+JOB_STAGES = ("data", "pretrain", "readout", "knn", "convert", "detection", "report")
 DEFAULT_RESOURCES = {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 2, "mem_gb": None,
                      "time_min": 60}
 # Published supervised weights (detection.supervised_weights) get their own label, distinct from

@@ -5,11 +5,11 @@ import re
 
 import yaml
 
+from ..utils import LocoError, did_you_mean
 from ..weights.safe_load import yaml_chain
-from ..utils import LocoError
 from . import jobs as _jobs
 from .jobs import det_config_path, one_line, recipe_path, rel, repo_path, stem
-from .schema import Templates, did_you_mean
+from .schema import Templates
 
 def preflight(grid, jobs, out):
     """(problems, blocked): every problem the grid's jobs would meet that can be found without

@@ -6,7 +6,7 @@ import sys
 import time
 
 from ..utils import write_json
-from .jobs import STAGES
+from .jobs import JOB_STAGES
 
 MANIFEST = "benchmark.json"   # the report reads it (loco_det.report.runs)
 
@@ -53,7 +53,7 @@ def dry_run(jobs, notes, missing, notices=(), blocked=None):
         w(f"# note: {note} ({len(missing)} runs)\n")
     for notice in notices:
         w(f"# note: {notice}\n")
-    counts = {s: sum(j.stage == s for j in jobs) for s in STAGES}
+    counts = {s: sum(j.stage == s for j in jobs) for s in JOB_STAGES}
     w(f"# {len(jobs)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + "\n")
 
 
@@ -76,5 +76,5 @@ def progress_line(jobs, status, took_s, workers, start_all):
     text = (f"{len(status)}/{len(jobs)} settled, {fmt_time(time.time() - start_all)} elapsed, "
             f"~{fmt_time(left / workers)} left")
     if unknown:
-        text += " + " + ", ".join(s for s in STAGES if s in unknown) + " (none timed yet)"
+        text += " + " + ", ".join(s for s in JOB_STAGES if s in unknown) + " (none timed yet)"
     return text

@@ -6,11 +6,11 @@ import os
 import shlex
 import sys
 
+from ..utils import LocoError, did_you_mean
 from ..weights.safe_load import yaml_chain
-from ..utils import LocoError
 from . import jobs as _jobs
 from .jobs import CLI, repo_path
-from .schema import SLURM_EXTRA_KEYS, SLURM_KEYS, did_you_mean, slurm_parameters
+from .schema import SLURM_EXTRA_KEYS, SLURM_KEYS, slurm_parameters
 
 # Environment variables a grid's `env:` may set without --allow-env: what the tools and their
 # libraries document as settings (data location, threads, devices, collective-communication

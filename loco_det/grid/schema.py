@@ -31,13 +31,12 @@ Jobs run in the repository root, so relative paths in a grid are relative to it;
 output folder (--out, relative to the current directory) as seen from there.
 """
 import copy
-import difflib
 import os
 import re
 
 import yaml
 
-from ..utils import LocoError
+from ..utils import LocoError, did_you_mean
 from .jobs import DEFAULT_RESOURCES
 
 # slurm: keys a grid may set without --allow-commands. submitit's `setup` and `srun_args`, and
@@ -85,12 +84,6 @@ def slurm_parameters():
 
 def grid_schema():
     return dict(SCHEMA, slurm=dict(dict.fromkeys(slurm_parameters()), additional_parameters=ANY))
-
-
-def did_you_mean(word, options, prefix=""):
-    """'; did you mean PREFIX BEST?' for the closest of `options`, or ''."""
-    best = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
-    return f"; did you mean {prefix}{best[0]}?" if best else ""
 
 
 def _schema_problem(tree, dotted, schema):

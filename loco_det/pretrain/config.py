@@ -9,9 +9,9 @@ import os
 
 from fvcore.common.config import CfgNode as _FvCfgNode
 
-from ..weights.safe_load import yaml_chain
 from .. import ARCHS
-from ..utils import ConfigError, did_you_mean, get_dotted
+from ..utils import ConfigError, get_dotted, unknown_key_hint
+from ..weights.safe_load import yaml_chain
 from .heads import DECODER_DEFAULTS
 from .model import LOCO_SCHEDULES
 from .rules import RuleError, registered_needs, rule_needs
@@ -193,7 +193,7 @@ def load_config(path=None, overrides=()):
             cfg.merge_from_file(path, allow_unsafe=False)
         except KeyError as e:
             msg = str(e.args[0] if e.args else e)
-            raise ConfigError(f"{path}: {msg}{did_you_mean(msg, get_cfg())}") from None
+            raise ConfigError(f"{path}: {msg}{unknown_key_hint(msg, get_cfg())}") from None
     opts = []
     for item in overrides:
         if "=" not in item:
@@ -206,7 +206,7 @@ def load_config(path=None, overrides=()):
         cfg.merge_from_list(opts)
     except (KeyError, ValueError, AssertionError) as e:
         msg = str(e.args[0] if e.args else e)
-        raise ConfigError(f"command-line override: {msg}{did_you_mean(msg, cfg)}") from None
+        raise ConfigError(f"command-line override: {msg}{unknown_key_hint(msg, cfg)}") from None
     validate(cfg)
     cfg.freeze()
     return cfg

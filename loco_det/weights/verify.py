@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..detection.checkpoint import LocoCheckpointer  # first: loco_det.detection precedes detectron2
+from ..records import STAGES
 from ..utils import LocoError
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
@@ -28,7 +29,7 @@ def _backbone_cfg(depth):
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth in (18, 34) else 256
     cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
     cfg.MODEL.RESNETS.NORM = "FrozenBN"
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.RESNETS.OUT_FEATURES = list(STAGES)
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.PIXEL_MEAN = list(TORCHVISION_PIXEL_MEAN)
     cfg.MODEL.PIXEL_STD = list(TORCHVISION_PIXEL_STD)
@@ -46,7 +47,7 @@ def stage_errors(d2_features, tv_model, images):
     with torch.no_grad():
         x = tv.maxpool(tv.relu(tv.bn1(tv.conv1(images))))
         errors = {}
-        for i, name in enumerate(["res2", "res3", "res4", "res5"], start=1):
+        for i, name in enumerate(STAGES, start=1):
             x = getattr(tv, f"layer{i}")(x)
             ours = d2_features[name]
             if ours.shape != x.shape:
