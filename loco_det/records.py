@@ -18,6 +18,9 @@ from .utils import write_json
 STAGES = ("res2", "res3", "res4", "res5")
 # The method recorded for an encoder that was never trained (the random-init baseline).
 RANDOM_METHOD = "random"
+# The grid runner's manifest of the runs a grid expects (loco_det/grid/progress.py writes it,
+# the report reads it to list runs that never finished).
+MANIFEST = "benchmark.json"
 
 
 class _Absent:

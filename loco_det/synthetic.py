@@ -71,7 +71,6 @@ VOC_YEAR = 2007
 TYPICAL_TEXTURE = {"ellipse": "noise", "triangle": "stripes", "rectangle": "checker",
                    "cross": "gradient", "star": "stripes", "crescent": "checker"}
 CITY = "shapes"
-SPLITS = ("train", "val")
 _SPLIT_INDEX = {"train": 0, "val": 1}
 
 DEFAULT_PARAMS = {

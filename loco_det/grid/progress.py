@@ -5,10 +5,9 @@ import shlex
 import sys
 import time
 
+from ..records import MANIFEST
 from ..utils import write_json
 from .jobs import JOB_STAGES
-
-MANIFEST = "benchmark.json"   # the report reads it (loco_det.report.runs)
 
 
 def write_manifest(out, grid_path, profile, sets, jobs, missing):

@@ -64,18 +64,10 @@ def _n_cell(row):
     return str(n) if not row.others else f"{n} of {n + len(row.others)}"
 
 
-def _protocol_cells(row):
-    return [str(row.protocol.get(k, "-")) for k in PROTOCOL_FIELDS[row.kind]]
-
-
 _HEADERS = {"readout": "protocol", "weights": "init", "world_size": "world size",
             "global_batch": "global batch",
             "readout_epochs": "readout epochs", "batch_size": "batch", "image_size": "image px",
             "train_images": "train images", "train_set": "train set"}
-
-
-def _protocol_header(kind):
-    return [_HEADERS.get(k, k) for k in PROTOCOL_FIELDS[kind]]
 
 
 def _fmt_comparison(c, digits=2):

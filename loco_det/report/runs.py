@@ -9,12 +9,12 @@ import yaml
 
 from .. import fingerprint as fp
 from ..pretrain import rules
-from ..records import (RANDOM_METHOD, STAGES, DetectionResults, KnnRecord, PretrainRunInfo,
-                       PretrainSummary, ReadoutRecord, RecordError, RunInfo, read_json)
+from ..records import (MANIFEST, RANDOM_METHOD, STAGES, DetectionResults, KnnRecord,
+                       PretrainRunInfo, PretrainSummary, ReadoutRecord, RecordError, RunInfo,
+                       read_json)
 from ..utils import LocoError, get_dotted as _get
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MANIFEST = "benchmark.json"
 DET_METRICS = (("APbb", "bbox", "AP"), ("APmk", "segm", "AP"), ("APbb50", "bbox", "AP50"),
                ("APbb75", "bbox", "AP75"), ("APmk50", "segm", "AP50"), ("APmk75", "segm", "AP75"),
                ("mIoU", "sem_seg", "mIoU"), ("iIoU", "sem_seg", "iIoU"))
