@@ -23,6 +23,8 @@ import re
 
 import yaml
 
+from .utils import flatten
+
 # Keys added after runs were recorded, at the value that computes what runs without the key did:
 # left out of the identity at that value, so those runs keep their fingerprint (and resume).
 # OPTIM.ACCUM_STEPS is not run-only: BatchNorm statistics are per micro-batch.
@@ -78,18 +80,6 @@ def plain(cfg):
     if isinstance(cfg, str):
         return yaml.safe_load(cfg)
     return cfg
-
-
-def flatten(tree, prefix=""):
-    """{'A.B': value} of a nested mapping; lists and tuples become lists (YAML round trip)."""
-    out = {}
-    for key, value in (tree or {}).items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = list(value) if isinstance(value, tuple) else value
-    return out
 
 
 def digest(obj):

@@ -22,12 +22,16 @@ class ConfigError(LocoError):
     pass
 
 
-def _leaf_keys(node, prefix=""):
-    for k, v in node.items():
-        if isinstance(v, dict):
-            yield from _leaf_keys(v, f"{prefix}{k}.")
+def flatten(tree, prefix=""):
+    """{'A.B': value} of a nested mapping; lists and tuples become lists (YAML round trip)."""
+    out = {}
+    for key, value in (tree or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
         else:
-            yield f"{prefix}{k}"
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def did_you_mean(word, options, prefix=""):
@@ -48,7 +52,7 @@ def unknown_key_hint(message, cfg):
     m = re.search(r"Non-existent (?:config )?key: (\S+)", message)
     if not m:
         return ""
-    near = difflib.get_close_matches(m.group(1), list(_leaf_keys(cfg)), n=1, cutoff=0.6)
+    near = difflib.get_close_matches(m.group(1), list(flatten(cfg)), n=1, cutoff=0.6)
     return f" (did you mean {near[0]}?)" if near else ""
 
 

@@ -5,7 +5,7 @@ import re
 
 import yaml
 
-from ..utils import LocoError, did_you_mean
+from ..utils import LocoError, did_you_mean, flatten
 from ..weights.safe_load import yaml_chain
 from . import jobs as _jobs
 from .jobs import det_config_path, one_line, recipe_path, rel, repo_path, stem
@@ -63,7 +63,6 @@ def _check_pretraining(grid, tpl):
     """(problems, inputs): each block's recipes exist and load, its overrides name keys of the
     recipe (after _BASE_) and have valid values, the resolved MODEL.METHOD is a rule; inputs are
     (job id prefix, DATA.ROOT) for the input check."""
-    from ..fingerprint import flatten
     from ..pretrain import config as pcfg
 
     problems, inputs = [], []
@@ -129,7 +128,6 @@ def _check_detection(grid, tpl):
     if not configs:
         return []
     from ..detection.config import setup_cfg
-    from ..fingerprint import flatten
 
     problems = []
     folder = os.path.join(_jobs.REPO, "det_configs")
