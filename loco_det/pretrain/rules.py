@@ -13,7 +13,7 @@ A rule is
 * per-unit decoder options (overrides of MODEL.DECODER, or a factory for a custom head);
 * the loss: `loss(z, labels) -> scalar`, z the decoder output of the views' batch
   (`views` = 2: N first views then N second views; 1: first views only), labels the N
-  ImageFolder class indices (None when the caller has none, e.g. the benchmark).
+  ImageFolder class indices (None when the caller has none, e.g. the cost measurement, bench.py).
 
 `model.PretrainModel` runs every rule; see model.py for its schedule.
 
