@@ -5,9 +5,10 @@ can run arbitrary code; and it only *warns* when backbone weights are missing or
 preprocessing disagrees with the weights, which silently produces "lower than the paper" numbers.
 This module closes those gaps while keeping Detectron2's loading behaviour otherwise unchanged:
 
-- `LocoCheckpointer`: Detectron2's `DetectionCheckpointer` that loads `.pkl` through
-  `load_pkl` (loco_det.weights.safe_load), `.pth` with `torch.load(weights_only=True)`, errors when a backbone
-  parameter is missing, and logs a table of loaded / missing / unused keys.
+- `LocoCheckpointer`: Detectron2's `DetectionCheckpointer` that loads `.pkl` through the
+  restricted unpickler (loco_det.weights.safe_load), `.pth` with `torch.load(weights_only=True)`,
+  errors when a backbone parameter is missing, and logs a table of loaded / missing / unused
+  keys.
 - `read_weights_metadata` + `check_weights_metadata`: compare the converter's metadata record
   (see docs/formats.md, "Converted weights") with the config before anything is built.
 
