@@ -2,10 +2,13 @@
 dataset folders. Each attack is a case with its one-line refusal and proof that nothing ran
 (marker files absent, victims unchanged, no signal)."""
 import collections
+import contextlib
+import io
 import os
 import pickle
 import subprocess
 import sys
+import types
 import zipfile
 
 import numpy as np
@@ -257,9 +260,23 @@ def _grid(tmp_path, **sections):
 
 
 def _grid_run(tmp_path, grid, *flags, dry=True):
+    """The grid command's main() in this process, from the repository root as the tool runs:
+    every refusal happens before any job starts, so a subprocess per case would only add an
+    interpreter start (~5 s each here). A refusal that failed would still launch the jobs."""
+    from loco_det.cli import run_command
+
     out = tmp_path / "out"
-    proc = run("run_benchmark.py", grid, "--out", out, *(["--dry-run"] if dry else []), *flags)
-    return proc, out
+    argv = [str(grid), "--out", str(out), *(["--dry-run"] if dry else []), *map(str, flags)]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            rc = run_command("grid", argv, script=True)
+    finally:
+        os.chdir(cwd)
+    return types.SimpleNamespace(returncode=rc, stdout=stdout.getvalue(),
+                                 stderr=stderr.getvalue()), out
 
 
 @pytest.mark.parametrize("sections,expect", [
