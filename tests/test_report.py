@@ -307,7 +307,8 @@ def test_report_opens_with_the_summary(report):
     # one config under two protocols: two numbered columns, each spelt out below the tables
     for name in ("cpu_synth_coco_R18_FPN_frozen (1)", "cpu_synth_coco_R18_FPN_frozen (2)"):
         assert f" {name}, APbb |" in "".join(heads)
-        assert f"- {name}: benchmark coco, config cpu_synth_coco_R18_FPN_frozen" in summary
+        assert (f"- {name}: dataset embedded, COCO view, benchmark coco, config "
+                "cpu_synth_coco_R18_FPN_frozen") in summary
     # missing and unfinished runs of the grid show as such in their column, never as numbers
     assert next(l for l in summary.splitlines() if l.startswith("| supervised |")).endswith(
         "| missing |")

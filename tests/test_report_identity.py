@@ -229,3 +229,34 @@ def test_reference_option(report, tmp_path):
     (c,) = [c for c in cmp if c["method"] == "e2e [MODEL.DECODER.CONV_BLOCKS=0]"
             and c["vs"] == "loco" and c["metric"] == "APbb"]
     assert float(c["diff"]) == pytest.approx(-2.0) and c["verdict"] == "worse"
+
+
+def test_readouts_on_different_data_are_never_compared(tmp_path):
+    """Every row and comparison names its data set (the generator in meta.json, the embedded
+    data's view): e2e and loco read out on the digits and on the embedded objects with the
+    same protocol form two comparison groups, each named, never one."""
+    r = tmp_path / "runs"
+    data = {"digits": tmp_path / "digits32", "embedded objects": tmp_path / "synth" / "objects"}
+    _json(f"{data['digits']}/meta.json", {"generator": "loco_det.digits"})
+    _json(f"{tmp_path}/synth/meta.json", {"generator": "loco_det.synthetic"})
+    for s in range(2):
+        for method in ("e2e", "loco"):
+            d, cfg = f"{r}/pretrain/{method}/seed{s}", None
+            cfg = pretrain_run(d, f"cpu_{method}", s, 4.0)
+            for name, folder in data.items():
+                ro = f"{r}/readout/{name.split()[-1]}/{method}/seed{s}"
+                readout_run(ro, d, cfg, res5=(50.0 if method == "loco" else 40.0) + s)
+                rec = json.loads(open(f"{ro}/readout.json").read())
+                rec["protocol"]["data_dir"] = str(folder)
+                _json(f"{ro}/readout.json", rec)
+    write_report([str(r)], str(tmp_path / "report"))
+    comps = [c for c in read_csv(tmp_path / "report" / "comparisons.csv")
+             if c["metric"] == "top1/res5" and c["method"] == "loco" and c["vs"] == "e2e"]
+    assert sorted(c["dataset"] for c in comps) == ["digits", "embedded objects"], comps
+    assert all(c["protocol"].startswith(c["dataset"] + ": ") for c in comps), comps
+    assert all((c["n_a"], c["n_b"]) == ("2", "2") for c in comps), comps
+    rows = [x for x in read_csv(tmp_path / "report" / "report.csv")
+            if x["section"] == "measured_readout" and x["metric"] == "top1/res5"]
+    assert sorted((x["method"], x["dataset"], x["n"]) for x in rows) == [
+        ("e2e", "digits", "2"), ("e2e", "embedded objects", "2"), ("loco", "digits", "2"),
+        ("loco", "embedded objects", "2")], rows

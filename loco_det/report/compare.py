@@ -66,7 +66,8 @@ def comparisons(rows, reference=DEFAULT_REFERENCE):
                         if not a or not b:
                             continue
                         c = stats.compare(a, b)
-                        out.append({"kind": kind, "group": _group_text(row), "metric": metric,
+                        out.append({"kind": kind, "dataset": row.protocol.get("dataset", "?"),
+                                    "group": _group_text(row), "metric": metric,
                                     "method": row.label, "vs": base.label, "role": role,
                                     "comparison": c})
     return out
@@ -77,7 +78,7 @@ def _group_text(row):
     if row.kind == "detection":
         return (f"{p.get('benchmark')}: {p.get('config')}, {p.get('train_set')}, "
                 f"{p.get('schedule')}")
-    return (f"{p.get('readout')} readout, {p.get('readout_epochs')} epochs, lr {p.get('lr')}, "
+    return (f"{p.get('dataset')}: {p.get('readout')} readout, {p.get('readout_epochs')} epochs, lr {p.get('lr')}, "
             f"{p.get('image_size')} px, {p.get('train_images')} images")
 
 

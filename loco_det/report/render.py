@@ -425,7 +425,7 @@ def render_other_tasks(det_rows):
 CSV_FIELDS = ["section", "method", "metric", "mean", "std", "n", "seeds", "repeats", "status",
               "n_missing", "n_unfinished", "fingerprint"] + sorted(
                   {f for fs in PROTOCOL_FIELDS.values() for f in fs}) + ["paths"]
-COMPARISON_FIELDS = ["kind", "protocol", "metric", "method", "vs", "role", "diff", "ci_low",
+COMPARISON_FIELDS = ["kind", "dataset", "protocol", "metric", "method", "vs", "role", "diff", "ci_low",
                      "ci_high", "halfwidth", "test", "df", "n_a", "n_b", "verdict"]
 
 
@@ -468,7 +468,8 @@ def render_comparisons_csv(comps):
     w.writeheader()
     for item in comps:
         c = item["comparison"]
-        w.writerow({"kind": item["kind"], "protocol": item["group"], "metric": item["metric"],
+        w.writerow({"kind": item["kind"], "dataset": item["dataset"], "protocol": item["group"],
+                    "metric": item["metric"],
                     "method": item["method"], "vs": item["vs"], "role": item["role"],
                     "diff": repr(c.diff), "ci_low": "" if c.low is None else repr(c.low),
                     "ci_high": "" if c.high is None else repr(c.high),

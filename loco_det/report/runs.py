@@ -22,11 +22,12 @@ DET_METRICS = (("APbb", "bbox", "AP"), ("APmk", "segm", "AP"), ("APbb50", "bbox"
 
 # Protocol fields shown in every measured row, per kind (display names).
 PROTOCOL_FIELDS = {
-    "pretrain": ("recipe", "arch", "decoder", "epochs", "world_size", "global_batch"),
-    "readout": ("pretraining", "decoder", "arch", "readout", "readout_epochs", "lr",
+    "pretrain": ("dataset", "recipe", "arch", "decoder", "epochs", "world_size",
+                 "global_batch"),
+    "readout": ("dataset", "pretraining", "decoder", "arch", "readout", "readout_epochs", "lr",
                 "batch_size", "image_size", "train_images"),
-    "detection": ("benchmark", "config", "train_set", "schedule", "weights", "decoder",
-                  "backbone", "world_size", "global_batch"),
+    "detection": ("dataset", "benchmark", "config", "train_set", "schedule", "weights",
+                  "decoder", "backbone", "world_size", "global_batch"),
 }
 # Protocol fields that may differ between the rows being compared (the learning rule, its
 
@@ -127,7 +128,8 @@ def _read_pretrain(d, files):
     cfg = _read_yaml(os.path.join(d, "config.yaml"))
     method = info.method or _get(cfg, "MODEL.METHOD") or "?"
     recipe = _stem(info.config_file) or "?"
-    protocol = {"recipe": recipe, "arch": info.arch or _get(cfg, "MODEL.ARCH", "?"),
+    protocol = {"dataset": dataset_of_folder(_get(cfg, "DATA.ROOT")),
+                "recipe": recipe, "arch": info.arch or _get(cfg, "MODEL.ARCH", "?"),
                 "decoder": _decoder(cfg),
                 "epochs": _default(info.epochs, _get(cfg, "OPTIM.EPOCHS", "?")),
                 "world_size": _default(info.world_size, "?"),
@@ -234,7 +236,8 @@ def _read_readout(d):
     ckpt_fp = r.checkpoint_fingerprint or pre_fp or (
         fp.random_init_fingerprint(r.arch) if random_init and not r.checkpoint
         else "path:" + str(r.checkpoint))
-    protocol = {"pretraining": "random init" if random_init else _pretraining_of(r.checkpoint),
+    protocol = {"dataset": dataset_of_folder(p.get("data_dir")),
+                "pretraining": "random init" if random_init else _pretraining_of(r.checkpoint),
                 "decoder": "-" if random_init else _decoder(pre_cfg),
                 "arch": _default(r.arch, "?"), "readout": p.get("name", "?"),
                 "readout_epochs": p.get("epochs", "?"),
@@ -276,6 +279,58 @@ def _read_knn(d, run):
             value = (per or {}).get(stage)
             if isinstance(value, (int, float)):
                 run.metrics[f"knn/{kk}/{stage}"] = float(value)
+
+
+# The data a row was measured on, in words: the generator recorded in meta.json (docs/formats.md)
+# and, for the embedded data, which of its views; rows on different data are never compared.
+_GENERATED = {"loco_det.digits": "digits", "loco_det.synthetic": "embedded"}
+_EMBEDDED_VIEWS = {"objects": "embedded objects", "imagefolder": "embedded scenes"}
+# Detectron2 training sets by name prefix (the embedded views first: they contain the others)
+_TRAIN_SETS = (("loco_synth_coco", "embedded, COCO view"),
+               ("loco_synth_cityscapes", "embedded, Cityscapes view"),
+               ("loco_synth_voc", "embedded, VOC view"), ("coco_", "COCO"),
+               ("cityscapes_", "Cityscapes"), ("voc_", "VOC"))
+
+
+def dataset_of_folder(path):
+    """Name of the data under `path` (a readout's data folder or a pretraining DATA.ROOT): from
+    the meta.json its generator wrote in it or up to two folders above, else the folder's own
+    name (e.g. imagenet for /data/imagenet/train); "?" when no folder is recorded."""
+    if not path:
+        return "?"
+    path = os.path.normpath(str(path))
+    parts = [path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))]
+    for i, d in enumerate(parts):
+        for base in ([d] if os.path.isabs(d) else [d, os.path.join(REPO, d)]):
+            meta = _read_meta(os.path.join(base, "meta.json"))
+            if meta is None:
+                continue
+            name = _GENERATED.get(meta.get("generator"), os.path.basename(base))
+            if name == "embedded" and i > 0:   # the view: the folder below meta.json
+                view = os.path.basename(parts[i - 1])
+                return _EMBEDDED_VIEWS.get(view, f"embedded {view}")
+            return name
+    base = os.path.basename(path)
+    return os.path.basename(os.path.dirname(path)) if base in ("train", "val") else base
+
+
+@functools.lru_cache(maxsize=None)
+def _read_meta(path):
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def dataset_of_train_set(train_set):
+    """Name of the data of a Detectron2 training set (as _train_set gives it)."""
+    names = {next((word for prefix, word in _TRAIN_SETS if n.startswith(prefix)), n)
+             for n in str(train_set).split("+")}
+    return "+".join(sorted(names))
 
 
 def _train_set(datasets):
@@ -333,8 +388,9 @@ def _read_detection(d, files):
         weights_col, decoder = "published", "-"
     else:
         weights_col, decoder = "?", "?"
-    protocol = {"benchmark": benchmark, "config": config,
-                "train_set": _train_set(_get(cfg, "DATASETS.TRAIN")),
+    train_set = _train_set(_get(cfg, "DATASETS.TRAIN"))
+    protocol = {"dataset": dataset_of_train_set(train_set), "benchmark": benchmark,
+                "config": config, "train_set": train_set,
                 "schedule": f"{max_iter} it" if max_iter is not None else "?",
                 "weights": weights_col, "decoder": decoder,
                 "backbone": backbone,
