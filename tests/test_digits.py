@@ -80,6 +80,7 @@ def test_the_digits_grid_reads_out_five_seeds_of_each_rule(tmp_path):
     digits_root = str(tmp_path / "out" / "datasets" / "digits32")
     for job in by_stage["pretrain"]:
         assert f"DATA.ROOT={digits_root}/train" in job.argv
+        assert "RUN.KNN_PERIOD=2" in job.argv   # the learning curves of the report's plot
     for stage in ("readout", "knn"):
         seen = {(j.label, j.seed) for j in by_stage[stage]}
         assert seen == pre | {("random", s) for s in range(5)}

@@ -260,3 +260,47 @@ def test_readouts_on_different_data_are_never_compared(tmp_path):
     assert sorted((x["method"], x["dataset"], x["n"]) for x in rows) == [
         ("e2e", "digits", "2"), ("e2e", "embedded objects", "2"), ("loco", "digits", "2"),
         ("loco", "embedded objects", "2")], rows
+
+
+def test_knn_monitor_curves_are_plotted_against_random_init(tmp_path):
+    """The kNN monitor's records in metrics.jsonl (RUN.KNN_PERIOD) become one learning curve
+    per rule and seed, drawn beside the random-init kNN readout of the same data set; runs
+    without monitor records give no such plot."""
+    r = tmp_path / "runs"
+    _json(f"{tmp_path}/digits32/meta.json", {"generator": "loco_det.digits"})
+    for s in range(2):
+        lines = [json.dumps({"step": i, "loss/unit1": 4.0 - i}) for i in range(4)]
+        lines += [json.dumps({"step": 2 * e, "epoch": e, "knn/k20/res5": 50.0 + 10 * e + s,
+                              "knn/k200/res5": 40.0}) for e in (1, 2)]
+        pretrain_run(f"{r}/pretrain/e2e/seed{s}", "cpu_e2e", s, 4.0,
+                     f"DATA.ROOT={tmp_path}/digits32/train", metrics_lines=lines)
+    ro = r / "readout" / "random" / "seed0"
+    protocol = {"name": "small", "epochs": 10, "lr": 0.1, "batch_size": 64, "image_size": 32,
+                "train_images": 100, "val_images": 50, "seed": 0,
+                "data_dir": f"{tmp_path}/digits32"}
+    _json(f"{ro}/readout.json", {"kind": "readout", "checkpoint": None, "method": "random",
+                                 "arch": "resnet18", "top1": {"res5": 30.0},
+                                 "protocol": protocol, "checkpoint_seed": 0})
+    _json(f"{ro}/knn.json", {"kind": "knn", "method": "random", "arch": "resnet18",
+                             "top1": {"k20": {"res5": 41.0}, "k200": {"res5": 35.0}},
+                             "protocol": {"temperature": 0.07, "image_size": 32,
+                                          "train_images": 100, "val_images": 50}})
+    md_path, rows = write_report([str(r)], str(tmp_path / "report"))
+    (row,) = rows["pretrain"]
+    assert row.protocol["dataset"] == "digits"
+    assert sorted(run.knn_curves["k20/res5"] for run in row.runs) == [
+        ([2, 4], [60.0, 70.0]), ([2, 4], [61.0, 71.0])]
+    assert all(run.curves["unit1"] == ([0, 1, 2, 3], [4.0, 3.0, 2.0, 1.0]) for run in row.runs)
+    (random,) = [x for x in rows["readout"] if x.runs]
+    assert random.protocol["dataset"] == "digits" and random.stat("knn/k20/res5")[0] == 41.0
+    md = open(md_path).read()
+    assert "](plots/knn_during_pretraining.png)" in md
+    png = tmp_path / "report" / "plots" / "knn_during_pretraining.png"
+    assert png.read_bytes().startswith(b"\x89PNG")
+    # the same runs without the monitor's records: no such plot, and no reference to one
+    for path in (r / "pretrain").glob("e2e/seed*/metrics.jsonl"):
+        path.write_text("".join(l + "\n" for l in path.read_text().splitlines()
+                                if "knn/" not in l))
+    md_path, _ = write_report([str(r)], str(tmp_path / "report2"))
+    assert "knn_during_pretraining" not in open(md_path).read()
+    assert not (tmp_path / "report2" / "plots" / "knn_during_pretraining.png").exists()

@@ -8,7 +8,9 @@ from .render import OTHER_TASKS
 from .rows import group_key
 
 PLOTS = {"pretrain": "plots/pretrain_loss.png", "readout": "plots/readout_top1.png",
-         "detection": "plots/detection_ap.png"}
+         "detection": "plots/detection_ap.png", "knn_curves": "plots/knn_during_pretraining.png"}
+# the kNN monitor's curve that is plotted, and the random-init readout it is drawn against
+KNN_CURVE = "k20/res5"
 
 
 def _save(fig, path):
@@ -62,6 +64,39 @@ def _legend_below(ax, ncol):
               frameon=False)
 
 
+def _knn_curves(plt, pre, readout_rows, out_dir):
+    """kNN top-1 (k 20, res5) on the monitor's data against pretraining step, one panel per
+    data set, one line per seed of each rule; beside them, as horizontal lines, the mean of
+    the random-init kNN readouts on the same data set: whether a rule learns shows from one
+    seed."""
+    by_data = {}
+    for row in pre:
+        by_data.setdefault(row.protocol.get("dataset", "?"), []).append(row)
+    fig, axes = _subplots(plt, len(by_data))
+    for ax, (dataset, drows) in zip(axes, by_data.items()):
+        for i, row in enumerate(drows):
+            for j, run in enumerate(sorted(row.runs, key=lambda r: str(r.seed))):
+                xs, ys = run.knn_curves.get(KNN_CURVE, ([], []))
+                ax.plot(xs, ys, color=f"C{i}", alpha=1.0 if j == 0 else 0.5, lw=1.2,
+                        marker="o" if len(xs) < 20 else None, ms=3,
+                        label=f"{row.label} (n={len(row.runs)})" if j == 0 else None)
+        randoms = [r.stat(f"knn/{KNN_CURVE}") for r in readout_rows if r.runs
+                   and r.protocol.get("dataset") == dataset
+                   and r.protocol.get("pretraining") == "random init"]
+        for st in filter(None, randoms):
+            ax.axhline(st[0], color="gray", ls="--", lw=1,
+                       label=f"random init, kNN readout (mean, n={st[2]})")
+        ax.set_title(f"{dataset}", fontsize=10)
+        ax.set_xlabel("pretraining step", fontsize=9)
+        ax.set_ylabel("kNN top-1 % (k=20, res5)", fontsize=9)
+        _legend_below(ax, ncol=2)
+    fig.suptitle("kNN monitor during pretraining (RUN.KNN_PERIOD), per rule and seed\n"
+                 "(the monitor's data and protocol may differ from the kNN readout's)",
+                 fontsize=11)
+    _save(fig, os.path.join(out_dir, PLOTS["knn_curves"]))
+    plt.close(fig)
+
+
 def make_plots(rows, out_dir):
     """Write the PNGs that have data; returns {kind: relative path} of those written."""
     import matplotlib
@@ -87,6 +122,11 @@ def make_plots(rows, out_dir):
         _save(fig, os.path.join(out_dir, PLOTS["pretrain"]))
         plt.close(fig)
         written["pretrain"] = PLOTS["pretrain"]
+
+    pre = [r for r in rows["pretrain"] if any(KNN_CURVE in run.knn_curves for run in r.runs)]
+    if pre:
+        _knn_curves(plt, pre, rows["readout"], out_dir)
+        written["knn_curves"] = PLOTS["knn_curves"]
 
     groups = _by_protocol(rows["readout"])
     if groups:

@@ -345,6 +345,10 @@ def render_markdown(rows, runs, plots, run_dirs, problems, reference=DEFAULT_REF
         if plots.get("pretrain"):
             md += [f"![Per-unit loss curves per method]({plots['pretrain']})",
                    f"Plot: `{plots['pretrain']}`", ""]
+        if plots.get("knn_curves"):
+            md += [f"![kNN top-1 during pretraining per rule]({plots['knn_curves']})",
+                   f"Plot: `{plots['knn_curves']}` (kNN monitor, k 20, res5, against the "
+                   "random-init kNN readout on the same data)", ""]
     else:
         md += ["No pretraining runs found.", ""]
 

@@ -44,6 +44,7 @@ class Run:
     metrics: dict = field(default_factory=dict)
     note: str = ""
     curves: dict = field(default_factory=dict)   # pretrain: unit -> ([steps], [losses])
+    knn_curves: dict = field(default_factory=dict)  # pretrain: "k20/res5" -> ([steps], [top-1])
     fingerprint: str = ""          # run identity without the seed (loco_det/fingerprint.py)
     identity: dict = field(default_factory=dict)  # flat settings behind it (for label suffixes)
     method: str = ""               # the learning rule (MODEL.METHOD), when known
@@ -138,7 +139,7 @@ def _read_pretrain(d, files):
     run.method = method
     run.fingerprint, run.identity = _pretrain_identity(info, cfg)
     run.seed_parts = {"seed": run.seed}
-    run.curves, bad, total = _read_curves(os.path.join(d, "metrics.jsonl"))
+    run.curves, bad, total = _read_curves(os.path.join(d, "metrics.jsonl"), run.knn_curves)
     if bad:
         run.note = f"metrics.jsonl: {bad} of {total} lines unreadable"
     if PretrainSummary.FILE not in files:
@@ -156,10 +157,11 @@ def _read_pretrain(d, files):
     return run
 
 
-def _read_curves(path):
-    """(per-unit loss curves, unreadable lines, lines) from metrics.jsonl. Unreadable lines are
-    counted, never silently dropped: the run's row says how many (a torn last line of a killed
-    run is one)."""
+def _read_curves(path, knn_curves=None):
+    """(per-unit loss curves, unreadable lines, lines) from metrics.jsonl; the kNN monitor's
+    records (RUN.KNN_PERIOD: "knn/k20/res5" ...) go into `knn_curves` when given. Unreadable
+    lines are counted, never silently dropped: the run's row says how many (a torn last line of
+    a killed run is one)."""
     curves, bad, total = {}, 0, 0
     if not os.path.isfile(path):
         return curves, bad, total
@@ -178,10 +180,16 @@ def _read_curves(path):
                 continue
             step = rec.get("step", i)
             for key, value in rec.items():
-                if key.startswith("loss/") and isinstance(value, (int, float)):
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                if key.startswith("loss/"):
                     xs, ys = curves.setdefault(key[5:], ([], []))
-                    xs.append(step)
-                    ys.append(float(value))
+                elif key.startswith("knn/") and knn_curves is not None:
+                    xs, ys = knn_curves.setdefault(key[4:], ([], []))
+                else:
+                    continue
+                xs.append(step)
+                ys.append(float(value))
     return curves, bad, total
 
 
