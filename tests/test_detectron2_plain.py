@@ -186,8 +186,10 @@ def test_an_unpatched_detectron2_is_one_line_naming_the_fix(tmp_path):
         pytest.skip("the pinned sdist is not in the download cache")
     site = _unpatched_copy(tmp_path)   # the sdist's own sources
     env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{REPO}")
-    proc = subprocess.run([sys.executable, "-m", "loco_det.cli", "convert", str(tmp_path / "no.pth"),
-                           "--output", str(tmp_path / "x.pkl")], cwd=tmp_path, env=env,
+    # `train` needs Detectron2 (`convert` does not import it: tests/test_weights_no_detectron2.py)
+    config = os.path.join(REPO, "det_configs", "cpu_synth_coco_R18_FPN_frozen.yaml")
+    proc = subprocess.run([sys.executable, "-m", "loco_det.cli", "train", "--config-file", config,
+                           "OUTPUT_DIR", str(tmp_path / "out")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: Detectron2 does not import on this stack"), proc.stderr
