@@ -7,8 +7,17 @@ each writing its own. Treat it as read-only: other tests share it.
 import logging
 import os
 import pathlib
+import signal
 
 import pytest
+
+# The suite interrupts the tools it runs with SIGINT. A shell without job control that starts it
+# in the background (`make test &`, nohup, some CI runners) hands every process SIGINT ignored;
+# exec keeps that, and Python then never raises KeyboardInterrupt, so the tools would run to the
+# end. A handler (not SIG_IGN) in this process is reset to the default in every process it
+# starts. pytest-xdist's workers import this file too.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Small enough to generate in about a second, large enough for a few Mask R-CNN iterations and a
 # readout with every category present. Tests may rely on these values via SYNTH_* below.
