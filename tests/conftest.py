@@ -19,6 +19,14 @@ import pytest
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slow (minutes each) run first: pytest-xdist hands tests out in this
+    order, so the long ones start at once on both workers and the short ones fill in around
+    them, instead of one long test running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 # Small enough to generate in about a second, large enough for a few Mask R-CNN iterations and a
 # readout with every category present. Tests may rely on these values via SYNTH_* below.
 SYNTH_SEED = 0

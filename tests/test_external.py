@@ -202,6 +202,7 @@ def _grid(checkpoint):
     }
 
 
+@pytest.mark.slow
 def test_grid_runs_an_external_checkpoint_end_to_end(checkpoints, tmp_path):
     path = checkpoints["timm"][0]
     grid = tmp_path / "external.yaml"

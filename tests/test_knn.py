@@ -111,6 +111,7 @@ def knn_data(tmp_path_factory):
     return root / "imagefolder"
 
 
+@pytest.mark.slow
 def test_supervised_encoder_beats_random_init_at_res5(knn_data, tmp_path, one_torch_thread):
     """The project's `supervised` rule (pretrain/cpu_supervised.yaml: cross-entropy on the
     labels, same harness; 20 epochs at 32 px) against the same initial weights untrained
