@@ -297,8 +297,9 @@ NO_TF32 = {"NVIDIA_TF32_OVERRIDE": "0"}
 
 
 def _two_rank_pair(c, name, amp):
-    """Pretrain the same global batches on 2 gloo ranks and in 1 process; returns the folders
-    and the 2-rank run's output, after checking its steps, world size and equal rank weights."""
+    """Pretrain the same global batches on 2 gloo ranks and in 1 process; returns the folders,
+    the 2-rank run's output and summary, after checking its steps, world size and equal rank
+    weights."""
     t = c.s["two_rank"]
     two, one = c.path("two_rank", name, "ranks2"), c.path("two_rank", name, "ranks1")
     env = NO_TF32 if amp == "off" else None
@@ -313,7 +314,7 @@ def _two_rank_pair(c, name, amp):
                          f"{summary.get('world_size')}, expected {t['steps']} at 2")
     if len(set(summary["param_sha256"])) != 1:
         raise PartFailed(f"the two ranks ({name}) ended with different weights")
-    return two, one, out2
+    return two, one, out2, summary
 
 
 def part_two_rank(c):
@@ -324,9 +325,8 @@ def part_two_rank(c):
     2-rank vs 1-process difference must stay within bf16's own effect (bf16 vs float32, 1
     process), the only scale a bf16 comparison can be held to."""
     t = c.s["two_rank"]
-    two, one, out2 = _two_rank_pair(c, "fp32", "off")
-    buckets = len(_json(os.path.join(two, "summary.json")).get("comm_last_step", {})
-                  .get("buckets", []))
+    two, one, out2, summary = _two_rank_pair(c, "fp32", "off")
+    buckets = len(summary.get("comm_last_step", {}).get("buckets", []))
     if not buckets:
         raise PartFailed("no GradientReducer buckets recorded: gradients were not averaged")
     facts = [_json(os.path.join(two, f"setup_rank{r}.json")) for r in (0, 1)]
@@ -358,7 +358,7 @@ def part_two_rank(c):
             f"{knn['2 ranks']:.1f} (1 process {knn['1 process']:.1f})")
     if not t["bf16_pair"]:
         return text
-    two_b, one_b, _ = _two_rank_pair(c, "bf16", "bf16")
+    two_b, one_b, _, _ = _two_rank_pair(c, "bf16", "bf16")
     for r in (0, 1):
         f = _json(os.path.join(two_b, f"setup_rank{r}.json"))
         if f.get("autocast") != "torch.bfloat16" or not f.get("sync_bn"):
