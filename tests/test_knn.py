@@ -152,8 +152,8 @@ def test_knn_period_logs_per_stage_during_pretraining(synth_root, tmp_path, one_
     train(load_config(None, base + ["RUN.KNN_MAX_TRAIN_IMAGES=12"]), str(out))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     knn = [r for r in records if "knn/k20/res5" in r]
-    assert [r["epoch"] for r in knn] == [1, 2]
-    assert [r["step"] for r in knn] == [3, 6]  # 24 images / batch 8 = 3 steps per epoch
+    assert [r["epoch"] for r in knn] == [0, 1, 2]   # 0: the random initial encoder
+    assert [r["step"] for r in knn] == [0, 3, 6]  # 24 images / batch 8 = 3 steps per epoch
     for r in knn:
         assert {f"knn/k{k}/res{s}" for k in (20, 200) for s in (2, 3, 4, 5)} <= set(r)
         assert all(v / 12.5 == round(v / 12.5) for key, v in r.items() if key.startswith("knn/"))
@@ -161,7 +161,44 @@ def test_knn_period_logs_per_stage_during_pretraining(synth_root, tmp_path, one_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(out / "tb"))
     events.Reload()
-    assert [e.step for e in events.Scalars("knn/k20/res5")] == [3, 6]
+    assert [e.step for e in events.Scalars("knn/k20/res5")] == [0, 3, 6]
+
+    # Resumed after its first epoch: the curve keeps its step-0 point once, and the epochs
+    # after the checkpoint are logged again (not twice).
+    resumed = tmp_path / "resumed"
+    train(load_config(None, base + ["RUN.KNN_MAX_TRAIN_IMAGES=12"]), str(resumed),
+          stop_after_steps=3)
+    train(load_config(None, base + ["RUN.KNN_MAX_TRAIN_IMAGES=12"]), str(resumed), resume=True)
+    again = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again if "knn/k20/res5" in r] == [0, 3, 6]
+    assert [r for r in again if "knn/k20/res5" in r] == knn
+
+
+def test_knn_monitor_starts_at_the_random_init_readout(synth_root, tmp_path, one_torch_thread):
+    """The monitor's step-0 record is the kNN readout of the run's initial encoder: equal to
+    tools/knn_readout.py --random-init with the run's seed on the same data (so a learning
+    curve starts where the random-init baseline of that seed is)."""
+    from loco_det.pretrain.config import load_config
+    from loco_det.pretrain.engine import train
+
+    base = [f"DATA.ROOT={synth_root / 'imagefolder' / 'train'}", "SEED=3", "MODEL.METHOD=e2e",
+            "MODEL.ARCH=resnet18", "DATA.IMAGE_SIZE=32", "OPTIM.BATCH_SIZE=8", "OPTIM.EPOCHS=1",
+            "OPTIM.WARMUP_EPOCHS=0", "DATA.NUM_WORKERS=0"]
+    train(load_config(None, base + ["RUN.KNN_PERIOD=1"]), str(tmp_path / "run"))
+    # a monitoring setting: the same run without it trains the same weights
+    train(load_config(None, base), str(tmp_path / "plain"))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["param_sha256"] == \
+        json.loads((tmp_path / "plain" / "summary.json").read_text())["param_sha256"]
+    records = [json.loads(line)
+               for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (start,) = [r for r in records if r.get("step") == 0 and "knn/k20/res5" in r]
+    assert knn_readout.main(["--random-init", "--arch", "resnet18", "--image-size", "32",
+                             "--seed", "3", "--data", str(synth_root / "imagefolder"),
+                             "--workers", "0", "--no-progress",
+                             "--output-dir", str(tmp_path / "random")]) == 0
+    top1 = json.loads((tmp_path / "random" / "knn.json").read_text())["top1"]
+    assert {f"knn/{k}/{stage}": v for k, per in top1.items() for stage, v in per.items()} == \
+        {key: v for key, v in start.items() if key.startswith("knn/")}
 
 
 def test_knn_period_with_two_gloo_processes(synth_root, tmp_path):
@@ -182,7 +219,7 @@ def test_knn_period_with_two_gloo_processes(synth_root, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and len(set(summary["param_sha256"])) == 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records if "knn/k200/res5" in r] == [1, 2]
+    assert [r["epoch"] for r in records if "knn/k200/res5" in r] == [0, 1, 2]
 
 
 def sort_merge_knn_predict(train_feats, train_labels, query_feats, num_classes, ks, temperature,

@@ -262,7 +262,7 @@ def test_readouts_on_different_data_are_never_compared(tmp_path):
         ("loco", "embedded objects", "2")], rows
 
 
-def test_knn_monitor_curves_are_plotted_against_random_init(tmp_path):
+def test_knn_monitor_curves_are_plotted_against_random_init(tmp_path, monkeypatch):
     """The kNN monitor's records in metrics.jsonl (RUN.KNN_PERIOD) become one learning curve
     per rule and seed, drawn beside the random-init kNN readout of the same data set; runs
     without monitor records give no such plot."""
@@ -285,7 +285,31 @@ def test_knn_monitor_curves_are_plotted_against_random_init(tmp_path):
                              "top1": {"k20": {"res5": 41.0}, "k200": {"res5": 35.0}},
                              "protocol": {"temperature": 0.07, "image_size": 32,
                                           "train_images": 100, "val_images": 50}})
+    from loco_det.report import plots
+
+    drawn = {}   # the kNN figure's panels: title -> (curves, horizontal lines)
+
+    def keep(fig, path):
+        if path.endswith("knn_during_pretraining.png"):
+            for ax in fig.axes:
+                lines = [(list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.lines]
+                flat = [ln for ln in lines if ln[0] == [0, 1] and len(set(ln[1])) == 1]
+                drawn[ax.get_title()] = ([ln for ln in lines if ln not in flat],
+                                         [ln[1][0] for ln in flat])   # axhline: x in 0..1
+        save(fig, path)
+
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", keep)
     md_path, rows = write_report([str(r)], str(tmp_path / "report"))
+    # one panel per k and stage; each seed's curve in its panel, the random-init readout of
+    # the same k and stage beside it (stages without records: empty panels, no baseline)
+    assert sorted(drawn) == sorted(f"digits: res{s}, k={k}" for k in (20, 200)
+                                   for s in (2, 3, 4, 5))
+    assert sorted(drawn["digits: res5, k=20"][0]) == [([2, 4], [60.0, 70.0]),
+                                                      ([2, 4], [61.0, 71.0])]
+    assert drawn["digits: res5, k=20"][1] == [41.0]
+    assert drawn["digits: res5, k=200"] == ([([2, 4], [40.0, 40.0])] * 2, [35.0])
+    assert drawn["digits: res2, k=20"] == ([], [])
     (row,) = rows["pretrain"]
     assert row.protocol["dataset"] == "digits"
     assert sorted(run.knn_curves["k20/res5"] for run in row.runs) == [

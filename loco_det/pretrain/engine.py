@@ -353,6 +353,9 @@ class TrainLoop:
             with open(summary_path) as f:
                 return json.load(f) if env.main else None
 
+        if self.knn is not None and p.step == 0:  # every rank: the curve's random start
+            self.logger.log(self.knn(model.encoder, 0, 0))
+            model.train()
         # One bar for the whole run (its ETA is the run's), titled with the current epoch.
         bar = tqdm(total=self.total_steps, initial=p.step,
                    disable=not (env.main and self.show_progress), dynamic_ncols=True,

@@ -9,8 +9,9 @@ from .rows import group_key
 
 PLOTS = {"pretrain": "plots/pretrain_loss.png", "readout": "plots/readout_top1.png",
          "detection": "plots/detection_ap.png", "knn_curves": "plots/knn_during_pretraining.png"}
-# the kNN monitor's curve that is plotted, and the random-init readout it is drawn against
-KNN_CURVE = "k20/res5"
+# the kNN monitor's neighbour counts that are plotted (one row of stage panels each); every
+# panel also shows the random-init kNN readout of the same data set, k and stage
+KNN_KS = ("k20", "k200")
 
 
 def _save(fig, path):
@@ -65,34 +66,44 @@ def _legend_below(ax, ncol):
 
 
 def _knn_curves(plt, pre, readout_rows, out_dir):
-    """kNN top-1 (k 20, res5) on the monitor's data against pretraining step, one panel per
-    data set, one line per seed of each rule; beside them, as horizontal lines, the mean of
-    the random-init kNN readouts on the same data set: whether a rule learns shows from one
-    seed."""
+    """kNN top-1 on the monitor's data against pretraining step: per data set, one row of
+    panels per k and one panel per stage, one line per seed of each rule (a run's first point,
+    step 0, is its random initial encoder); in every panel, as a horizontal line, the mean of
+    the random-init kNN readouts on the same data set. Whether a rule learns, and at which
+    stage, shows from one seed."""
     by_data = {}
     for row in pre:
         by_data.setdefault(row.protocol.get("dataset", "?"), []).append(row)
-    fig, axes = _subplots(plt, len(by_data))
-    for ax, (dataset, drows) in zip(axes, by_data.items()):
-        for i, row in enumerate(drows):
-            for j, run in enumerate(sorted(row.runs, key=lambda r: str(r.seed))):
-                xs, ys = run.knn_curves.get(KNN_CURVE, ([], []))
-                ax.plot(xs, ys, color=f"C{i}", alpha=1.0 if j == 0 else 0.5, lw=1.2,
-                        marker="o" if len(xs) < 20 else None, ms=3,
-                        label=f"{row.label} (n={len(row.runs)})" if j == 0 else None)
-        randoms = [r.stat(f"knn/{KNN_CURVE}") for r in readout_rows if r.runs
-                   and r.protocol.get("dataset") == dataset
-                   and r.protocol.get("pretraining") == "random init"]
-        for st in filter(None, randoms):
-            ax.axhline(st[0], color="gray", ls="--", lw=1,
-                       label=f"random init, kNN readout (mean, n={st[2]})")
-        ax.set_title(f"{dataset}", fontsize=10)
-        ax.set_xlabel("pretraining step", fontsize=9)
-        ax.set_ylabel("kNN top-1 % (k=20, res5)", fontsize=9)
-        _legend_below(ax, ncol=2)
-    fig.suptitle("kNN monitor during pretraining (RUN.KNN_PERIOD), per rule and seed\n"
-                 "(the monitor's data and protocol may differ from the kNN readout's)",
-                 fontsize=11)
+    panels = [(d, k) for d in by_data for k in KNN_KS]
+    fig, axes = plt.subplots(len(panels), len(STAGES), figsize=(4.0 * len(STAGES),
+                             3.4 * len(panels)), squeeze=False)
+    handles = {}
+    for line, (dataset, k) in zip(axes, panels):
+        for ax, stage in zip(line, STAGES):
+            curve = f"{k}/{stage}"
+            for i, row in enumerate(by_data[dataset]):
+                for j, run in enumerate(sorted(row.runs, key=lambda r: str(r.seed))):
+                    xs, ys = run.knn_curves.get(curve, ([], []))
+                    if not xs:
+                        continue
+                    h, = ax.plot(xs, ys, color=f"C{i}", alpha=1.0 if j == 0 else 0.5, lw=1.2,
+                                 marker="o" if len(xs) < 20 else None, ms=3)
+                    handles.setdefault(f"{row.label} (n={len(row.runs)})", h)
+            randoms = [r.stat(f"knn/{curve}") for r in readout_rows if r.runs
+                       and r.protocol.get("dataset") == dataset
+                       and r.protocol.get("pretraining") == "random init"]
+            for st in filter(None, randoms):
+                h = ax.axhline(st[0], color="gray", ls="--", lw=1)
+                handles.setdefault(f"random init, kNN readout (mean, n={st[2]})", h)
+            ax.set_title(f"{dataset}: {stage}, k={k[1:]}", fontsize=9)
+            ax.set_xlabel("pretraining step", fontsize=8)
+            ax.set_ylabel("kNN top-1 %", fontsize=8)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", fontsize=8,
+               ncol=min(len(handles), 4), frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle("kNN monitor during pretraining (RUN.KNN_PERIOD), per rule and seed; step 0 is "
+                 "the random initial encoder\n(the monitor's data and protocol may differ from "
+                 "the kNN readout's)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     _save(fig, os.path.join(out_dir, PLOTS["knn_curves"]))
     plt.close(fig)
 
@@ -123,7 +134,7 @@ def make_plots(rows, out_dir):
         plt.close(fig)
         written["pretrain"] = PLOTS["pretrain"]
 
-    pre = [r for r in rows["pretrain"] if any(KNN_CURVE in run.knn_curves for run in r.runs)]
+    pre = [r for r in rows["pretrain"] if any(run.knn_curves for run in r.runs)]
     if pre:
         _knn_curves(plt, pre, rows["readout"], out_dir)
         written["knn_curves"] = PLOTS["knn_curves"]

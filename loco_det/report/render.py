@@ -347,8 +347,9 @@ def render_markdown(rows, runs, plots, run_dirs, problems, reference=DEFAULT_REF
                    f"Plot: `{plots['pretrain']}`", ""]
         if plots.get("knn_curves"):
             md += [f"![kNN top-1 during pretraining per rule]({plots['knn_curves']})",
-                   f"Plot: `{plots['knn_curves']}` (kNN monitor, k 20, res5, against the "
-                   "random-init kNN readout on the same data)", ""]
+                   f"Plot: `{plots['knn_curves']}` (kNN monitor, k 20 and 200, per stage, "
+                   "from the random initial encoder at step 0, against the random-init kNN "
+                   "readout on the same data)", ""]
     else:
         md += ["No pretraining runs found.", ""]
 
