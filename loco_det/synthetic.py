@@ -35,7 +35,9 @@ from PIL import Image, ImageDraw
 from .utils import LocoError, atomic_write, remove_stale_temps, temp_prefix
 
 GENERATOR = "loco_det.synthetic"
-FORMAT_VERSION = 4  # 2: a main object per scene; 3: + VOC view and labelTrainIds; 4: + objects
+# 2: a main object per scene; 3: + VOC view and labelTrainIds; 4: + objects; 5: + the parameter
+# other_typical_texture_prob (its default, 0, draws format 4's scenes exactly)
+FORMAT_VERSION = 5
 # Object-centric ImageFolder view ("objects/"): one square crop per instance, as ImageNet photos
 # are centred on one object. The scene view's label is learnable only through the main object's
 # typical surface; an object crop's label is its shape (other instances wear random surfaces),
@@ -93,6 +95,12 @@ DEFAULT_PARAMS = {
     "main_centre_frac": 0.3,          # main object's centre within [f, 1 - f] of each side
     "main_min_visible_frac": 0.7,     # later shapes may hide at most 30% of it
     "main_typical_texture_prob": 0.8,
+    # The other instances' chance of wearing their category's typical surface. At 0 every one
+    # wears a random surface, so an object crop's label shows only in its shape, and instance
+    # discrimination is solved by the surface alone: contrastive pretraining on the crops then
+    # learns features that read out the shape barely better than random init does. At 0.8 the
+    # surface carries the category too, as in photos (docs/learning.md, "Embedded data").
+    "other_typical_texture_prob": 0.0,
 }
 
 
@@ -323,7 +331,11 @@ def sample_scene(rng, height, width, params=None):
     for _ in range(n_obj):
         cat = int(rng.integers(len(CATEGORIES)))
         main = not placed
-        typical = main and rng.random() < p["main_typical_texture_prob"]
+        if main:
+            typical = rng.random() < p["main_typical_texture_prob"]
+        else:  # no draw at 0, so scenes of the default parameters are unchanged
+            typical = p["other_typical_texture_prob"] > 0 and \
+                rng.random() < p["other_typical_texture_prob"]
         texture = _texture(rng, h, w, TYPICAL_TEXTURE[CATEGORIES[cat][0]] if typical else None)
         lo, hi = p["main_radius_frac"] if main else (p["min_radius_frac"], p["max_radius_frac"])
         margin = p["main_centre_frac"] if main else 0.05
@@ -618,6 +630,9 @@ def request(seed, n_train, n_val, height, width, params=None):
     p.update(params or {})
     if not 1 <= p["min_objects"] <= p["max_objects"]:
         raise LocoError("need 1 <= min_objects <= max_objects")
+    if not 0 <= p["other_typical_texture_prob"] <= 1:
+        raise LocoError(f"other_typical_texture_prob must be in [0, 1], got "
+                        f"{p['other_typical_texture_prob']!r}")
     return {"generator": GENERATOR, "format_version": FORMAT_VERSION, "seed": int(seed),
             "splits": {"train": int(n_train), "val": int(n_val)},
             "height": int(height), "width": int(width), "params": p,

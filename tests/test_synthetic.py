@@ -1,6 +1,7 @@
 """The embedded data: deterministic, self-consistent across its three views, and readable by the
 tools the real benchmarks use (pycocotools, cityscapesscripts, torchvision's ImageFolder)."""
 import filecmp
+import hashlib
 import glob
 import json
 import os
@@ -164,7 +165,7 @@ def test_objects_view_is_one_crop_per_instance(synth_root):
     from torchvision.datasets import ImageFolder
 
     meta = json.loads((synth_root / "meta.json").read_text())
-    assert meta["format_version"] == synthetic.FORMAT_VERSION == 4
+    assert meta["format_version"] == synthetic.FORMAT_VERSION == 5
     assert meta["object_crop"] == synthetic.OBJECT_CROP
     for split in ("train", "val"):
         with open(synth_root / "coco" / "annotations" / f"instances_{split}.json") as f:
@@ -277,6 +278,45 @@ def test_bad_requests():
         synthetic.request(0, 0, 1, 64, 64)
     with pytest.raises(LocoError, match="unknown"):
         synthetic.request(0, 1, 1, 64, 64, params={"bogus": 1})
+    with pytest.raises(LocoError, match="other_typical_texture_prob must be in"):
+        synthetic.request(0, 1, 1, 64, 64, params={"other_typical_texture_prob": 1.5})
+
+
+def _scene_hash(params=None):
+    h = hashlib.sha256()
+    for seed in range(6):
+        img, ids, cats = synthetic.sample_scene(np.random.default_rng(seed), 64, 80, params)
+        h.update(img.tobytes())
+        h.update(ids.tobytes())
+        h.update(bytes(cats))
+    return h.hexdigest()
+
+
+def test_default_scenes_are_format_4s_and_typical_surfaces_reach_every_instance(monkeypatch):
+    """Format 5 added other_typical_texture_prob; at its default (0) the scenes are format 4's,
+    byte for byte (the hash was computed with format 4's generator, commit 439007c). At 1 every
+    instance, not only the main one, is filled with its category's typical surface."""
+    assert _scene_hash() == "5599d86ecc90a798f91be4258fca6596565b557b2cc3190ac4dae5acc8b3bb34"
+    assert _scene_hash({"other_typical_texture_prob": 0.8}) != _scene_hash()
+    kinds = []
+    texture = synthetic._texture
+
+    def record(rng, h, w, kind=None):
+        kinds.append(kind)
+        return texture(rng, h, w, kind)
+
+    monkeypatch.setattr(synthetic, "_texture", record)
+    for p in (0.0, 1.0):
+        kinds.clear()
+        params = {"other_typical_texture_prob": p, "main_typical_texture_prob": p,
+                  "min_objects": 4, "max_objects": 4}
+        synthetic.sample_scene(np.random.default_rng(0), 96, 128, params)
+        # the background's two layers first (a gradient, then a random kind), then one
+        # surface per shape attempted
+        objects = kinds[2:]
+        assert len(objects) == 4
+        typical = set(synthetic.TYPICAL_TEXTURE.values())
+        assert all(k in typical for k in objects) if p else all(k is None for k in objects)
 
 
 def test_cli(tmp_path, capsys):
@@ -294,6 +334,12 @@ def test_cli(tmp_path, capsys):
     assert "already up to date" in capsys.readouterr().out
     assert cli.main(args + ["--seed", "3"]) == 1
     assert "--overwrite" in capsys.readouterr().err
+    typical = ["--out", str(tmp_path / "t")] + args[2:] + ["--typical-surfaces", "0.8"]
+    assert cli.main(typical) == 0
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    assert meta["params"]["other_typical_texture_prob"] == 0.8
+    assert json.loads((tmp_path / "s" / "meta.json").read_text())["params"][
+        "other_typical_texture_prob"] == 0.0
     with pytest.raises(SystemExit):
         cli.main(["--size", "64"])
 

@@ -70,6 +70,10 @@ def build_parser():
                         help="fewest shapes attempted per scene (default 2)")
     parser.add_argument("--max-objects", type=int, default=None,
                         help="most shapes attempted per scene (default 6)")
+    parser.add_argument("--typical-surfaces", type=float, default=None, metavar="P",
+                        help="chance that an instance other than the main one wears its "
+                             "category's typical surface (default 0: a random surface; "
+                             "docs/formats.md)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing dataset in --out (only one written by this tool)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,7 +87,9 @@ def main(argv=None):
 
     out = args.out or os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "loco_synth")
     params = {k: v for k, v in (("min_objects", args.min_objects),
-                                ("max_objects", args.max_objects)) if v is not None}
+                                ("max_objects", args.max_objects),
+                                ("other_typical_texture_prob", args.typical_surfaces))
+              if v is not None}
     height, width = args.size
     total = args.num_train + args.num_val
     bar = None
