@@ -88,3 +88,27 @@ def test_the_digits_grid_reads_out_five_seeds_of_each_rule(tmp_path):
             assert job.argv[job.argv.index("--data") + 1] == digits_root
     (data,) = by_stage["data"]
     assert data.argv[1:4] == ["-m", "loco_det.cli", "digits"]
+
+
+def test_the_demo_profile_is_one_seed_with_the_monitor_every_epoch(tmp_path):
+    """`make demo`'s digits track (profile demo): one seed of each rule and of random init, the
+    kNN monitor every epoch, the same data and readouts as the five-seed grid."""
+    from loco_det import grid as benchmark
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    grid = benchmark.load_grid(os.path.join(root, "det_configs", "grids", "digits.yaml"),
+                               profile="demo")
+    jobs, _, _ = benchmark.expand(grid, str(tmp_path / "out"))
+    by_stage = {}
+    for job in jobs:
+        by_stage.setdefault(job.stage, []).append(job)
+    assert {(j.label, j.seed) for j in by_stage["pretrain"]} == {
+        (m, 0) for m in ("e2e", "gim", "loco")}
+    for job in by_stage["pretrain"]:
+        assert "RUN.KNN_PERIOD=1" in job.argv and "OPTIM.EPOCHS=10" in job.argv
+    for stage in ("readout", "knn"):
+        assert {(j.label, j.seed) for j in by_stage[stage]} == {
+            (m, 0) for m in ("e2e", "gim", "loco", "random")}
+    with open(os.path.join(root, "Makefile")) as f:
+        makefile = f.read()
+    assert "grid digits --profile demo" in makefile.split("\ndemo:")[1].split("\n\n")[0]
