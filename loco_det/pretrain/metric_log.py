@@ -14,14 +14,13 @@ class MetricLogger:
         if not env.main:
             return
         records = []
-        if resume and os.path.exists(self.path):
+        # At step 0 nothing is kept: the run starts over, and logs the kNN monitor's step-0
+        # record again.
+        if resume and start_step > 0 and os.path.exists(self.path):
             # Drop what a killed run logged after its last checkpoint: those steps run again.
             # A line without its newline is what a SIGKILL during the append left: drop it.
-            # At step 0 nothing is kept: the run starts over, and logs the kNN monitor's step-0
-            # record again.
             with open(self.path) as f:
-                records = [line for line in f if start_step > 0 and line.strip()
-                           and line.endswith("\n")
+                records = [line for line in f if line.strip() and line.endswith("\n")
                            and json.loads(line).get("step", 0) <= start_step]
         with atomic_write(self.path, "w") as f:
             f.writelines(records)
