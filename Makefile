@@ -36,11 +36,15 @@ endif
 	$(PY) tools/run_benchmark.py $(DEMO_GRID) --out $(DEMO_OUT)
 	@echo "reports: $(DEMO_DIGITS_OUT)/report.md (the rules learning on real digits), $(DEMO_OUT)/report.md (the whole chain)"
 
+# the CPU-scale study (docs/study.md): the digits track, the embedded-data track
+# (det_configs/grids/study.yaml), then one report over both in $(STUDY_OUT); each grid resumes
 study: $(STAMP)
 ifeq ($(FRESH),1)
 	rm -rf $(STUDY_OUT)
 endif
-	$(PY) tools/run_benchmark.py det_configs/grids/study.yaml --jobs $(STUDY_JOBS) --out $(STUDY_OUT)
+	$(PY) -m loco_det.cli grid digits --profile study --jobs $(STUDY_JOBS) --output-dir $(STUDY_OUT)/digits
+	$(PY) tools/run_benchmark.py det_configs/grids/study.yaml --jobs $(STUDY_JOBS) --out $(STUDY_OUT)/embedded
+	$(PY) -m loco_det.cli report $(STUDY_OUT)/digits $(STUDY_OUT)/embedded --output-dir $(STUDY_OUT)
 
 # the digits grid (det_configs/grids/digits.yaml): every rule on real scans, five seeds,
 # linear and kNN readout per stage (docs/learning.md)
