@@ -1,11 +1,10 @@
-"""The CPU-scale study (`make study`, det_configs/grids/study.yaml). The full grid's jobs are
-checked from its dry run (every method, three seeds, four protocols on both views, seeds paired
-with pretraining); its `reduced` profile runs the same code path with a few images and
-iterations (the fine-tuning protocols; tests/test_demo.py runs the frozen ones), two jobs at a
-time, and its report must have a row for every method on every
-protocol and the report tool's verdicts against random init."""
+"""The CPU-scale study (`make study`): the digits grid's `study` profile, the embedded-data grid
+(det_configs/grids/study.yaml), then one report over both. The full grids' jobs are checked
+from their expansion (methods, seeds, data, seeds paired with pretraining); the reduced profiles
+run the same commands as `make study`, two jobs at a time, and the one report must name each
+comparison's data set and give every method its verdict against random init."""
+import csv
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -14,17 +13,15 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = "det_configs/grids/study.yaml"
-METHODS = ("e2e", "gim", "loco", "supervised (trained here)", "random")
-PROTOCOLS = ("cpu_study_coco_R18_FPN_frozen", "cpu_study_cityscapes_R18_FPN_frozen",
-             "cpu_study_coco_R18_FPN_finetune_60", "cpu_study_cityscapes_R18_FPN_finetune_60")
-# the reduced profile runs the fine-tuning protocols; the frozen ones run in the demo's test
-REDUCED_PROTOCOLS = PROTOCOLS[2:]
+PROTOCOL = "cpu_study_coco_R18_FPN_frozen"
 VERDICTS = ("better", "worse", "not resolved")
+# (method, seeds) of the embedded track; gim runs in the digits track only
+EMBEDDED = {"e2e": range(5), "loco": range(3), "supervised": range(3)}
 
 
-def _tool(*args, timeout=1200):
-    return subprocess.run([sys.executable, "tools/run_benchmark.py", GRID, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+def _run(argv, timeout=1200):
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _opt(cmd, key):
@@ -32,34 +29,58 @@ def _opt(cmd, key):
 
 
 def test_full_study_grid_jobs(tmp_path):
-    res = _tool("--dry-run", "--out", str(tmp_path / "s"))
+    res = _run(["tools/run_benchmark.py", GRID, "--dry-run", "--out", str(tmp_path / "s")])
     assert res.returncode == 0, res.stderr
-    assert "# 102 jobs: 2 data, 12 pretrain, 15 readout, 12 convert, 60 detection, 1 report" \
+    assert "# 57 jobs: 2 data, 11 pretrain, 16 readout, 11 convert, 16 detection, 1 report" \
         in res.stdout
     cmds = [shlex.split(l) for l in res.stdout.splitlines() if l and not l.startswith("#")]
-    det = [c for c in cmds if c[1:4] == ["-m", "loco_det.cli", "train"]]
-    for proto in PROTOCOLS:
-        runs = [c for c in det if f"det_configs/{proto}.yaml" in c]
-        assert len(runs) == 15
-        for cmd in runs:
-            label, seed = _opt(cmd, "LOCO_DET.LABEL"), _opt(cmd, "SEED")
-            weights = _opt(cmd, "MODEL.WEIGHTS")
-            if label == "random":
-                assert weights == "" and _opt(cmd, "LOCO_DET.FROM_SCRATCH") == "True"
-                if "finetune" in proto:   # random init trains the whole backbone
-                    assert _opt(cmd, "MODEL.BACKBONE.FREEZE_AT") == "0"
-            else:   # the backbone of pretraining seed S, read out with seed S
-                assert weights.endswith(f"_seed{seed}.pkl")
-            if "finetune_60" in proto:   # split S of the 60 labelled scenes
-                assert _opt(cmd, "DATASETS.TRAIN").endswith(f"_train_60_seed{seed}',)")
-        assert sorted((_opt(c, "LOCO_DET.LABEL"), _opt(c, "SEED")) for c in runs) == sorted(
-            (m, str(s)) for m in ("e2e", "gim", "loco", "supervised", "random")
-            for s in range(3))
+    data = [c for c in cmds if "tools/make_synthetic_data.py" in c]
+    assert len(data) == 2 and all(_opt(c, "--typical-surfaces") == "0.8" for c in data)
+    pretrain_root = str(tmp_path / "s" / "datasets" / "loco_synth_pretrain")
+    assert _opt(next(c for c in data if pretrain_root in c), "--num-train") == "3000"
+
     pre = [c for c in cmds if c[1:4] == ["-m", "loco_det.cli", "pretrain"]]
-    assert len(pre) == 12 and all(
-        any(a.endswith("loco_synth_pretrain/objects/train") for a in c) for c in pre)
-    random_ro = [c for c in cmds if "--random-init" in c]
-    assert sorted(_opt(c, "--seed") for c in random_ro) == ["0", "1", "2"]
+    assert sorted((_opt(c, "--config-file").split("/")[-1],
+                   next(a for a in c if a.startswith("SEED="))[5:]) for c in pre) == sorted((f"cpu_{m}.yaml", str(s))
+                                          for m, seeds in EMBEDDED.items() for s in seeds)
+    for c in pre:
+        assert f"DATA.ROOT={pretrain_root}/objects/train" in c
+        if "supervised" not in " ".join(c):   # the contrastive rules: 5 epochs of 32
+            assert "OPTIM.EPOCHS=5" in c and "OPTIM.BATCH_SIZE=32" in c, c
+
+    readouts = [c for c in cmds if "readout" in c[1:5]]
+    assert len(readouts) == 16
+    assert all(_opt(c, "--data") == f"{pretrain_root}/objects" for c in readouts)
+    assert sorted(_opt(c, "--seed") for c in readouts if "--random-init" in c) == \
+        [str(s) for s in range(5)]
+
+    det = [c for c in cmds if c[1:4] == ["-m", "loco_det.cli", "train"]]
+    assert all(f"det_configs/{PROTOCOL}.yaml" in c for c in det)
+    for cmd in det:
+        label, seed = _opt(cmd, "LOCO_DET.LABEL"), _opt(cmd, "SEED")
+        weights = _opt(cmd, "MODEL.WEIGHTS")
+        if label == "random":
+            assert weights == "" and _opt(cmd, "LOCO_DET.FROM_SCRATCH") == "True"
+        else:   # the backbone of pretraining seed S, trained with detection seed S
+            assert weights.endswith(f"{label}_seed{seed}.pkl")
+    assert sorted((_opt(c, "LOCO_DET.LABEL"), _opt(c, "SEED")) for c in det) == sorted(
+        [(m, str(s)) for m, seeds in EMBEDDED.items() for s in seeds]
+        + [("random", str(s)) for s in range(5)])
+
+
+def test_the_study_profile_of_the_digits_grid_is_five_seeds_of_every_rule(tmp_path):
+    from loco_det import grid as benchmark
+
+    grid = benchmark.load_grid(os.path.join(ROOT, "det_configs", "grids", "digits.yaml"),
+                               profile="study")
+    jobs, _, _ = benchmark.expand(grid, str(tmp_path / "out"))
+    pre = [j for j in jobs if j.stage == "pretrain"]
+    assert {(j.label, j.seed) for j in pre} == {(m, s) for m in ("e2e", "gim", "loco")
+                                                for s in range(5)}
+    assert all("OPTIM.EPOCHS=10" in j.argv and "OPTIM.BATCH_SIZE=32" in j.argv for j in pre)
+    for stage in ("readout", "knn"):
+        assert {(j.label, j.seed) for j in jobs if j.stage == stage} == \
+            {(j.label, j.seed) for j in pre} | {("random", s) for s in range(5)}
 
 
 def _make_n(*targets):
@@ -71,10 +92,19 @@ def _make_n(*targets):
                           capture_output=True, text=True, timeout=60)
 
 
-def test_make_study_runs_the_grid_two_jobs_at_a_time():
+# what `make study` runs, in order (tests/test_study.py runs them with --profile reduced)
+STUDY_COMMANDS = [
+    "-m loco_det.cli grid digits --profile study --jobs 2 --output-dir runs/study/digits",
+    f"tools/run_benchmark.py {GRID} --jobs 2 --out runs/study/embedded",
+    "-m loco_det.cli report runs/study/digits runs/study/embedded --output-dir runs/study",
+]
+
+
+def test_make_study_runs_both_tracks_two_jobs_at_a_time_then_one_report():
     res = _make_n("study")
     assert res.returncode == 0, res.stderr
-    assert f"tools/run_benchmark.py {GRID} --jobs 2 --out runs/study" in res.stdout
+    lines = [l.split("python", 1)[1].strip() for l in res.stdout.splitlines() if "python" in l]
+    assert lines == STUDY_COMMANDS, res.stdout
 
 
 def test_make_test_runs_everything_and_test_fast_leaves_out_slow():
@@ -83,45 +113,38 @@ def test_make_test_runs_everything_and_test_fast_leaves_out_slow():
     assert fast.endswith('-m pytest -q -n 2 -m "not slow"'), fast
 
 
-def _section(md, title):
-    return md.split(title, 1)[1].split("\n## ", 1)[0]
-
-
-def _rows_under(section, name):
-    """Table lines of the report's per-protocol tables ("### <protocol>") whose heading names
-    `name`."""
-    out = []
-    for part in section.split("\n### ")[1:]:
-        head, _, body = part.partition("\n")
-        if name in head:
-            out += [l for l in body.splitlines() if l.startswith("| ")]
-    return out
-
-
 @pytest.mark.slow
-def test_reduced_study_reports_every_method_with_verdicts(tmp_path):
+def test_reduced_study_reports_both_tracks_with_their_data_sets(tmp_path):
     out = tmp_path / "study"
-    res = _tool("--profile", "reduced", "--jobs", "2", "--out", str(out))
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert "26 done" in res.stdout
-    md = (out / "report.md").read_text()
-    detection = _section(md, "## Detection")
-    for proto in REDUCED_PROTOCOLS:
-        for method in METHODS:
-            rows = [r for r in _rows_under(detection, proto) if r.startswith(f"| {method} |")]
-            assert len(rows) == 1, f"{method} on {proto}: {rows}"
-            assert rows[0].endswith("| ok |") and re.search(r"\|\s*\d+\.\d+", rows[0]), rows[0]
-    readout = _section(md, "## Linear readout")
-    for method in METHODS:
-        rows = [r for r in readout.splitlines() if r.startswith(f"| {method} |")]
-        assert len(rows) == 1 and rows[0].endswith("| ok |"), rows
-        assert len(re.findall(r"\|\s*\d+\.\d+", rows[0])) >= 4, rows   # res2..res5
-    comparisons = _section(md, "## Comparisons")
-    for proto in REDUCED_PROTOCOLS:
-        for method in METHODS[:4]:
-            rows = [r for r in _rows_under(comparisons, proto) if f"| {method} | random |" in r]
-            assert len(rows) == 2, (method, proto, rows)   # APbb and APmk against random init
-            assert all(any(f"| {v}" in r for v in VERDICTS) for r in rows), rows
-    rows = [r for r in comparisons.splitlines() if "| supervised (trained here) | random |" in r
-            and "| top-1 res5 |" in r]
-    assert len(rows) == 1, rows
+    steps = [["-m", "loco_det.cli", "grid", "digits", "--profile", "reduced", "--jobs", "2",
+              "--output-dir", str(out / "digits")],
+             ["tools/run_benchmark.py", GRID, "--profile", "reduced", "--jobs", "2",
+              "--out", str(out / "embedded")],
+             ["-m", "loco_det.cli", "report", str(out / "digits"), str(out / "embedded"),
+              "--output-dir", str(out)]]
+    results = [_run(argv) for argv in steps]
+    for argv, res in zip(steps, results):
+        assert res.returncode == 0, argv[:4] + [res.stdout[-3000:], res.stderr[-3000:]]
+    assert "summary: 17 jobs" in results[1].stdout and "17 done, 0 skipped" in results[1].stdout
+    again = _run(steps[1])   # it resumes like any grid: only the report runs again
+    assert "1 done, 16 skipped, 0 failed" in again.stdout, again.stdout[-2000:]
+
+    with open(out / "comparisons.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["vs"] == "random"]
+    found = {(r["kind"], r["dataset"], r["metric"], r["method"]) for r in rows}
+    expected = {("readout", "digits", m, rule) for rule in ("e2e", "gim", "loco")
+                for m in ("top1/res5", "knn/k20/res5", "knn/k200/res5")}
+    expected |= {("readout", "embedded objects", "top1/res5", rule)
+                 for rule in ("e2e", "loco", "supervised (trained here)")}
+    expected |= {("detection", "embedded, COCO view", m, rule) for m in ("APbb", "APmk")
+                 for rule in ("e2e", "loco", "supervised (trained here)")}
+    assert expected <= found, sorted(expected - found)
+    # no gim on the embedded data, and no row without its data set
+    assert not any(r["method"] == "gim" and r["dataset"] != "digits" for r in rows)
+    assert all(r["dataset"] in ("digits", "embedded objects", "embedded, COCO view")
+               for r in rows), {r["dataset"] for r in rows}
+    for r in rows:
+        assert r["verdict"].startswith(VERDICTS), r
+        if r["dataset"] == "digits":   # two seeds: a paired interval, not "1 run"
+            assert r["test"] == "paired" and r["n_a"] == r["n_b"] == "2", r
+            assert float(r["ci_low"]) <= float(r["diff"]) <= float(r["ci_high"]), r
