@@ -305,7 +305,8 @@ def test_report_opens_with_the_summary(report):
     heads = [line for line, n in _tables(summary)]
     assert len(heads) == 2 and all(h.count(" | ") <= 3 for h in heads)
     # one config under two protocols: two numbered columns, each spelt out below the tables
-    for name in ("cpu_synth_coco_R18_FPN_frozen (1)", "cpu_synth_coco_R18_FPN_frozen (2)"):
+    for name in ("embedded, COCO view: cpu_synth_coco_R18_FPN_frozen (1)",
+                 "embedded, COCO view: cpu_synth_coco_R18_FPN_frozen (2)"):
         assert f" {name}, APbb |" in "".join(heads)
         assert (f"- {name}: dataset embedded, COCO view, benchmark coco, config "
                 "cpu_synth_coco_R18_FPN_frozen") in summary

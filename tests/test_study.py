@@ -129,6 +129,12 @@ def test_reduced_study_reports_both_tracks_with_their_data_sets(tmp_path):
     again = _run(steps[1])   # it resumes like any grid: only the report runs again
     assert "1 done, 16 skipped, 0 failed" in again.stdout, again.stdout[-2000:]
 
+    summary = (out / "report.md").read_text().split("## Summary")[1].split("\n## ")[0]
+    head = next(l for l in summary.splitlines() if l.startswith("| method |"))
+    for column in ("embedded, COCO view: cpu_study_coco_R18_FPN_frozen, APbb",
+                   "digits: readout (small, resnet18, 32 px), top-1 res5",
+                   "embedded objects: readout (small, resnet18, 32 px), top-1 res5"):
+        assert f"| {column} |" in head, head
     with open(out / "comparisons.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["vs"] == "random"]
     found = {(r["kind"], r["dataset"], r["metric"], r["method"]) for r in rows}

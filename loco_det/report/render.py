@@ -171,6 +171,9 @@ def render_summary(rows, comps, reference):
             else:
                 name = (f"readout ({head.protocol.get('readout')}, {head.protocol.get('arch')}, "
                         f"{head.protocol.get('image_size')} px)")
+            dataset = head.protocol.get("dataset")
+            if dataset and dataset != "?":   # a column says which data it measured
+                name = f"{dataset}: {name}"
             columns.append([name, metric, _shared_protocol_text(head),
                             {r.label: r for r in grows}])
     md = ["## Summary", ""]
