@@ -87,8 +87,11 @@ def _make_n(*targets):
     """`make -n` with the install stamp taken as up to date (-o): nothing is installed, and no
     rule runs even when the Makefile is older than what it lists (GNU make remakes a makefile
     that is a target before a dry run)."""
+    # without the calling make's variables: `make test PYTEST_ARGS=...` passes them down
+    # through MAKEFLAGS, and they would change what this make prints
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     return subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.loco_det-installed",
-                           *targets], cwd=ROOT,
+                           *targets], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
 
 
