@@ -21,9 +21,10 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests marked slow (minutes each) run first: pytest-xdist hands tests out in this
-    order, so the long ones start at once on both workers and the short ones fill in around
-    them, instead of one long test running alone at the end."""
+    """The tests marked slow (minutes each) run first: pytest-xdist hands tests out one at a
+    time in this order (--maxschedchunk=1, pyproject.toml), so the long ones start at once on
+    both workers and the short ones fill in around them, instead of one long test running alone
+    at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

@@ -1,9 +1,11 @@
 """The CPU-scale study (`make study`): the digits grid's `study` profile, the embedded-data grid
 (det_configs/grids/study.yaml), then one report over both. The full grids' jobs are checked
 from their expansion (methods, seeds, data, seeds paired with pretraining); the reduced profiles
-run the same commands as `make study`, two jobs at a time, and the one report must name each
-comparison's data set and give every method its verdict against random init."""
+run the same commands as `make study`, two jobs at a time, once for the module: the one report
+must name each comparison's data set and give every method its verdict against random init, and
+the two seeds of loco and random init on the embedded track must pool into one row each."""
 import csv
+import json
 import os
 import shlex
 import subprocess
@@ -116,9 +118,11 @@ def test_make_test_runs_everything_and_test_fast_leaves_out_slow():
     assert fast.endswith('-m pytest -q -n 2 -m "not slow"'), fast
 
 
-@pytest.mark.slow
-def test_reduced_study_reports_both_tracks_with_their_data_sets(tmp_path):
-    out = tmp_path / "study"
+@pytest.fixture(scope="module")
+def reduced_study(tmp_path_factory):
+    """`make study`'s three steps with the reduced profiles, two jobs at a time, then the
+    embedded grid once more (it resumes like any grid); the output folder and the results."""
+    out = tmp_path_factory.mktemp("study") / "study"
     steps = [["-m", "loco_det.cli", "grid", "digits", "--profile", "reduced", "--jobs", "2",
               "--output-dir", str(out / "digits")],
              ["tools/run_benchmark.py", GRID, "--profile", "reduced", "--jobs", "2",
@@ -128,9 +132,15 @@ def test_reduced_study_reports_both_tracks_with_their_data_sets(tmp_path):
     results = [_run(argv) for argv in steps]
     for argv, res in zip(steps, results):
         assert res.returncode == 0, argv[:4] + [res.stdout[-3000:], res.stderr[-3000:]]
-    assert "summary: 17 jobs" in results[1].stdout and "17 done, 0 skipped" in results[1].stdout
-    again = _run(steps[1])   # it resumes like any grid: only the report runs again
-    assert "1 done, 16 skipped, 0 failed" in again.stdout, again.stdout[-2000:]
+    return out, results, _run(steps[1])
+
+
+@pytest.mark.slow
+def test_reduced_study_reports_both_tracks_with_their_data_sets(reduced_study):
+    out, results, again = reduced_study
+    assert "summary: 23 jobs" in results[1].stdout and "23 done, 0 skipped" in results[1].stdout
+    # it resumes like any grid: only the report runs again
+    assert "1 done, 22 skipped, 0 failed" in again.stdout, again.stdout[-2000:]
 
     summary = (out / "report.md").read_text().split("## Summary")[1].split("\n## ")[0]
     head = next(l for l in summary.splitlines() if l.startswith("| method |"))
@@ -138,8 +148,7 @@ def test_reduced_study_reports_both_tracks_with_their_data_sets(tmp_path):
                    "digits: readout (small, resnet18, 32 px), top-1 res5",
                    "embedded objects: readout (small, resnet18, 32 px), top-1 res5"):
         assert f"| {column} |" in head, head
-    with open(out / "comparisons.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r["vs"] == "random"]
+    rows = [r for r in _csv(out / "comparisons.csv") if r["vs"] == "random"]
     found = {(r["kind"], r["dataset"], r["metric"], r["method"]) for r in rows}
     expected = {("readout", "digits", m, rule) for rule in ("e2e", "gim", "loco")
                 for m in ("top1/res5", "knn/k20/res5", "knn/k200/res5")}
@@ -154,6 +163,60 @@ def test_reduced_study_reports_both_tracks_with_their_data_sets(tmp_path):
                for r in rows), {r["dataset"] for r in rows}
     for r in rows:
         assert r["verdict"].startswith(VERDICTS), r
-        if r["dataset"] == "digits":   # two seeds: a paired interval, not "1 run"
-            assert r["test"] == "paired" and r["n_a"] == r["n_b"] == "2", r
-            assert float(r["ci_low"]) <= float(r["diff"]) <= float(r["ci_high"]), r
+        if r["dataset"] == "digits":   # one seed (the pooling of two: the next test)
+            assert r["n_a"] == r["n_b"] == "1" and r["verdict"] == "not resolved (1 run)", r
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# A real multi-seed chain: on the embedded track, loco and random init run seeds 0 and 1
+# through pretraining, readout and frozen Mask R-CNN (detection seed S on the backbone of
+# pretraining seed S). The report must pool each method's two seeds into one row (one
+# fingerprint, n = 2, both seeds listed) and compare them with intervals, not "1 run": a
+# seed-dependent setting leaking into a fingerprint (loco_det/fingerprint.py) would split every
+# such row into two rows of n = 1.
+@pytest.mark.slow
+def test_two_seeds_pool_into_one_row_per_method(reduced_study):
+    out = reduced_study[0] / "embedded"
+    rows = _csv(out / "report.csv")
+    for section, methods in {"measured_pretrain": {"loco"},
+                             "measured_readout": {"loco", "random"},
+                             "measured_detection": {"loco", "random"}}.items():
+        measured = [r for r in rows if r["section"] == section and r["mean"]]
+        for method in methods:
+            mine = [r for r in measured if r["method"] == method]
+            metrics = [r["metric"] for r in mine]
+            assert mine and len(metrics) == len(set(metrics)), (section, method, metrics)
+            for r in mine:   # one row per metric, of both seeds
+                assert r["n"] == "2" and sorted(r["seeds"].split(",")) == ["0", "1"], r
+                assert r["std"] != "" and len(r["fingerprint"].split(";")) == 1, r
+    # the runs themselves recorded one fingerprint per method across the two seeds
+    for pattern, labels in (("pretrain/loco/seed*/run_info.json", {"loco"}),
+                            ("readout/*/seed*/readout.json", {"loco", "random"}),
+                            ("det/**/results.json", {"loco", "random"})):
+        found = {}
+        for path in out.glob(pattern):
+            rec = json.loads(path.read_text())
+            label = rec.get("method") or rec.get("kind")
+            found.setdefault(label, []).append(rec["fingerprint"])
+        for label in labels:
+            assert len(found.get(label, [])) == 2 and len(set(found[label])) == 1, \
+                (pattern, label, found)
+
+    comparisons = [r for r in _csv(out / "comparisons.csv")
+                   if r["method"] == "loco" and r["vs"] == "random"]
+    assert {r["kind"] for r in comparisons} == {"readout", "detection"}, comparisons
+    for r in comparisons:
+        assert (r["n_a"], r["n_b"]) == ("2", "2") and r["test"] == "paired", r
+        assert float(r["ci_low"]) <= float(r["diff"]) <= float(r["ci_high"]), r
+        assert "1 run" not in r["verdict"], r
+    # the summary gives each of loco's and random init's cells as a mean of the two runs ("(2)";
+    # loco's verdict there is against e2e, the reference, which ran once)
+    summary = (out / "report.md").read_text().split("## Summary")[1].split("\n## ")[0]
+    for method in ("loco", "random"):
+        row = next(l for l in summary.splitlines() if l.startswith(f"| {method} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")[1:]]
+        assert cells and all(" (2)," in c for c in cells), row
