@@ -1,9 +1,9 @@
 """The CPU-scale study (`make study`): the digits grid's `study` profile, the embedded-data grid
 (det_configs/grids/study.yaml), then one report over both. The full grids' jobs are checked
 from their expansion (methods, seeds, data, seeds paired with pretraining); the reduced profiles
-run the same commands as `make study`, two jobs at a time, once for the module: the one report
-must name each comparison's data set and give every method its verdict against random init, and
-the two seeds of loco and random init on the embedded track must pool into one row each."""
+run the same commands as `make study`, two jobs at a time: the one report must name each
+comparison's data set and give every method its verdict against random init, and the two seeds
+of loco and random init on the embedded track must pool into one row each."""
 import csv
 import json
 import os
@@ -118,11 +118,12 @@ def test_make_test_runs_everything_and_test_fast_leaves_out_slow():
     assert fast.endswith('-m pytest -q -n 2 -m "not slow"'), fast
 
 
-@pytest.fixture(scope="module")
-def reduced_study(tmp_path_factory):
+@pytest.mark.slow
+def test_reduced_study_reports_both_tracks_and_pools_two_seeds(tmp_path):
     """`make study`'s three steps with the reduced profiles, two jobs at a time, then the
-    embedded grid once more (it resumes like any grid); the output folder and the results."""
-    out = tmp_path_factory.mktemp("study") / "study"
+    embedded grid once more (it resumes like any grid). One test, not two sharing a fixture:
+    pytest-xdist could hand two tests to two workers, and each would run the whole study."""
+    out = tmp_path / "study"
     steps = [["-m", "loco_det.cli", "grid", "digits", "--profile", "reduced", "--jobs", "2",
               "--output-dir", str(out / "digits")],
              ["tools/run_benchmark.py", GRID, "--profile", "reduced", "--jobs", "2",
@@ -132,12 +133,12 @@ def reduced_study(tmp_path_factory):
     results = [_run(argv) for argv in steps]
     for argv, res in zip(steps, results):
         assert res.returncode == 0, argv[:4] + [res.stdout[-3000:], res.stderr[-3000:]]
-    return out, results, _run(steps[1])
+    again = _run(steps[1])
+    _check_both_tracks_with_their_data_sets(out, results, again)
+    _check_two_seeds_pool_into_one_row_per_method(out / "embedded")
 
 
-@pytest.mark.slow
-def test_reduced_study_reports_both_tracks_with_their_data_sets(reduced_study):
-    out, results, again = reduced_study
+def _check_both_tracks_with_their_data_sets(out, results, again):
     assert "summary: 23 jobs" in results[1].stdout and "23 done, 0 skipped" in results[1].stdout
     # it resumes like any grid: only the report runs again
     assert "1 done, 22 skipped, 0 failed" in again.stdout, again.stdout[-2000:]
@@ -163,7 +164,7 @@ def test_reduced_study_reports_both_tracks_with_their_data_sets(reduced_study):
                for r in rows), {r["dataset"] for r in rows}
     for r in rows:
         assert r["verdict"].startswith(VERDICTS), r
-        if r["dataset"] == "digits":   # one seed (the pooling of two: the next test)
+        if r["dataset"] == "digits":   # one seed (the pooling of two: checked below)
             assert r["n_a"] == r["n_b"] == "1" and r["verdict"] == "not resolved (1 run)", r
 
 
@@ -178,9 +179,7 @@ def _csv(path):
 # fingerprint, n = 2, both seeds listed) and compare them with intervals, not "1 run": a
 # seed-dependent setting leaking into a fingerprint (loco_det/fingerprint.py) would split every
 # such row into two rows of n = 1.
-@pytest.mark.slow
-def test_two_seeds_pool_into_one_row_per_method(reduced_study):
-    out = reduced_study[0] / "embedded"
+def _check_two_seeds_pool_into_one_row_per_method(out):
     rows = _csv(out / "report.csv")
     for section, methods in {"measured_pretrain": {"loco"},
                              "measured_readout": {"loco", "random"},
