@@ -143,7 +143,7 @@ def _check_both_tracks_with_their_data_sets(out, results, again):
     # it resumes like any grid: only the report runs again
     assert "1 done, 22 skipped, 0 failed" in again.stdout, again.stdout[-2000:]
 
-    summary = (out / "report.md").read_text().split("## Summary")[1].split("\n## ")[0]
+    summary = _summary(out / "report.md")
     head = next(l for l in summary.splitlines() if l.startswith("| method |"))
     for column in ("embedded, COCO view: cpu_study_coco_R18_FPN_frozen, APbb",
                    "digits: readout (small, resnet18, 32 px), top-1 res5",
@@ -171,6 +171,11 @@ def _check_both_tracks_with_their_data_sets(out, results, again):
 def _csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def _summary(report_md):
+    """The report's Summary section."""
+    return report_md.read_text().split("## Summary")[1].split("\n## ")[0]
 
 
 # A real multi-seed chain: on the embedded track, loco and random init run seeds 0 and 1
@@ -214,7 +219,7 @@ def _check_two_seeds_pool_into_one_row_per_method(out):
         assert "1 run" not in r["verdict"], r
     # the summary gives each of loco's and random init's cells as a mean of the two runs ("(2)";
     # loco's verdict there is against e2e, the reference, which ran once)
-    summary = (out / "report.md").read_text().split("## Summary")[1].split("\n## ")[0]
+    summary = _summary(out / "report.md")
     for method in ("loco", "random"):
         row = next(l for l in summary.splitlines() if l.startswith(f"| {method} |"))
         cells = [c.strip() for c in row.strip("|").split("|")[1:]]
